@@ -1,0 +1,271 @@
+"""Top-level verbs, one per user action. The CLI (`isocompress.cli`) is a thin layer over these."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from isocompress import io
+from isocompress.errors import IsocompressError
+from isocompress.layers import alternate_diagonalise, as_float64, choose_alternating_layers, remove_all_constant_directions
+from isocompress.model import IsoMLP
+
+PROBE_SCALES = (0.01, 1.0, 10.0, 1000.0)
+
+
+# --- pure verbs on models ----------------------------------------------------------------------------------------
+def shrink_exact(model: IsoMLP, progress: Callable[[str], None] | None = None) -> IsoMLP:
+    """Remove every constant direction, then store every other layer diagonal. Same function for every input."""
+    model = remove_all_constant_directions(as_float64(model), progress=progress)
+    return alternate_diagonalise(model, progress=progress)
+
+
+def exact_steps(model: IsoMLP) -> int:
+    """How many progress steps `shrink_exact` reports (for a progress bar's total)."""
+    return (len(model.layers) - 1) + len(choose_alternating_layers(model))
+
+
+# --- measuring ---------------------------------------------------------------------------------------------------
+def probe_inputs(n_in: int, per_scale: int = 256, scales=PROBE_SCALES, seed: int = 0) -> torch.Tensor:
+    """Gaussian inputs at several scales, including far outside any data (exactness must hold for every input)."""
+    gen = torch.Generator().manual_seed(seed)
+    parts = [torch.randn(per_scale, n_in, dtype=torch.float64, generator=gen) * s for s in scales]
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def output_difference(reference: IsoMLP, candidate: IsoMLP, x: torch.Tensor) -> dict:
+    """max |Δy| (L2 over the output, worst input) and the same relative to max |y|, both in float64."""
+    x = x.to(torch.float64)
+    y = as_float64(reference)(x)
+    y2 = as_float64(candidate)(x)
+    diff = torch.linalg.vector_norm(y2 - y, dim=-1)
+    scale = torch.linalg.vector_norm(y, dim=-1).max().clamp_min(torch.finfo(torch.float64).tiny)
+    return {"max_abs": float(diff.max()), "max_rel": float(diff.max() / scale), "n_inputs": int(x.shape[0])}
+
+
+def layer_summary(model: IsoMLP) -> list[dict]:
+    return [
+        {
+            "index": i,
+            "kind": layer.kind,
+            "shape": [layer.n_out, layer.n_in],
+            "params": layer.num_params(),
+            "psi": layer.psi is not None,
+            "o": None if layer.o is None else float(layer.o),
+        }
+        for i, layer in enumerate(model.layers)
+    ]
+
+
+# --- files -------------------------------------------------------------------------------------------------------
+def default_out_dir(model_path: Path) -> Path:
+    return Path.cwd() / f"{model_path.stem}.shrunk"
+
+
+@contextmanager
+def output_dir(path: Path, inputs: list[Path]) -> Iterator[Path]:
+    """Creates `path` if needed; on failure removes it again if this call created it. Refuses to write over inputs."""
+    if path.exists() and not path.is_dir():
+        raise IsocompressError(f"{path}: exists and is not a directory; choose another --out")
+    created = not path.exists()
+    resolved_inputs = {p.resolve() for p in inputs}
+    if path.resolve() in resolved_inputs or any(p.parent == path.resolve() and p.name.startswith("model.") for p in resolved_inputs):
+        raise IsocompressError(f"{path}: would overwrite the input model; choose another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise IsocompressError(f"{path}: cannot create the output directory ({exc.strerror}); choose another --out") from None
+    try:
+        yield path
+    except BaseException:
+        if created:
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def parse_dtype(name: str | None, default: torch.dtype) -> torch.dtype:
+    if name is None:
+        return default
+    table = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if name not in table:
+        raise IsocompressError(f"--dtype {name!r} is not supported; use one of {', '.join(table)}")
+    return table[name]
+
+
+@dataclass(frozen=True)
+class ShrinkOptions:
+    """Everything that decides what `shrink` does (a recipe is one of these written as TOML). Validates itself.
+
+    Neither budget nor max_error: exact (lossless). budget: fraction (0 < b ≤ 1) of the original parameters or an absolute count (> 1).
+    max_error: prune as far as possible while the certified bound stays ≤ this. basis: "data-free" (singular values,
+    the paper's rule) or "data-aware" (principal axes of calibration pre-activations).
+    """
+
+    budget: float | None = None
+    max_error: float | None = None
+    basis: str = "auto"
+    input_radius: float | None = None
+    formats: tuple[str, ...] = ("safetensors",)
+    onnx_tol: float = 1e-4
+    dtype: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "formats", tuple(self.formats))
+        if self.budget is not None and self.max_error is not None:
+            raise IsocompressError("give either a budget or a max-error, not both")
+        if self.budget is not None and not (self.budget > 0):
+            raise IsocompressError(f"budget {self.budget!r} must be positive (a fraction like 0.1, or a count)")
+        if self.max_error is not None and not (self.max_error >= 0):
+            raise IsocompressError(f"max-error {self.max_error!r} must be ≥ 0")
+        if self.basis not in ("auto", "data-free", "data-aware"):
+            raise IsocompressError(f"basis {self.basis!r} is not one of auto, data-free, data-aware")
+        if self.input_radius is not None and not (self.input_radius > 0):
+            raise IsocompressError(f"input radius {self.input_radius!r} must be positive")
+        unknown = [f for f in self.formats if f not in ("safetensors", "onnx")]
+        if unknown or not self.formats:
+            raise IsocompressError(f"format {unknown[0] if unknown else '(none)'!r}: choose from safetensors, onnx")
+        if not (self.onnx_tol > 0):
+            raise IsocompressError(f"onnx tolerance {self.onnx_tol!r} must be positive")
+        if self.dtype not in (None, "float32", "float64", "float16", "bfloat16"):
+            raise IsocompressError(f"dtype {self.dtype!r}: choose from float32, float64, float16, bfloat16")
+
+    @property
+    def lossy(self) -> bool:
+        return self.budget is not None or self.max_error is not None
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["formats"] = list(self.formats)
+        return data
+
+
+def shrink_file(
+    model_path: str | Path,
+    out_dir: str | Path | None = None,
+    options: ShrinkOptions | None = None,
+    *,
+    calibration: str | Path | None = None,
+    labels: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """`isocompress shrink`: load, shrink, write DIR/model.safetensors (+ DIR/model.onnx) and DIR/report.json.
+    All input is read and validated before anything is written; returns the report."""
+    options = options or ShrinkOptions()
+    started = time.perf_counter()
+    model_path = Path(model_path)
+    tensors, config_json = io.read_tensors(model_path)
+    saved_dtype = parse_dtype(options.dtype, _first_float_dtype(tensors))
+    original = io.model_from_tensors(tensors, config_json, where=str(model_path))
+    del tensors
+    calib = load_inputs(calibration, original.widths[0]) if calibration is not None else None
+    label_data = load_labels(labels) if labels is not None else None
+    out = Path(out_dir) if out_dir is not None else default_out_dir(model_path)
+    probes = calib if calib is not None else probe_inputs(original.widths[0])
+    inputs = [model_path] + [Path(p) for p in (calibration, labels) if p is not None]
+    with output_dir(out, inputs) as out:
+        shrunk, prune_report = compress(original, options, calib, label_data, progress)
+        files, onnx_report = write_outputs(shrunk, out, options, saved_dtype, probes)
+        reloaded = io.load(files["safetensors"]) if "safetensors" in files else shrunk.cast(saved_dtype)
+        report = {
+            "model": str(model_path),
+            "exact": not options.lossy,
+            "recipe": options.to_dict(),
+            "params_before": original.num_params(),
+            "params_after": shrunk.num_params(),
+            "widths_before": list(original.widths),
+            "widths_after": list(shrunk.widths),
+            "bytes_before": model_path.stat().st_size,
+            "bytes_after": {name: Path(p).stat().st_size for name, p in files.items()},
+            "dtype_saved": str(saved_dtype).replace("torch.", ""),
+            "layers_before": layer_summary(original),
+            "layers": layer_summary(shrunk),
+            "probe": {
+                "inputs": "calibration data" if calib is not None else
+                          f"{probes.shape[0]} Gaussian inputs at scales {list(PROBE_SCALES)}",
+                "float64": output_difference(original, shrunk, probes),
+                "saved_file": output_difference(original, reloaded, probes),
+            },
+            "files": {name: str(p) for name, p in files.items()},
+        }
+        if prune_report is not None:
+            report["pruning"] = prune_report
+        if onnx_report is not None:
+            report["onnx"] = onnx_report
+        report["seconds"] = round(time.perf_counter() - started, 4)
+        write_json(report, out / "report.json")
+    return report
+
+
+def compress(original: IsoMLP, options: ShrinkOptions, calibration, labels, progress: bool):
+    """The model-changing step: exact shrinking, or pruning to a budget (isocompress.prune). Returns (model, report)."""
+    if not options.lossy:
+        with progress_bar(exact_steps(original), "shrink", enabled=progress) as step:
+            return shrink_exact(original, progress=step), None
+    from isocompress import prune  # issue 4
+
+    return prune.prune_to_budget(original, options, calibration=calibration, labels=labels, progress=progress)
+
+
+def write_outputs(model: IsoMLP, out: Path, options: ShrinkOptions, dtype: torch.dtype, probes: torch.Tensor):
+    """Writes the chosen formats atomically; returns ({format: path}, onnx verification report or None)."""
+    files: dict[str, Path] = {}
+    onnx_report = None
+    if "safetensors" in options.formats:
+        files["safetensors"] = io.save_safetensors(model, out / "model.safetensors", dtype=dtype)
+    if "onnx" in options.formats:
+        from isocompress import onnx_export  # issue 3
+
+        onnx_report = onnx_export.export_and_verify(model, out / "model.onnx", probes=probes, rtol=options.onnx_tol)
+        files["onnx"] = out / "model.onnx"
+    return files, onnx_report
+
+
+def load_inputs(path: str | Path, n_in: int) -> torch.Tensor:
+    """Calibration inputs from .npy, .npz, .safetensors or .pt (one 2-D tensor n × n_in). float64."""
+    from isocompress import data  # a small module: reading arrays safely
+
+    return data.load_array(path, expect_columns=n_in)
+
+
+def load_labels(path: str | Path) -> torch.Tensor:
+    from isocompress import data
+
+    return data.load_array(path, labels=True)
+
+
+def write_json(data: dict, path: Path) -> None:
+    import json
+
+    with io.atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def _first_float_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
+    for t in tensors.values():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+@contextmanager
+def progress_bar(total: int, label: str, enabled: bool) -> Iterator[Callable[[str], None]]:
+    """A tqdm bar on stderr; yields a callback taking the name of the step just done."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=label, file=sys.stderr, disable=not enabled, leave=False, unit="step")
+    try:
+        def step(name: str) -> None:
+            bar.set_postfix_str(name, refresh=False)
+            bar.update(1)
+
+        yield step
+    finally:
+        bar.close()

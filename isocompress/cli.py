@@ -1,0 +1,120 @@
+"""The `isocompress` command line: a thin click layer over `isocompress.api`.
+
+User errors (`IsocompressError`) become one line on stderr and exit code 2 (1 for a failed check); never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from isocompress import api
+from isocompress.errors import IsocompressError
+
+
+class Group(click.Group):
+    """Turns the project's errors into one line and its exit code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except IsocompressError as exc:
+            click.echo(f"isocompress: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="isocompress")
+def main() -> None:
+    """Compress isotropic neural networks exactly (and, with a budget, with certified error bounds)."""
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--exact", is_flag=True, default=False, help="Lossless shrinking (the default when no budget is given).")
+@click.option("--budget", default=None, help="Parameter budget: a fraction (0.1), a percentage (10%) or a count (20000).")
+@click.option("--max-error", type=float, default=None, help="Prune as far as possible with the error bound ≤ this.")
+@click.option("--basis", type=click.Choice(["auto", "data-free", "data-aware"]), default=None,
+              help="Pruning basis [default: data-aware with --calibration, else data-free].")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Calibration inputs (.npy, .npz, .safetensors, .pt).")
+@click.option("--labels", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Labels for the calibration inputs (accuracy before/after).")
+@click.option("--input-radius", type=float, default=None,
+              help="Certify for all inputs with |x| ≤ R [default: the largest calibration-input norm].")
+@click.option("--format", "formats", default=None, help="Comma-separated output formats: safetensors,onnx.")
+@click.option("--onnx-tol", type=float, default=None, help="Relative tolerance of the ONNX check [default 1e-4].")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="Output directory [default: <model stem>.shrunk/ in the working directory].")
+@click.option("--dtype", type=click.Choice(["float32", "float64", "float16", "bfloat16"]), default=None,
+              help="dtype of the written weights [default: the input's].")
+@click.option("--quiet", is_flag=True, help="No progress bar and no table.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def shrink(model, exact, budget, max_error, basis, calibration, labels, input_radius, formats, onnx_tol, out_dir,
+           dtype, quiet, as_json):
+    """Shrink MODEL (.pt, .pth or .safetensors); write model.safetensors, model.onnx and report.json."""
+    flags = {
+        "budget": parse_budget(budget) if budget is not None else None,
+        "max_error": max_error,
+        "basis": basis,
+        "input_radius": input_radius,
+        "formats": tuple(f.strip() for f in formats.split(",") if f.strip()) if formats is not None else None,
+        "onnx_tol": onnx_tol,
+        "dtype": dtype,
+    }
+    if exact and (flags["budget"] is not None or max_error is not None):
+        raise IsocompressError("--exact cannot be combined with --budget or --max-error")
+    options = api.ShrinkOptions(**{k: v for k, v in flags.items() if v is not None})
+    report = api.shrink_file(model, out_dir, options, calibration=calibration, labels=labels,
+                             progress=not (quiet or as_json))
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    elif not quiet:
+        click.echo(format_shrink_table(report))
+
+
+def parse_budget(text: str) -> float:
+    """'10%' → 0.1, '0.1' → 0.1, '20000' → 20000.0 (a count)."""
+    raw = text.strip()
+    try:
+        value = float(raw[:-1]) / 100.0 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise IsocompressError(f"--budget {text!r} is not a number; use a fraction (0.1), a percentage (10%) or a count") from None
+    if not value > 0 or value != value:
+        raise IsocompressError(f"--budget {text!r} must be positive")
+    if value > 1 and value != int(value):
+        raise IsocompressError(f"--budget {text!r}: a count must be a whole number")
+    return value
+
+
+def format_shrink_table(report: dict) -> str:
+    before, after = report["params_before"], report["params_after"]
+    probe = report["probe"]
+    rows = [
+        ("widths", "→".join(map(str, report["widths_before"])), "→".join(map(str, report["widths_after"]))),
+        ("kinds", ",".join(layer["kind"] for layer in report["layers_before"]),
+         ",".join(layer["kind"] for layer in report["layers"])),
+        ("parameters", f"{before:,}", f"{after:,} ({100.0 * after / before:.2f}%)"),
+        ("file bytes", f"{report['bytes_before']:,}",
+         ", ".join(f"{size:,} ({name})" for name, size in report["bytes_after"].items())),
+    ]
+    width = max(len(r[1]) for r in rows)
+    lines = [f"{'':<12} {'before':<{width}}  after"]
+    lines += [f"{name:<12} {b:<{width}}  {a}" for name, b, a in rows]
+    lines.append(
+        f"max |Δy| on {probe['float64']['n_inputs']} probe inputs: {probe['float64']['max_abs']:.3g} (float64),"
+        f" {probe['saved_file']['max_abs']:.3g} (saved {report['dtype_saved']} file);"
+        f" relative {probe['saved_file']['max_rel']:.3g}"
+    )
+    written = ", ".join(report["files"].values())
+    lines.append(f"wrote {written} and report.json")
+    return "\n".join(lines)
+
+
+# Each further command lives in its own module and registers itself on `main`.
+from isocompress import cli_check, cli_export, cli_grow  # noqa: E402,F401  (imported for registration)
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,3 @@
+"""The `isocompress export` command (registers itself on the CLI group)."""
+
+from isocompress.cli import main  # noqa: F401

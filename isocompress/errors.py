@@ -1,0 +1,13 @@
+"""The project's own error types. The CLI turns them into one line on stderr and an exit code."""
+
+
+class IsocompressError(Exception):
+    """A user or input error: bad file, bad option, bad config. The CLI exits with code 2."""
+
+    exit_code = 2
+
+
+class CheckFailed(IsocompressError):
+    """A check or verification ran and failed (a limit exceeded, an export that does not match). Exit code 1."""
+
+    exit_code = 1

@@ -1,0 +1,304 @@
+"""Loading and saving isotropic MLP checkpoints.
+
+Layouts read (from `.pt`/`.pth` via `torch.load(weights_only=True)`, or `.safetensors`):
+  * isocompress's own: tensors `layers.{i}.weight` (n_out×n_in, or its diagonal), `layers.{i}.bias`,
+    `layers.{i}.psi` (optional, i ≥ 1), `layers.{i}.o` (hidden layers), plus the `ModelConfig` as JSON under the key
+    `isocompress_config` (a `.pt` holds {"isocompress_config": str, "state_dict": {...}}; a safetensors file keeps
+    it in its metadata). A bare state_dict of `layers.*` tensors also loads (the config is inferred from shapes).
+  * the reference code's `IsotropicTanhMLP` state_dict: `weight_parameters.N`, `bias_parameters.N`, optional
+    `psi_parameters.N` (psi of weight layer N+1), `activation.N.intrinsic_length` (log o) or
+    `activation.N.o_const` (o). A `.pt` whose dict nests the state_dict under "state_dict" or
+    "model_state_dict" also loads.
+Everything is validated before a model is returned; every problem is an `IsocompressError` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+
+from isocompress.config import ModelConfig
+from isocompress.errors import IsocompressError
+from isocompress.model import IsoMLP, Layer, validate_layers
+
+CONFIG_KEY = "isocompress_config"
+SUFFIXES = (".pt", ".pth", ".safetensors")
+LAYOUT_HELP = (
+    "expected isocompress keys (layers.N.weight, layers.N.bias, layers.N.o, …) or the reference IsotropicTanhMLP "
+    "keys (weight_parameters.N, bias_parameters.N, psi_parameters.N, activation.N.intrinsic_length|o_const)"
+)
+OWN_KEY = re.compile(r"^layers\.(\d+)\.(weight|bias|psi|o)$")
+REF_WEIGHT_KEY = re.compile(r"^weight_parameters\.(\d+)$")
+REF_KEY = re.compile(r"^(weight_parameters|bias_parameters|psi_parameters)\.(\d+)$|^activation\.(\d+)\.(intrinsic_length|o_const)$")
+
+
+# --- reading files ---------------------------------------------------------------------------------------------
+def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:
+    """The flat tensor dict of a checkpoint and its stored config JSON (or None). Raises IsocompressError."""
+    path = Path(path)
+    if not path.exists():
+        raise IsocompressError(f"{path}: no such file; check the path")
+    if path.is_dir():
+        raise IsocompressError(f"{path}: is a directory; pass a model file (.pt, .pth or .safetensors)")
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise IsocompressError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .pt, .pth or .safetensors")
+    if suffix == ".safetensors":
+        return _read_safetensors(path)
+    return _read_torch(path)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as exc:
+        raise IsocompressError(
+            f"{path}: not a readable safetensors file ({_first_line(exc)}); is it truncated or corrupted?"
+        ) from None
+    return tensors, metadata.get(CONFIG_KEY)
+
+
+def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
+            raise IsocompressError(
+                f"{path}: refused: the checkpoint holds Python objects, not just tensors, and unpickling it could run"
+                " code; re-save it as a plain state_dict (torch.save(model.state_dict(), ...))"
+            ) from None
+        raise IsocompressError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError,
+            IndexError, TypeError, UnicodeDecodeError, MemoryError, OverflowError) as exc:
+        raise IsocompressError(
+            f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)}); is it truncated or corrupted?"
+        ) from None
+    return _flatten_torch_object(path, obj)
+
+
+def _flatten_torch_object(path: Path, obj) -> tuple[dict[str, torch.Tensor], str | None]:
+    if not isinstance(obj, Mapping):
+        raise IsocompressError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors; {LAYOUT_HELP}")
+    config = obj.get(CONFIG_KEY)
+    if config is not None and not isinstance(config, str):
+        raise IsocompressError(f"{path}: key {CONFIG_KEY!r} must be a JSON string")
+    for nest in ("state_dict", "model_state_dict"):
+        if isinstance(obj.get(nest), Mapping):
+            obj = obj[nest]
+            break
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    return tensors, config
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+# --- interpreting tensors --------------------------------------------------------------------------------------
+def load(path: str | os.PathLike) -> IsoMLP:
+    """Load any supported checkpoint as a float64 `IsoMLP`. Raises IsocompressError naming the file."""
+    tensors, config_json = read_tensors(path)
+    return model_from_tensors(tensors, config_json, where=str(path))
+
+
+def stored_dtype(path: str | os.PathLike) -> torch.dtype:
+    """The floating dtype a checkpoint's weights are stored in (what a saved output keeps by default)."""
+    tensors, _ = read_tensors(path)
+    for t in tensors.values():
+        if t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def model_from_tensors(tensors: Mapping[str, torch.Tensor], config_json: str | None, where: str) -> IsoMLP:
+    keys = set(tensors)
+    if keys and all(OWN_KEY.match(k) for k in keys):
+        return _own_layout(tensors, config_json, where)
+    if keys and any(REF_KEY.match(k) for k in keys):
+        return _reference_layout(tensors, where)
+    shown = ", ".join(sorted(keys)[:5]) or "none"
+    raise IsocompressError(f"{where}: unrecognised layout (found keys: {shown}); {LAYOUT_HELP}")
+
+
+def _float64(tensors: Mapping[str, torch.Tensor], key: str, where: str) -> torch.Tensor:
+    t = tensors[key]
+    if not (t.is_floating_point() or t.dtype in (torch.int64, torch.int32)):
+        raise IsocompressError(f"{where}: tensor {key!r} has dtype {t.dtype}; expected a floating-point tensor")
+    t = t.detach().to(torch.float64)
+    if not bool(torch.isfinite(t).all()):
+        raise IsocompressError(f"{where}: tensor {key!r} contains NaN or Inf; fix or retrain the model")
+    return t
+
+
+def _indices(keys: set[str], pattern: re.Pattern, group: int) -> list[int]:
+    return sorted({int(m.group(group)) for k in keys if (m := pattern.match(k)) and m.group(group) is not None})
+
+
+def _require_contiguous(found: list[int], what: str, where: str) -> int:
+    if not found or found != list(range(len(found))):
+        raise IsocompressError(f"{where}: {what} indices are {found or 'missing'}; expected 0..N-1 with none missing")
+    return len(found)
+
+
+def _own_layout(tensors, config_json, where) -> IsoMLP:
+    keys = set(tensors)
+    n = _require_contiguous(_indices(keys, OWN_KEY, 1), "layers.N", where)
+    config = None
+    if config_json is not None:
+        try:
+            config = ModelConfig.from_json(config_json)
+        except IsocompressError as exc:
+            raise IsocompressError(f"{where}: {exc}") from None
+        if config.n_layers != n:
+            raise IsocompressError(f"{where}: config says {config.n_layers} layers but the file has {n}")
+    layers, n_in = [], None
+    for i in range(n):
+        get = lambda name: _float64(tensors, f"layers.{i}.{name}", where) if f"layers.{i}.{name}" in keys else None
+        weight, bias, psi, o = get("weight"), get("bias"), get("psi"), get("o")
+        if weight is None or bias is None:
+            missing = "weight" if weight is None else "bias"
+            raise IsocompressError(f"{where}: missing tensor 'layers.{i}.{missing}'")
+        if i == 0 or config is not None:
+            n_in = config.widths[i] if config is not None else _infer_n_in(weight, where, i)
+        if weight.dim() == 2 and weight.shape[1] != n_in:
+            raise IsocompressError(
+                f"{where}: 'layers.{i}.weight' has {weight.shape[1]} columns; the previous layer gives {n_in}"
+            )
+        o = o.reshape(()) if o is not None and o.numel() == 1 else o
+        layers.append(Layer(weight=weight, bias=bias, n_in=int(n_in), psi=psi, o=o))
+        n_in = bias.shape[0] if bias.dim() == 1 else n_in
+    if config is not None:
+        _check_against_config(layers, config, where)
+    validate_layers(layers, where)
+    return IsoMLP(layers)
+
+
+def _infer_n_in(weight: torch.Tensor, where: str, i: int) -> int:
+    if weight.dim() != 2:
+        raise IsocompressError(
+            f"{where}: 'layers.{i}.weight' is a diagonal but the file has no {CONFIG_KEY!r} to give the input width;"
+            " save it with isocompress"
+        )
+    return int(weight.shape[1])
+
+
+def _check_against_config(layers: list[Layer], config: ModelConfig, where: str) -> None:
+    for i, layer in enumerate(layers):
+        if layer.kind != config.kinds[i]:
+            raise IsocompressError(f"{where}: 'layers.{i}.weight' is {layer.kind} but the config says {config.kinds[i]}")
+        if (layer.psi is not None) != config.has_psi[i]:
+            raise IsocompressError(f"{where}: 'layers.{i}.psi' presence disagrees with the config's has_psi")
+        if layer.bias.dim() == 1 and layer.n_out != config.widths[i + 1]:
+            raise IsocompressError(
+                f"{where}: 'layers.{i}.bias' has {layer.n_out} entries; the config says {config.widths[i + 1]}"
+            )
+
+
+def _reference_layout(tensors, where) -> IsoMLP:
+    keys = set(tensors)
+    unknown = sorted(k for k in keys if not REF_KEY.match(k))
+    if unknown:
+        raise IsocompressError(f"{where}: unexpected key {unknown[0]!r} in a reference-layout checkpoint; {LAYOUT_HELP}")
+    n = _require_contiguous(_indices(keys, REF_WEIGHT_KEY, 1), "weight_parameters.N", where)
+    layers = []
+    for i in range(n):
+        weight = _float64(tensors, f"weight_parameters.{i}", where)
+        if f"bias_parameters.{i}" not in keys:
+            raise IsocompressError(f"{where}: missing tensor 'bias_parameters.{i}'")
+        bias = _float64(tensors, f"bias_parameters.{i}", where)
+        if weight.dim() != 2 or bias.dim() != 1 or weight.shape[0] != bias.shape[0]:
+            raise IsocompressError(
+                f"{where}: 'weight_parameters.{i}' {tuple(weight.shape)} and 'bias_parameters.{i}' {tuple(bias.shape)}"
+                " do not fit (expected out×in and out)"
+            )
+        psi_key = f"psi_parameters.{i - 1}"
+        psi = _float64(tensors, psi_key, where) if i > 0 and psi_key in keys else None
+        o = _reference_o(tensors, keys, i, where) if i < n - 1 else None
+        layers.append(Layer(weight=weight, bias=bias, n_in=int(weight.shape[1]), psi=psi, o=o))
+    extra_psi = [k for k in keys if k.startswith("psi_parameters.") and int(k.split(".")[1]) >= n - 1]
+    if extra_psi:
+        raise IsocompressError(f"{where}: {sorted(extra_psi)[0]!r} has no weight layer to belong to")
+    extra_act = [k for k in keys if k.startswith("activation.") and int(k.split(".")[1]) >= n - 1]
+    if extra_act:
+        raise IsocompressError(f"{where}: {sorted(extra_act)[0]!r} has no hidden layer to belong to")
+    validate_layers(layers, where)
+    return IsoMLP(layers)
+
+
+def _reference_o(tensors, keys, i, where) -> torch.Tensor:
+    log_key, const_key = f"activation.{i}.intrinsic_length", f"activation.{i}.o_const"
+    if log_key in keys:
+        # The reference default (positive_intrinsic_length=True) stores log o.
+        o = torch.exp(_float64(tensors, log_key, where).reshape(-1)[0])
+        return o
+    if const_key in keys:
+        o = _float64(tensors, const_key, where).reshape(-1)[0]
+        if bool(o < 0):
+            raise IsocompressError(f"{where}: {const_key!r} = {float(o):g} is negative; the intrinsic length must be ≥ 0")
+        return o
+    return torch.zeros((), dtype=torch.float64)
+
+
+# --- writing ---------------------------------------------------------------------------------------------------
+@contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yields a temporary path beside `target`; on success renames it onto `target`, on failure removes it."""
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def model_tensors(model: IsoMLP, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in model.state_dict().items():
+        value = value.detach()
+        if dtype is not None:
+            value = value.to(dtype)
+        out[key] = value.contiguous().clone()
+    return out
+
+
+def save_safetensors(model: IsoMLP, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """Tensors + the config JSON in the metadata; diagonal layers stored as vectors. Atomic."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(model_tensors(model, dtype), str(tmp), metadata={CONFIG_KEY: model.config.to_json()})
+    return Path(path)
+
+
+def save_pt(model: IsoMLP, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    """isocompress's `.pt` format: a plain dict {"isocompress_config": json, "state_dict": tensors}. Atomic."""
+    with atomic_path(path) as tmp:
+        torch.save({CONFIG_KEY: model.config.to_json(), "state_dict": model_tensors(model, dtype)}, str(tmp))
+    return Path(path)
+
+
+def save(model: IsoMLP, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
+    suffix = Path(path).suffix.lower()
+    if suffix == ".safetensors":
+        return save_safetensors(model, path, dtype)
+    if suffix in (".pt", ".pth"):
+        return save_pt(model, path, dtype)
+    raise IsocompressError(f"{path}: cannot save as {suffix or '(none)'!r}; use .safetensors or .pt")

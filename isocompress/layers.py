@@ -1,0 +1,172 @@
+"""Verbs that edit one layer or one hidden space of an `IsoMLP` exactly (MATH.md, "Symmetry" onwards).
+
+Hidden space i (0-based) is the output of weight layer i; it is read by layer i+1. Every verb is a pure function:
+it returns a new float64 model and leaves its argument untouched. Paired verbs in the style of SliceGPT's rotate.py:
+`rotate_hidden` / `remove_constant_directions`, `diagonalise_left` / `diagonalise_full`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from isocompress.errors import IsocompressError
+from isocompress.model import IsoMLP, Layer
+from isocompress.primitives import numerical_rank, svd64
+
+F64 = torch.float64
+
+
+def as_float64(model: IsoMLP) -> IsoMLP:
+    return model if model.dtype == F64 else model.cast(F64)
+
+
+def _check_hidden(model: IsoMLP, i: int) -> None:
+    n_hidden = len(model.layers) - 1
+    if not 0 <= i < n_hidden:
+        raise IsocompressError(f"hidden space {i} does not exist; this model has hidden spaces 0..{n_hidden - 1}")
+
+
+def _left_mul(rt: torch.Tensor, layer: Layer) -> Layer:
+    """Rows of the producing layer in a new basis: W → Rᵀ W, b → Rᵀ b, psi → Rᵀ psi (rt = Rᵀ, possibly r × n)."""
+    dense = layer.as_dense()
+    return replace(
+        dense,
+        weight=rt @ dense.weight,
+        bias=rt @ dense.bias,
+        psi=None if dense.psi is None else rt @ dense.psi,
+    )
+
+
+def _right_mul(layer: Layer, r: torch.Tensor) -> Layer:
+    """Columns of the consuming layer in the new basis: W → W R (R is n × r)."""
+    dense = layer.as_dense()
+    return replace(dense, weight=dense.weight @ r, n_in=int(r.shape[1]))
+
+
+def rotate_hidden(model: IsoMLP, i: int, rotation: torch.Tensor) -> IsoMLP:
+    """Rotate hidden space i by an orthogonal R: W_i → RᵀW_i, b_i → Rᵀb_i, psi_i → Rᵀpsi_i, W_{i+1} → W_{i+1}R.
+    Exact because f(Rᵀz) = Rᵀ f(z) and |Rᵀz| = |z| (MATH.md, "Symmetry")."""
+    model = as_float64(model)
+    _check_hidden(model, i)
+    layers = model.layers
+    n = layers[i].n_out
+    r = rotation.to(F64)
+    if tuple(r.shape) != (n, n):
+        raise IsocompressError(f"rotation for hidden space {i} must be {n}×{n}, got {tuple(r.shape)}")
+    return model.with_layers({i: _left_mul(r.T, layers[i]), i + 1: _right_mul(layers[i + 1], r)})
+
+
+def diagonalise_left(model: IsoMLP, i: int) -> IsoMLP:
+    """Left-partial diagonalisation of layer i (which must produce a hidden space): SVD W_i = UΣVᵀ, rotate hidden
+    space i by U. Row j of the new W_i is σ_j v_jᵀ, ordered by σ_j."""
+    model = as_float64(model)
+    _check_hidden(model, i)
+    u, _, _ = svd64(model.layers[i].dense_weight(), full=True)
+    return rotate_hidden(model, i, u)
+
+
+def diagonalisable_layers(model: IsoMLP) -> list[int]:
+    """Layers whose input and output are both hidden spaces (1 ≤ i ≤ L−2): the ones full diagonalisation can act on."""
+    return list(range(1, len(model.layers) - 1))
+
+
+def diagonalise_full(model: IsoMLP, i: int) -> IsoMLP:
+    """Full diagonalisation of layer i (1 ≤ i ≤ L−2): SVD W_i = UΣVᵀ; rotate hidden space i by U and hidden space
+    i−1 by V. Layer i becomes Σ, stored as its diagonal; layers i−1 and i+1 absorb Vᵀ and U."""
+    model = as_float64(model)
+    if i not in diagonalisable_layers(model):
+        raise IsocompressError(
+            f"layer {i} cannot be fully diagonalised: both its input and output must be hidden spaces"
+            f" (layers 1..{len(model.layers) - 2})"
+        )
+    layers = model.layers
+    u, s, vh = svd64(layers[i].dense_weight(), full=True)
+    current = layers[i]
+    diagonal = Layer(
+        weight=s,
+        bias=u.T @ current.bias,
+        n_in=current.n_in,
+        psi=None if current.psi is None else u.T @ current.psi,
+        o=current.o,
+    )
+    return model.with_layers(
+        {i - 1: _left_mul(vh, layers[i - 1]), i: diagonal, i + 1: _right_mul(layers[i + 1], u)}
+    )
+
+
+def diagonal_savings(layer: Layer) -> int:
+    """Parameters saved by storing this layer's weight as its diagonal."""
+    return layer.n_out * layer.n_in - min(layer.n_out, layer.n_in)
+
+
+def choose_alternating_layers(model: IsoMLP) -> list[int]:
+    """Non-adjacent diagonalisable layers with the largest total saving (a path max-weight independent set; for
+    equal widths this is layers 1, 3, 5, … — the paper's alternating form)."""
+    candidates = diagonalisable_layers(model)
+    layers = model.layers
+    best_with: dict[int, tuple[int, list[int]]] = {}
+    take_prev, skip_prev = (0, []), (0, [])  # best totals for candidates[:k] taking / not taking candidate k-1
+    for i in candidates:
+        gain = diagonal_savings(layers[i])
+        take = (skip_prev[0] + gain, skip_prev[1] + [i])
+        skip = max(take_prev, skip_prev, key=lambda t: t[0])
+        take_prev, skip_prev = take, skip
+        best_with[i] = take
+    return max(take_prev, skip_prev, key=lambda t: t[0])[1]
+
+
+def alternate_diagonalise(model: IsoMLP, progress=None) -> IsoMLP:
+    """Full diagonalisation of every other hidden-to-hidden layer (the paper's "50%" form), function unchanged."""
+    model = as_float64(model)
+    for i in choose_alternating_layers(model):
+        model = diagonalise_full(model, i)
+        if progress is not None:
+            progress(f"diagonalise layer {i}")
+    return model
+
+
+def varying_basis(layer: Layer, rtol: float | None = None) -> torch.Tensor:
+    """Orthonormal basis (n × r) of range([W, psi]): the directions of a hidden space that vary with the input."""
+    w = layer.dense_weight()
+    a = w if layer.psi is None else torch.cat([w, layer.psi[:, None]], dim=1)
+    u, s, _ = svd64(a, full=False)
+    rank = max(numerical_rank(s, tuple(a.shape), rtol), 1)  # keep ≥ 1 direction so no hidden space is empty
+    return u[:, :rank]
+
+
+def remove_constant_directions(model: IsoMLP, i: int, rtol: float | None = None) -> IsoMLP:
+    """Exact removal of every constant direction of hidden space i (MATH.md, "Exact removal").
+
+    With Q (n × r) an orthonormal basis of range([W_i, psi_i]), z_i = Q q + b⊥ where b⊥ = b_i − QQᵀb_i is the same
+    for every input. So |z_i|² = |q|² + |b⊥|² (absorb o_i += |b⊥|²) and W_{i+1} h_i = W_{i+1}Q (g q) + g·W_{i+1}b⊥
+    (absorb psi_{i+1} += W_{i+1} b⊥). Only the r varying directions are kept; no full basis is ever formed.
+    """
+    model = as_float64(model)
+    _check_hidden(model, i)
+    layers = model.layers
+    producer, consumer = layers[i].as_dense(), layers[i + 1].as_dense()
+    q = varying_basis(producer, rtol)
+    if q.shape[1] == producer.n_out:
+        return model
+    kept = _left_mul(q.T, producer)
+    constant = producer.bias - q @ kept.bias
+    kept = replace(kept, o=producer.o + constant @ constant)
+    extra_psi = consumer.weight @ constant
+    new_consumer = _right_mul(consumer, q)
+    if consumer.psi is not None or bool(extra_psi.abs().max() > 0):
+        base = torch.zeros_like(extra_psi) if consumer.psi is None else consumer.psi
+        new_consumer = replace(new_consumer, psi=base + extra_psi)
+    return model.with_layers({i: kept, i + 1: new_consumer})
+
+
+def remove_all_constant_directions(model: IsoMLP, rtol: float | None = None, progress=None) -> IsoMLP:
+    """Remove constant directions in every hidden space, first to last (each removal can add psi to the next layer,
+    which is why the order matters). The widths become the rank chain r_1 ≤ n_0, r_{l+1} ≤ r_l + 1."""
+    model = as_float64(model)
+    for i in range(len(model.layers) - 1):
+        model = remove_constant_directions(model, i, rtol)
+        if progress is not None:
+            progress(f"remove constant directions, hidden space {i}")
+    return model

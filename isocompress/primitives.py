@@ -1,0 +1,71 @@
+"""Pure tensor functions: the isotropic activation, SVDs, ranks, rotations. No model objects here.
+
+Linear algebra runs in float64; callers cast at the edges.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Below this value of m² = o + |z|², g = tanh(m)/m is evaluated by its series (MATH.md, "Forward pass").
+SMALL_M2 = 1e-8
+
+
+def isotropic_gain(m2: torch.Tensor) -> torch.Tensor:
+    """g(m) = tanh(m)/m as a function of m² ≥ 0, finite with finite gradients everywhere (including m² = 0).
+
+    Series near 0: tanh(m)/m = 1 − m²/3 + 2m⁴/15 − …; `where` keeps the untaken branch's argument finite so
+    that no NaN gradient leaks through it.
+    """
+    small = m2 < SMALL_M2
+    safe_m2 = torch.where(small, torch.ones_like(m2), m2)
+    m = torch.sqrt(safe_m2)
+    series = 1.0 - m2 / 3.0 + 2.0 * m2 * m2 / 15.0
+    return torch.where(small, series, torch.tanh(m) / m)
+
+
+def isotropic_tanh(z: torch.Tensor, o: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """f(z) = g·z with g = tanh(m)/m, m = sqrt(o + |z|²) over the last axis. Returns (h, g), g of shape (..., 1)."""
+    m2 = (z * z).sum(dim=-1, keepdim=True) + o
+    g = isotropic_gain(m2)
+    return g * z, g
+
+
+def svd64(matrix: torch.Tensor, full: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD in float64: matrix = U diag(S) Vh, S descending. `full` gives square U and Vh."""
+    return torch.linalg.svd(matrix.to(torch.float64), full_matrices=full)
+
+
+def numerical_rank(singular_values: torch.Tensor, shape: tuple[int, int], rtol: float | None = None) -> int:
+    """Number of singular values above rtol·σ_max (default rtol = max(shape)·eps(float64), as numpy.matrix_rank)."""
+    if singular_values.numel() == 0:
+        return 0
+    if rtol is None:
+        rtol = max(shape) * torch.finfo(torch.float64).eps
+    top = singular_values.max()
+    if top <= 0:
+        return 0
+    return int((singular_values > rtol * top).sum())
+
+
+def diag_matmul(diagonal: torch.Tensor, x: torch.Tensor, n_out: int) -> torch.Tensor:
+    """y = D x for a rectangular diagonal D (n_out × n_in) stored as its k = min(n_out, n_in) diagonal entries."""
+    k = diagonal.shape[0]
+    y = x[..., :k] * diagonal
+    if n_out > k:
+        y = torch.nn.functional.pad(y, (0, n_out - k))
+    return y
+
+
+def diag_to_dense(diagonal: torch.Tensor, n_out: int, n_in: int) -> torch.Tensor:
+    dense = torch.zeros(n_out, n_in, dtype=diagonal.dtype)
+    k = diagonal.shape[0]
+    dense[range(k), range(k)] = diagonal
+    return dense
+
+
+def random_orthogonal(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A Haar-random orthogonal n×n matrix in float64 (QR of a Gaussian with the sign fix)."""
+    a = torch.randn(n, n, dtype=torch.float64, generator=generator)
+    q, r = torch.linalg.qr(a)
+    return q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(n, dtype=torch.float64))
