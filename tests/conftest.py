@@ -1,0 +1,24 @@
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+settings.register_profile("ci", deadline=None, max_examples=40, derandomize=True)
+settings.register_profile("dev", deadline=None, max_examples=20)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def f64_inputs():
+    """Random inputs at several scales, including far outside any data."""
+
+    def make(n_in: int, n: int = 64, seed: int = 1) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(seed)
+        scales = torch.tensor([0.001, 0.1, 1.0, 10.0, 1000.0], dtype=torch.float64)
+        x = torch.randn(n, n_in, dtype=torch.float64, generator=gen)
+        return x * scales[torch.arange(n) % len(scales)][:, None]
+
+    return make
