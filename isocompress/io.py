@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,7 +74,9 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
 
 def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols on stderr; our one line says enough
+            warnings.simplefilter("ignore")
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights only" in str(exc).lower() or "weights_only" in str(exc):
             raise IsocompressError(
