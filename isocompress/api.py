@@ -18,6 +18,7 @@ from isocompress.layers import alternate_diagonalise, as_float64, choose_alterna
 from isocompress.model import IsoMLP
 
 PROBE_SCALES = (0.01, 1.0, 10.0, 1000.0)
+PROBE_CHUNK = 128
 
 
 # --- pure verbs on models ----------------------------------------------------------------------------------------
@@ -44,8 +45,10 @@ def probe_inputs(n_in: int, per_scale: int = 256, scales=PROBE_SCALES, seed: int
 def output_difference(reference: IsoMLP, candidate: IsoMLP, x: torch.Tensor) -> dict:
     """max |Δy| (L2 over the output, worst input) and the same relative to max |y|, both in float64."""
     x = x.to(torch.float64)
-    y = as_float64(reference)(x)
-    y2 = as_float64(candidate)(x)
+    reference, candidate = as_float64(reference), as_float64(candidate)
+    # In chunks: a wide network's activations for every probe at once would dominate peak memory.
+    y = torch.cat([reference(chunk) for chunk in x.split(PROBE_CHUNK)])
+    y2 = torch.cat([candidate(chunk) for chunk in x.split(PROBE_CHUNK)])
     diff = torch.linalg.vector_norm(y2 - y, dim=-1)
     scale = torch.linalg.vector_norm(y, dim=-1).max().clamp_min(torch.finfo(torch.float64).tiny)
     return {"max_abs": float(diff.max()), "max_rel": float(diff.max() / scale), "n_inputs": int(x.shape[0])}
@@ -163,8 +166,7 @@ def shrink_file(
     model_path = Path(model_path)
     tensors, config_json = io.read_tensors(model_path)
     saved_dtype = parse_dtype(options.dtype, _first_float_dtype(tensors))
-    original = io.model_from_tensors(tensors, config_json, where=str(model_path))
-    del tensors
+    original = io.model_from_tensors(io.consume_as_float64(tensors), config_json, where=str(model_path))
     calib = load_inputs(calibration, original.widths[0]) if calibration is not None else None
     label_data = load_labels(labels) if labels is not None else None
     out = Path(out_dir) if out_dir is not None else default_out_dir(model_path)

@@ -115,7 +115,18 @@ def _first_line(exc: BaseException) -> str:
 def load(path: str | os.PathLike) -> IsoMLP:
     """Load any supported checkpoint as a float64 `IsoMLP`. Raises IsocompressError naming the file."""
     tensors, config_json = read_tensors(path)
-    return model_from_tensors(tensors, config_json, where=str(path))
+    return model_from_tensors(consume_as_float64(tensors), config_json, where=str(path))
+
+
+def consume_as_float64(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The same tensors in float64, emptying `tensors` one entry at a time so that the stored copy and the float64
+    copy of the whole model never coexist (peak memory ≈ the float64 model, not float32 + float64)."""
+    converted = {}
+    for key in list(tensors):
+        value = tensors.pop(key)
+        converted[key] = value.to(torch.float64) if value.is_floating_point() else value
+        del value
+    return converted
 
 
 def stored_dtype(path: str | os.PathLike) -> torch.dtype:
