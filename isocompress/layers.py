@@ -104,17 +104,11 @@ def diagonal_savings(layer: Layer) -> int:
 def choose_alternating_layers(model: IsoMLP) -> list[int]:
     """Non-adjacent diagonalisable layers with the largest total saving (a path max-weight independent set; for
     equal widths this is layers 1, 3, 5, … — the paper's alternating form)."""
-    candidates = diagonalisable_layers(model)
     layers = model.layers
-    best_with: dict[int, tuple[int, list[int]]] = {}
-    take_prev, skip_prev = (0, []), (0, [])  # best totals for candidates[:k] taking / not taking candidate k-1
-    for i in candidates:
-        gain = diagonal_savings(layers[i])
-        take = (skip_prev[0] + gain, skip_prev[1] + [i])
-        skip = max(take_prev, skip_prev, key=lambda t: t[0])
-        take_prev, skip_prev = take, skip
-        best_with[i] = take
-    return max(take_prev, skip_prev, key=lambda t: t[0])[1]
+    take, skip = (0, []), (0, [])  # best (saving, chosen) over the candidates so far, taking / not taking the last
+    for i in diagonalisable_layers(model):
+        take, skip = (skip[0] + diagonal_savings(layers[i]), skip[1] + [i]), max(take, skip, key=lambda t: t[0])
+    return max(take, skip, key=lambda t: t[0])[1]
 
 
 def alternate_diagonalise(model: IsoMLP, progress=None) -> IsoMLP:

@@ -216,3 +216,23 @@ def test_rotation_property(widths, seed, layer):
     rotation = random_orthogonal(widths[i + 1], torch.Generator().manual_seed(seed))
     x = torch.randn(30, widths[0], dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
     assert rel_error(model, rotate_hidden(model, i, rotation), x) <= F64_RTOL
+
+
+@given(widths=st.lists(st.integers(1, 30), min_size=3, max_size=9))
+def test_alternating_choice_is_the_best_non_adjacent_set(widths):
+    """Brute force over every non-adjacent subset of the diagonalisable layers."""
+    from itertools import combinations
+
+    from isocompress.layers import diagonal_savings, diagonalisable_layers
+
+    model = random_model(widths)
+    candidates = diagonalisable_layers(model)
+    saving = lambda chosen: sum(diagonal_savings(model.layers[i]) for i in chosen)
+    best = max(
+        (saving(c) for k in range(len(candidates) + 1) for c in combinations(candidates, k)
+         if all(b - a > 1 for a, b in zip(c, c[1:]))),
+        default=0,
+    )
+    chosen = choose_alternating_layers(model)
+    assert all(b - a > 1 for a, b in zip(chosen, chosen[1:]))
+    assert saving(chosen) == best
