@@ -108,9 +108,31 @@ def format_shrink_table(report: dict) -> str:
         f" {probe['saved_file']['max_abs']:.3g} (saved {report['dtype_saved']} file);"
         f" relative {probe['saved_file']['max_rel']:.3g}"
     )
+    if "pruning" in report:
+        lines += format_pruning_lines(report["pruning"])
     written = ", ".join(report["files"].values())
     lines.append(f"wrote {written} and report.json")
     return "\n".join(lines)
+
+
+def format_pruning_lines(pruning: dict) -> list[str]:
+    """The error bounds of a lossy shrink (issue 4): certified ≥ adversarial ≥ empirical."""
+    emp, adv, cert = pruning["empirical"], pruning["adversarial"], pruning["certified"]
+    tight = pruning.get("tightness")
+    lines = [
+        f"pruning basis {pruning['basis']}; domain |x| ≤ {pruning['radius']:.4g} ({pruning['radius_source']})",
+        f"  certified   max |Δy| ≤ {cert['max_abs']:.3g} for every input in the domain (proven, docs/bounds.md)",
+        f"  adversarial max |Δy| = {adv['max_abs']:.3g} found by search"
+        + (f"; bound tightness {tight:.3g}×" if tight is not None else ""),
+        f"  empirical   max |Δy| = {emp['max_abs']:.3g}, mean {emp['mean_abs']:.3g},"
+        f" mean relative {emp['mean_rel_percent']:.3g}% on {emp['inputs']}",
+    ]
+    if "top1_agreement" in emp:
+        extra = f"  top-1 agreement {100 * emp['top1_agreement']:.2f}%, KL {emp['kl_mean']:.3g}"
+        if "accuracy_before" in emp:
+            extra += f", accuracy {100 * emp['accuracy_before']:.2f}% → {100 * emp['accuracy_after']:.2f}%"
+        lines.append(extra)
+    return lines
 
 
 # Each further command lives in its own module and registers itself on `main`.
