@@ -116,7 +116,7 @@ class ShrinkOptions:
     max_error: float | None = None
     basis: str = "auto"
     input_radius: float | None = None
-    formats: tuple[str, ...] = ("safetensors",)
+    formats: tuple[str, ...] = ("safetensors", "onnx")
     onnx_tol: float = 1e-4
     dtype: str | None = None
 
@@ -225,7 +225,10 @@ def write_outputs(model: IsoMLP, out: Path, options: ShrinkOptions, dtype: torch
     if "onnx" in options.formats:
         from isocompress import onnx_export  # issue 3
 
-        onnx_report = onnx_export.export_and_verify(model, out / "model.onnx", probes=probes, rtol=options.onnx_tol)
+        # float32 unless the weights are saved in float64 (onnxruntime's CPU kernels for float16/bfloat16 are partial).
+        onnx_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        onnx_report = onnx_export.export_and_verify(model, out / "model.onnx", probes=probes, rtol=options.onnx_tol,
+                                                    dtype=onnx_dtype)
         files["onnx"] = out / "model.onnx"
     return files, onnx_report
 
