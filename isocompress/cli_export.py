@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -18,8 +19,12 @@ EXPORT_FORMATS = ("onnx", "safetensors")
 def parse_formats(text: str) -> tuple[str, ...]:
     formats = tuple(dict.fromkeys(f.strip() for f in text.split(",") if f.strip()))
     unknown = [f for f in formats if f not in EXPORT_FORMATS]
-    if unknown or not formats:
-        raise IsocompressError(f"--format {text!r}: choose from {', '.join(EXPORT_FORMATS)} (comma-separated)")
+    if unknown:
+        raise IsocompressError(f"--format {text!r}: unknown format {unknown[0]!r}; choose from"
+                               f" {', '.join(EXPORT_FORMATS)} (comma-separated)")
+    if not formats:
+        raise IsocompressError(f"--format {text!r} names no format; choose from {', '.join(EXPORT_FORMATS)}"
+                               " (comma-separated)")
     return formats
 
 
@@ -28,8 +33,8 @@ def export_file(model_path: str | Path, out_dir: str | Path | None, formats=("on
     """`isocompress export`: the model unchanged, as DIR/model.onnx (verified in onnxruntime) and/or
     DIR/model.safetensors, plus DIR/report.json. Everything is read and validated before anything is written."""
     started = time.perf_counter()
-    if not onnx_tol > 0:
-        raise IsocompressError(f"--onnx-tol {onnx_tol!r} must be positive")
+    if not 0 < onnx_tol < math.inf:
+        raise IsocompressError(f"--onnx-tol {onnx_tol!r} must be a positive finite number")
     model_path = Path(model_path)
     saved_dtype = io.stored_dtype(model_path)
     model = io.load(model_path)
@@ -105,10 +110,14 @@ def inspect(model, threshold, plot_path, as_json):
     from isocompress import inspection
 
     threshold = inspection.DEFAULT_THRESHOLD if threshold is None else threshold
+    if plot_path is not None:  # a bad --plot path or a missing matplotlib fails before the (slow) inspection
+        inspection.check_plot_path(plot_path)
+        inspection.require_matplotlib()
     report = inspection.inspect_model(io.load(model), threshold)
     report = {"model": str(model), **report}
     if plot_path is not None:
-        inspection.plot_spectra(report, plot_path, title=f"{Path(model).name}: singular values per layer")
+        widths = "→".join(map(str, report["widths"]))
+        inspection.plot_spectra(report, plot_path, title=f"{Path(model).name} ({widths}): singular values per layer")
         report["plot"] = str(plot_path)
     if as_json:
         click.echo(json.dumps(report, indent=2))
