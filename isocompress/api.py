@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 import sys
 import time
 from contextlib import contextmanager
@@ -51,7 +52,8 @@ def output_difference(reference: IsoMLP, candidate: IsoMLP, x: torch.Tensor) -> 
     y2 = torch.cat([candidate(chunk) for chunk in x.split(PROBE_CHUNK)])
     diff = torch.linalg.vector_norm(y2 - y, dim=-1)
     scale = torch.linalg.vector_norm(y, dim=-1).max().clamp_min(torch.finfo(torch.float64).tiny)
-    return {"max_abs": float(diff.max()), "max_rel": float(diff.max() / scale), "n_inputs": int(x.shape[0])}
+    return {"max_abs": float(diff.max()), "max_rel": float(diff.max() / scale), "n_inputs": int(x.shape[0]),
+            "max_norm_reference": float(scale)}
 
 
 def layer_summary(model: IsoMLP) -> list[dict]:
@@ -107,9 +109,11 @@ def parse_dtype(name: str | None, default: torch.dtype) -> torch.dtype:
 class ShrinkOptions:
     """Everything that decides what `shrink` does (a recipe is one of these written as TOML). Validates itself.
 
-    Neither budget nor max_error: exact (lossless). budget: fraction (0 < b ≤ 1) of the original parameters or an absolute count (> 1).
-    max_error: prune as far as possible while the certified bound stays ≤ this. basis: "data-free" (singular values,
-    the paper's rule) or "data-aware" (principal axes of calibration pre-activations).
+    None of budget, max_error, max_error_relative: exact (lossless). budget: fraction (0 < b ≤ 1) of the original
+    parameters or an absolute count (> 1). max_error: prune as far as possible while the certified bound on |Δy| stays
+    ≤ this. max_error_relative: the same with the limit given as a fraction of the largest output norm |y| on the
+    calibration inputs (random probe inputs without calibration). basis: "data-free" (singular values, the paper's
+    rule) or "data-aware" (principal axes of calibration pre-activations).
     """
 
     budget: float | None = None
@@ -119,30 +123,39 @@ class ShrinkOptions:
     formats: tuple[str, ...] = ("safetensors", "onnx")
     onnx_tol: float = 1e-4
     dtype: str | None = None
+    max_error_relative: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "formats", tuple(self.formats))
-        if self.budget is not None and self.max_error is not None:
-            raise IsocompressError("give either a budget or a max-error, not both")
-        if self.budget is not None and not (self.budget > 0):
-            raise IsocompressError(f"budget {self.budget!r} must be positive (a fraction like 0.1, or a count)")
-        if self.max_error is not None and not (self.max_error >= 0):
-            raise IsocompressError(f"max-error {self.max_error!r} must be ≥ 0")
+        self._validate_goal()
         if self.basis not in ("auto", "data-free", "data-aware"):
             raise IsocompressError(f"basis {self.basis!r} is not one of auto, data-free, data-aware")
-        if self.input_radius is not None and not (self.input_radius > 0):
-            raise IsocompressError(f"input radius {self.input_radius!r} must be positive")
+        if self.input_radius is not None and not (0 < self.input_radius < math.inf):
+            raise IsocompressError(f"input radius {self.input_radius!r} must be a positive finite number")
         unknown = [f for f in self.formats if f not in ("safetensors", "onnx")]
         if unknown or not self.formats:
             raise IsocompressError(f"format {unknown[0] if unknown else '(none)'!r}: choose from safetensors, onnx")
-        if not (self.onnx_tol > 0):
-            raise IsocompressError(f"onnx tolerance {self.onnx_tol!r} must be positive")
+        if not (0 < self.onnx_tol < math.inf):
+            raise IsocompressError(f"onnx tolerance {self.onnx_tol!r} must be a positive finite number")
         if self.dtype not in (None, "float32", "float64", "float16", "bfloat16"):
             raise IsocompressError(f"dtype {self.dtype!r}: choose from float32, float64, float16, bfloat16")
 
+    def _validate_goal(self) -> None:
+        goals = [self.budget, self.max_error, self.max_error_relative]
+        if sum(g is not None for g in goals) > 1:
+            raise IsocompressError("give either a budget or a max-error, not both")
+        if self.budget is not None and not (0 < self.budget < math.inf):
+            raise IsocompressError(f"budget {self.budget!r} must be positive and finite (a fraction like 0.1, or a count)")
+        if self.budget is not None and self.budget > 1 and self.budget != int(self.budget):
+            raise IsocompressError(f"budget {self.budget!r}: a count must be a whole number")
+        if self.max_error is not None and not (0 <= self.max_error < math.inf):
+            raise IsocompressError(f"max-error {self.max_error!r} must be a finite number ≥ 0")
+        if self.max_error_relative is not None and not (0 <= self.max_error_relative < math.inf):
+            raise IsocompressError(f"relative max-error {self.max_error_relative!r} must be a finite fraction ≥ 0")
+
     @property
     def lossy(self) -> bool:
-        return self.budget is not None or self.max_error is not None
+        return self.budget is not None or self.max_error is not None or self.max_error_relative is not None
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -158,9 +171,11 @@ def shrink_file(
     calibration: str | Path | None = None,
     labels: str | Path | None = None,
     progress: bool = True,
+    recipe: dict | None = None,
 ) -> dict:
     """`isocompress shrink`: load, shrink, write DIR/model.safetensors (+ DIR/model.onnx) and DIR/report.json.
-    All input is read and validated before anything is written; returns the report."""
+    All input is read and validated before anything is written; returns the report. `recipe`: provenance (name,
+    version, path of a recipe file, flags that overrode it) recorded in report["recipe"] beside the options."""
     options = options or ShrinkOptions()
     started = time.perf_counter()
     model_path = Path(model_path)
@@ -172,14 +187,16 @@ def shrink_file(
     out = Path(out_dir) if out_dir is not None else default_out_dir(model_path)
     probes = calib if calib is not None else probe_inputs(original.widths[0])
     inputs = [model_path] + [Path(p) for p in (calibration, labels) if p is not None]
+    effective, resolved = resolve_relative_error(options, original, probes)
     with output_dir(out, inputs) as out:
-        shrunk, prune_report = compress(original, options, calib, label_data, progress)
+        shrunk, prune_report = compress(original, effective, calib, label_data, progress)
         files, onnx_report = write_outputs(shrunk, out, options, saved_dtype, probes)
         reloaded = io.load(files["safetensors"]) if "safetensors" in files else shrunk.cast(saved_dtype)
         report = {
             "model": str(model_path),
             "exact": not options.lossy,
-            "recipe": options.to_dict(),
+            "recipe": {**options.to_dict(), "calibration": None if calibration is None else str(calibration),
+                       "labels": None if labels is None else str(labels), **(recipe or {})},
             "params_before": original.num_params(),
             "params_after": shrunk.num_params(),
             "widths_before": list(original.widths),
@@ -199,11 +216,32 @@ def shrink_file(
         }
         if prune_report is not None:
             report["pruning"] = prune_report
+            if resolved is not None:
+                report["pruning"]["max_error_resolved"] = {**resolved, "scale_inputs": report["probe"]["inputs"]}
         if onnx_report is not None:
             report["onnx"] = onnx_report
         report["seconds"] = round(time.perf_counter() - started, 4)
         write_json(report, out / "report.json")
     return report
+
+
+@torch.no_grad()
+def output_scale(model: IsoMLP, x: torch.Tensor) -> float:
+    """The largest output norm |y| over the inputs x (the scale a relative max-error refers to)."""
+    model = as_float64(model)
+    return max(float(torch.linalg.vector_norm(model(chunk.to(torch.float64)), dim=-1).max())
+               for chunk in x.split(PROBE_CHUNK))
+
+
+def resolve_relative_error(options: ShrinkOptions, original: IsoMLP, probes: torch.Tensor):
+    """A relative max-error (fraction of the largest |y| on the probe inputs) as the absolute limit pruning uses.
+    Returns (options pruning uses, {"relative", "output_scale", "absolute"} or None)."""
+    if options.max_error_relative is None:
+        return options, None
+    scale = output_scale(original, probes)
+    absolute = options.max_error_relative * scale
+    record = {"relative": options.max_error_relative, "output_scale": scale, "absolute": absolute}
+    return replace(options, max_error=absolute, max_error_relative=None), record
 
 
 def compress(original: IsoMLP, options: ShrinkOptions, calibration, labels, progress: bool):

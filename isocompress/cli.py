@@ -6,6 +6,7 @@ User errors (`IsocompressError`) become one line on stderr and exit code 2 (1 fo
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import click
@@ -33,9 +34,13 @@ def main() -> None:
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="A recipe (.toml, e.g. recipes/edge-10pct.toml); the flags below override its values.")
 @click.option("--exact", is_flag=True, default=False, help="Lossless shrinking (the default when no budget is given).")
 @click.option("--budget", default=None, help="Parameter budget: a fraction (0.1), a percentage (10%) or a count (20000).")
-@click.option("--max-error", type=float, default=None, help="Prune as far as possible with the error bound ≤ this.")
+@click.option("--max-error", default=None,
+              help="Prune as far as possible with the certified |Δy| ≤ this (a number, or a percentage of the largest"
+                   " |y| on the calibration data: 1%).")
 @click.option("--basis", type=click.Choice(["auto", "data-free", "data-aware"]), default=None,
               help="Pruning basis [default: data-aware with --calibration, else data-free].")
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=str), default=None,
@@ -52,23 +57,34 @@ def main() -> None:
               help="dtype of the written weights [default: the input's].")
 @click.option("--quiet", is_flag=True, help="No progress bar and no table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def shrink(model, exact, budget, max_error, basis, calibration, labels, input_radius, formats, onnx_tol, out_dir,
-           dtype, quiet, as_json):
+def shrink(model, recipe_path, exact, budget, max_error, basis, calibration, labels, input_radius, formats, onnx_tol,
+           out_dir, dtype, quiet, as_json):
     """Shrink MODEL (.pt, .pth or .safetensors); write model.safetensors, model.onnx and report.json."""
+    from isocompress import recipe as recipes
+
+    max_abs, max_percent = recipes.parse_max_error(max_error, "--max-error", None) if max_error is not None \
+        else (None, None)
     flags = {
+        "exact": exact,
         "budget": parse_budget(budget) if budget is not None else None,
-        "max_error": max_error,
+        "max_error": max_abs,
+        "max_error_percent": max_percent,
         "basis": basis,
-        "input_radius": input_radius,
-        "formats": tuple(f.strip() for f in formats.split(",") if f.strip()) if formats is not None else None,
-        "onnx_tol": onnx_tol,
+        "calibration": calibration,
+        "labels": labels,
+        "input_radius": recipes.parse_positive(input_radius, recipes.COMMAND_LINE, "input-radius")
+        if input_radius is not None else None,
+        "formats": recipes.parse_formats(formats, "--format", None) if formats is not None else None,
+        "onnx_tol": recipes.parse_positive(onnx_tol, recipes.COMMAND_LINE, "onnx-tol") if onnx_tol is not None else None,
         "dtype": dtype,
     }
     if exact and (flags["budget"] is not None or max_error is not None):
         raise IsocompressError("--exact cannot be combined with --budget or --max-error")
-    options = api.ShrinkOptions(**{k: v for k, v in flags.items() if v is not None})
-    report = api.shrink_file(model, out_dir, options, calibration=calibration, labels=labels,
-                             progress=not (quiet or as_json))
+    base = recipes.load_recipe(recipe_path) if recipe_path is not None else recipes.Recipe(name=recipes.FLAGS_ONLY)
+    effective, overridden = base.with_overrides(**flags)
+    provenance = effective.provenance(overridden if recipe_path is not None else None)
+    report = api.shrink_file(model, out_dir, effective.to_options(), calibration=effective.calibration,
+                             labels=effective.labels, progress=not (quiet or as_json), recipe=provenance)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     elif not quiet:
@@ -82,8 +98,8 @@ def parse_budget(text: str) -> float:
         value = float(raw[:-1]) / 100.0 if raw.endswith("%") else float(raw)
     except ValueError:
         raise IsocompressError(f"--budget {text!r} is not a number; use a fraction (0.1), a percentage (10%) or a count") from None
-    if not value > 0 or value != value:
-        raise IsocompressError(f"--budget {text!r} must be positive")
+    if not 0 < value < math.inf:
+        raise IsocompressError(f"--budget {text!r} must be positive and finite")
     if value > 1 and value != int(value):
         raise IsocompressError(f"--budget {text!r}: a count must be a whole number")
     return value
@@ -139,4 +155,8 @@ def format_pruning_lines(pruning: dict) -> list[str]:
 from isocompress import cli_check, cli_export, cli_grow  # noqa: E402,F401  (imported for registration)
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # Run as `python -m isocompress.cli`, this file is the module `__main__`; the commands above register themselves on
+    # `isocompress.cli.main` (a second copy of this module), so that is the group to run.
+    from isocompress.cli import main as registered_main
+
+    registered_main()

@@ -1,0 +1,363 @@
+"""Recipes: a named, versioned compression written as TOML (`recipes/*.toml`), used by `shrink --recipe` and `check`.
+
+    name = "edge-10pct"              # optional, default: the file's stem
+    version = 1                      # optional, int or string, default "1"
+    description = "..."              # optional
+    budget = "10%"                   # or 0.1 (fraction), 20000 (count); or max-error = 0.05 | "1%"; or exact = true
+    basis = "auto"                   # auto | data-free | data-aware
+    calibration = "../models/x.npy"  # relative to the recipe file; labels likewise
+    input-radius = 5.0
+    formats = ["safetensors", "onnx"]
+    onnx-tol = 1e-4
+    dtype = "float32"
+
+Neither budget nor max-error means exact (lossless). Unknown keys and bad values are `IsocompressError`s naming the
+file and the key. `Recipe` validates itself, round-trips through `to_dict`/`from_dict` (the TOML keys) and converts to
+`api.ShrinkOptions`. Value parsers shared with `isocompress.check` live here too.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from isocompress.api import ShrinkOptions
+from isocompress.errors import IsocompressError
+
+BASES = ("auto", "data-free", "data-aware")
+FORMATS = ("safetensors", "onnx")
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+RECIPE_KEYS = ("name", "version", "description", "exact", "budget", "max-error", "basis", "calibration", "labels",
+               "input-radius", "formats", "onnx-tol", "dtype")
+GOAL_KEYS = ("exact", "budget", "max-error")
+FIELD_KEYS = {"max_error": "max-error", "max_error_percent": "max-error", "input_radius": "input-radius",
+              "onnx_tol": "onnx-tol"}
+
+
+# --- shared value parsers (each raises IsocompressError naming `key` at `where`) --------------------------------------
+COMMAND_LINE = "command line"  # the `where` of values given as flags: errors then name the flag, --max-bytes
+FLAGS_ONLY = "command-line"  # the name of the recipe `shrink` builds from its flags when no --recipe is given
+
+
+def fail(where: str, key: str | None, problem: str) -> IsocompressError:
+    """`where: 'key' problem` (a file's key); `--key problem` for flags; `where problem` when key is None."""
+    if key is None:
+        return IsocompressError(f"{where} {problem}")
+    if where == COMMAND_LINE:
+        return IsocompressError(f"--{key} {problem}")
+    return IsocompressError(f"{where}: {key!r} {problem}")
+
+
+def check_keys(data: dict, allowed: tuple[str, ...], where: str) -> None:
+    """Unknown keys are errors that name the key and suggest the closest allowed one (max_error → max-error)."""
+    for key in data:
+        if key in allowed:
+            continue
+        text = str(key)
+        close = difflib.get_close_matches(text.replace("_", "-").lower(), allowed, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise IsocompressError(f"{where}: unknown key {text[:60]!r}; {hint}allowed keys: {', '.join(allowed)}")
+
+
+def show(value, limit: int = 60) -> str:
+    """A value as it appears in an error message: repr, one line, shortened."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def parse_percent(text: str, where: str, key: str) -> float:
+    """'10%' → 0.1."""
+    try:
+        value = float(text.strip()[:-1]) / 100.0
+    except ValueError:
+        raise fail(where, key, f"is {text[:40]!r}; write a percentage like '10%'") from None
+    if not math.isfinite(value):
+        raise fail(where, key, f"is {text[:40]!r}; a percentage must be finite")
+    return value
+
+
+def parse_budget(value, where: str, key: str | None = "budget") -> float:
+    """0.1 or '10%' (fraction of the original parameters) or 20000 (a count) → the ShrinkOptions.budget number."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        number = parse_percent(value, where, key)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip().replace("_", ""))
+        except ValueError:
+            raise fail(where, key, f"is {show(value)}; use a fraction (0.1), a percentage ('10%') or a count (20000)") from None
+    elif is_number(value):
+        number = float(value)
+    else:
+        raise fail(where, key, f"is a {type(value).__name__}; use a fraction (0.1), a percentage ('10%') or a count")
+    if not (0 < number < math.inf):
+        raise fail(where, key, f"is {show(value)}; it must be positive and finite")
+    if number > 1 and number != int(number):
+        raise fail(where, key, f"is {show(value)}; above 1 it is a parameter count and must be a whole number")
+    return number
+
+
+def parse_max_error(value, where: str, key: str | None = "max-error") -> tuple[float | None, float | None]:
+    """0.05 → (0.05, None): an absolute |Δy|; '1%' → (None, 1.0): a percentage of the largest output norm |y|."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        percent = parse_percent(value, where, key) * 100.0  # validates; then the number as written, for round trips
+        percent = float(value.strip()[:-1])
+        if not percent >= 0:
+            raise fail(where, key, f"is {show(value)}; it must be ≥ 0")
+        return None, percent
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise fail(where, key, f"is {show(value)}; use a number (|Δy|, e.g. 0.05) or a percentage of |y| ('1%')") from None
+    if not is_number(value):
+        raise fail(where, key, f"is a {type(value).__name__}; use a number (e.g. 0.05) or a percentage ('1%')")
+    if not (0 <= value < math.inf):
+        raise fail(where, key, f"is {show(value)}; it must be a finite number ≥ 0")
+    return float(value), None
+
+
+def parse_positive(value, where: str, key: str) -> float:
+    if not is_number(value) or not (0 < value < math.inf):
+        raise fail(where, key, f"is {show(value)}; it must be a positive finite number")
+    return float(value)
+
+
+def parse_choice(value, choices: tuple[str, ...], where: str, key: str) -> str:
+    if value not in choices or not isinstance(value, str):
+        raise fail(where, key, f"is {show(value)}; choose one of {', '.join(choices)}")
+    return value
+
+
+def parse_text(value, where: str, key: str, allow_empty: bool = False) -> str:
+    if not isinstance(value, str) or (not allow_empty and not value.strip()) or "\n" in value.strip():
+        raise fail(where, key, f"is {show(value)}; it must be a {'' if allow_empty else 'non-empty '}one-line string")
+    return value.strip()
+
+
+def parse_path(value, where: str, key: str, base_dir: Path | None) -> str:
+    """A path string; relative paths are taken relative to `base_dir` (the file that names them)."""
+    if not isinstance(value, str) or not value.strip() or "\n" in value or "\x00" in value:
+        raise fail(where, key, f"is {show(value)}; it must be a file path (a one-line string)")
+    text = value.strip()
+    if base_dir is None or os.path.isabs(text):
+        return text
+    return os.path.normpath(os.path.join(base_dir, text))
+
+
+def parse_formats(value, where: str, key: str | None = "formats") -> tuple[str, ...]:
+    if isinstance(value, str):  # a flag: comma-separated
+        if not [f for f in value.split(",") if f.strip()]:
+            raise fail(where, key, f"is {show(value)}; give formats separated by commas: safetensors,onnx")
+        value = [f.strip() for f in value.split(",") if f.strip()]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise fail(where, key, f"is {show(value)}; use a non-empty list like [\"safetensors\", \"onnx\"]")
+    for item in value:
+        parse_choice(item, FORMATS, where, key)
+    if len(set(value)) != len(value):
+        raise fail(where, key, f"lists a format twice: {show(list(value))}")
+    return tuple(value)
+
+
+def parse_version(value, where: str) -> str:
+    if is_number(value) and isinstance(value, int) and value >= 0:
+        return str(value)
+    if isinstance(value, str) and value.strip() and "\n" not in value and len(value) <= 64:
+        return value.strip()
+    raise fail(where, "version", f"is {show(value)}; use a whole number (1) or a version string (\"1.2.0\")")
+
+
+def read_toml(path: str | os.PathLike, what: str) -> dict:
+    """A TOML file as a dict; every failure (missing, unreadable, not UTF-8, bad syntax) one line naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        hint = "is a directory" if path.is_dir() else "no such file"
+        raise IsocompressError(f"{path}: {hint}; expected a {what} (.toml)")
+    try:
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as exc:
+        raise IsocompressError(f"{path}: cannot read the {what} ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise IsocompressError(f"{path}: is not UTF-8 text; a {what} must be a UTF-8 TOML file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise IsocompressError(f"{path}: not valid TOML ({one_line(exc)}); fix the {what}") from None
+
+
+def parse_toml_text(text: str, where: str, what: str) -> dict:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise IsocompressError(f"{where}: not valid TOML ({one_line(exc)}); fix the {what}") from None
+
+
+def one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+# --- the recipe ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Recipe:
+    """One compression. No budget, max_error or max_error_percent: exact. `path`: where it was read from (not a key)."""
+
+    name: str
+    version: str = "1"
+    description: str = ""
+    budget: float | None = None
+    max_error: float | None = None
+    max_error_percent: float | None = None
+    basis: str = "auto"
+    calibration: str | None = None
+    labels: str | None = None
+    input_radius: float | None = None
+    formats: tuple[str, ...] = FORMATS
+    onnx_tol: float = 1e-4
+    dtype: str | None = None
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        where = self.where
+        object.__setattr__(self, "name", parse_text(self.name, where, "name"))
+        object.__setattr__(self, "version", parse_version(self.version, where))
+        object.__setattr__(self, "description", parse_text(self.description, where, "description", allow_empty=True))
+        object.__setattr__(self, "formats", parse_formats(self.formats, where))
+        for key in ("calibration", "labels"):
+            if getattr(self, key) is not None:
+                object.__setattr__(self, key, parse_path(getattr(self, key), where, key, None))
+        if self.labels is not None and self.calibration is None:
+            raise fail(where, "labels", "needs 'calibration' (the inputs the labels belong to)")
+        for name in ("budget", "max_error", "max_error_percent", "input_radius", "onnx_tol"):
+            value = getattr(self, name)
+            if value is not None and not is_number(value):
+                raise fail(where, FIELD_KEYS.get(name, name), f"is {show(value)}; it must be a number")
+        try:
+            self.to_options()
+        except IsocompressError as exc:
+            raise IsocompressError(f"{where}: {exc}") from None
+
+    @property
+    def where(self) -> str:
+        if self.path is None and self.name == FLAGS_ONLY:
+            return COMMAND_LINE
+        return self.path or f"recipe {show(self.name)}"
+
+    @property
+    def exact(self) -> bool:
+        return self.budget is None and self.max_error is None and self.max_error_percent is None
+
+    def to_options(self) -> ShrinkOptions:
+        relative = None if self.max_error_percent is None else self.max_error_percent / 100.0
+        return ShrinkOptions(budget=self.budget, max_error=self.max_error, max_error_relative=relative,
+                             basis=self.basis, input_radius=self.input_radius, formats=self.formats,
+                             onnx_tol=self.onnx_tol, dtype=self.dtype)
+
+    def to_dict(self) -> dict:
+        """The recipe as its TOML keys (what `from_dict` reads back); `exact` always, the goal key if lossy."""
+        data: dict = {"name": self.name, "version": self.version, "description": self.description, "exact": self.exact}
+        if self.budget is not None:
+            data["budget"] = int(self.budget) if self.budget > 1 else self.budget
+        if self.max_error is not None:
+            data["max-error"] = self.max_error
+        if self.max_error_percent is not None:
+            percent = self.max_error_percent
+            data["max-error"] = f"{int(percent) if percent == int(percent) and percent < 1e15 else percent!r}%"
+        data["basis"] = self.basis
+        optional = {"calibration": self.calibration, "labels": self.labels, "input-radius": self.input_radius,
+                    "dtype": self.dtype}
+        data.update({k: v for k, v in optional.items() if v is not None})
+        data.update({"formats": list(self.formats), "onnx-tol": self.onnx_tol})
+        return data
+
+    @classmethod
+    def from_dict(cls, data, where: str = "recipe", base_dir: Path | None = None, default_name: str | None = None,
+                  path: str | None = None) -> "Recipe":
+        """Reads the TOML keys; relative calibration/labels paths are taken relative to `base_dir`."""
+        if not isinstance(data, dict):
+            raise IsocompressError(f"{where}: a recipe must be a table of keys, got {type(data).__name__}")
+        check_keys(data, RECIPE_KEYS, where)
+        kwargs = {"path": path, **_goal(data, where)}
+        kwargs["name"] = parse_text(data["name"], where, "name") if "name" in data else default_name
+        if kwargs["name"] is None:
+            raise fail(where, "name", "is missing; give the recipe a name")
+        if "version" in data:
+            kwargs["version"] = parse_version(data["version"], where)
+        if "description" in data:
+            kwargs["description"] = parse_text(data["description"], where, "description", allow_empty=True)
+        if "basis" in data:
+            kwargs["basis"] = parse_choice(data["basis"], BASES, where, "basis")
+        for key in ("calibration", "labels"):
+            if key in data:
+                kwargs[key] = parse_path(data[key], where, key, base_dir)
+        if "input-radius" in data:
+            kwargs["input_radius"] = parse_positive(data["input-radius"], where, "input-radius")
+        if "formats" in data:
+            kwargs["formats"] = parse_formats(data["formats"], where)
+        if "onnx-tol" in data:
+            kwargs["onnx_tol"] = parse_positive(data["onnx-tol"], where, "onnx-tol")
+        if "dtype" in data:
+            kwargs["dtype"] = parse_choice(data["dtype"], DTYPES, where, "dtype")
+        return cls(**kwargs)
+
+    def with_overrides(self, **flags) -> tuple["Recipe", list[str]]:
+        """Command-line flags over recipe values (None: not given). A goal flag (exact, budget, max_error,
+        max_error_percent) replaces the recipe's goal. Returns (effective recipe, names of the overridden keys)."""
+        given = {k: v for k, v in flags.items() if v is not None and v is not False}
+        goal_flags = {"exact", "budget", "max_error", "max_error_percent"}
+        if goal_flags & set(given):
+            base = replace(self, budget=None, max_error=None, max_error_percent=None)
+        else:
+            base = self
+        given.pop("exact", None)
+        if "calibration" in given and "labels" not in given:
+            given["labels"] = None  # the recipe's labels belong to the recipe's calibration inputs
+        names = {f.name for f in fields(self)}
+        unknown = set(given) - names
+        if unknown:
+            raise IsocompressError(f"cannot override recipe key {sorted(unknown)[0]!r}")
+        overridden = sorted({FIELD_KEYS.get(k, k) for k in flags if flags[k] is not None and flags[k] is not False})
+        return replace(base, **given), overridden
+
+    def provenance(self, overridden: list[str] | None = None) -> dict:
+        """What report.json's "recipe" records beside the options: which recipe, which version, what was overridden."""
+        return {"name": self.name, "version": self.version, "description": self.description, "path": self.path,
+                "overridden": list(overridden or [])}
+
+
+def _goal(data: dict, where: str) -> dict:
+    """exact = true | budget | max-error: at most one; exact = false needs one of the others."""
+    given = [k for k in GOAL_KEYS if k in data]
+    if "exact" in data and not isinstance(data["exact"], bool):
+        raise fail(where, "exact", f"is {show(data['exact'])}; use true or false")
+    lossy = [k for k in given if k != "exact"]
+    if len(lossy) > 1:
+        raise fail(where, lossy[1], f"cannot be combined with {lossy[0]!r}; give one goal")
+    if data.get("exact") is True and lossy:
+        raise fail(where, lossy[0], "cannot be combined with 'exact = true'; drop one of them")
+    if data.get("exact") is False and not lossy:
+        raise fail(where, "exact", "is false but there is no 'budget' or 'max-error'; give one, or drop 'exact'")
+    if "budget" in data:
+        return {"budget": parse_budget(data["budget"], where)}
+    if "max-error" in data:
+        absolute, percent = parse_max_error(data["max-error"], where)
+        return {"max_error": absolute, "max_error_percent": percent}
+    return {}
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Read and validate a recipe file. Paths inside it are relative to the file's directory."""
+    path = Path(path)
+    data = read_toml(path, "recipe")
+    return Recipe.from_dict(data, where=str(path), base_dir=path.parent, default_name=path.stem, path=str(path))
+
+
+def parse_recipe_text(text: str, where: str = "recipe", base_dir: Path | None = None) -> Recipe:
+    """A recipe from TOML text (for tests and tools); errors name `where`."""
+    return Recipe.from_dict(parse_toml_text(text, where, "recipe"), where=where, base_dir=base_dir,
+                            default_name="recipe", path=where)
