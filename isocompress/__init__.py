@@ -1,6 +1,7 @@
 """isocompress: exact and certified compression of isotropic neural networks."""
 
-from isocompress.api import shrink_exact, shrink_file
+from isocompress.api import ShrinkOptions, shrink_exact, shrink_file
+from isocompress.check import run_checks
 from isocompress.config import ModelConfig
 from isocompress.errors import CheckFailed, IsocompressError
 from isocompress.io import load, save, save_pt, save_safetensors
@@ -13,10 +14,11 @@ from isocompress.layers import (
     rotate_hidden,
 )
 from isocompress.model import IsoMLP, Layer, random_model
+from isocompress.recipe import Recipe
 
 __all__ = [
-    "CheckFailed", "IsoMLP", "IsocompressError", "Layer", "ModelConfig", "alternate_diagonalise",
+    "CheckFailed", "IsoMLP", "IsocompressError", "Layer", "ModelConfig", "Recipe", "ShrinkOptions", "alternate_diagonalise",
     "diagonalise_full", "diagonalise_left", "load", "random_model", "remove_all_constant_directions",
-    "remove_constant_directions", "rotate_hidden", "save", "save_pt", "save_safetensors", "shrink_exact",
+    "remove_constant_directions", "rotate_hidden", "run_checks", "save", "save_pt", "save_safetensors", "shrink_exact",
     "shrink_file",
 ]

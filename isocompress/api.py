@@ -258,8 +258,7 @@ def write_outputs(model: IsoMLP, out: Path, options: ShrinkOptions, dtype: torch
     """Writes the chosen formats atomically; returns ({format: path}, onnx verification report or None)."""
     files: dict[str, Path] = {}
     onnx_report = None
-    if "safetensors" in options.formats:
-        files["safetensors"] = io.save_safetensors(model, out / "model.safetensors", dtype=dtype)
+    # ONNX first: if its onnxruntime check fails, nothing else of this run has been written.
     if "onnx" in options.formats:
         from isocompress import onnx_export  # issue 3
 
@@ -268,6 +267,9 @@ def write_outputs(model: IsoMLP, out: Path, options: ShrinkOptions, dtype: torch
         onnx_report = onnx_export.export_and_verify(model, out / "model.onnx", probes=probes, rtol=options.onnx_tol,
                                                     dtype=onnx_dtype)
         files["onnx"] = out / "model.onnx"
+    if "safetensors" in options.formats:
+        files["safetensors"] = io.save_safetensors(model, out / "model.safetensors", dtype=dtype)
+    files = {name: files[name] for name in options.formats}  # in the order the user asked for
     return files, onnx_report
 
 

@@ -281,18 +281,28 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        # mkstemp creates the file as 0600; give the output the permissions a plain open() would (0666 & ~umask).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def model_tensors(model: IsoMLP, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def model_tensors(model: IsoMLP, dtype: torch.dtype | None = None, where: str = "model") -> dict[str, torch.Tensor]:
     out = {}
     for key, value in model.state_dict().items():
         value = value.detach()
         if dtype is not None:
-            value = value.to(dtype)
+            cast = value.to(dtype)
+            if not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(value).all()):
+                raise IsocompressError(
+                    f"{where}: {key} has values beyond the {str(dtype).replace('torch.', '')} range; save in float64"
+                    " (--dtype float64) or rescale the model"
+                )
+            value = cast
         out[key] = value.contiguous().clone()
     return out
 
@@ -301,15 +311,17 @@ def save_safetensors(model: IsoMLP, path: str | os.PathLike, dtype: torch.dtype 
     """Tensors + the config JSON in the metadata; diagonal layers stored as vectors. Atomic."""
     from safetensors.torch import save_file
 
+    tensors = model_tensors(model, dtype, where=str(path))
     with atomic_path(path) as tmp:
-        save_file(model_tensors(model, dtype), str(tmp), metadata={CONFIG_KEY: model.config.to_json()})
+        save_file(tensors, str(tmp), metadata={CONFIG_KEY: model.config.to_json()})
     return Path(path)
 
 
 def save_pt(model: IsoMLP, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """isocompress's `.pt` format: a plain dict {"isocompress_config": json, "state_dict": tensors}. Atomic."""
+    tensors = model_tensors(model, dtype, where=str(path))
     with atomic_path(path) as tmp:
-        torch.save({CONFIG_KEY: model.config.to_json(), "state_dict": model_tensors(model, dtype)}, str(tmp))
+        torch.save({CONFIG_KEY: model.config.to_json(), "state_dict": tensors}, str(tmp))
     return Path(path)
 
 

@@ -98,6 +98,18 @@ def activation_nodes(b: GraphBuilder, i: int, layer: Layer, z: str) -> tuple[str
     return b.op("Mul", [z, g], f"{p}/h"), g
 
 
+def check_representable(model: IsoMLP, dtype: torch.dtype) -> None:
+    """Every weight must stay finite in the file's dtype (a float32 file cannot hold 1e39)."""
+    limit = torch.finfo(dtype).max
+    for i, layer in enumerate(model.layers):
+        for name, value in (("weight", layer.weight), ("bias", layer.bias), ("psi", layer.psi), ("o", layer.o)):
+            if value is not None and bool((value.abs() > limit).any()):
+                raise IsocompressError(
+                    f"layer {i} {name} has values beyond the {str(dtype).replace('torch.', '')} range (±{limit:.3g});"
+                    " export in float64 (--dtype float64) or rescale the model"
+                )
+
+
 def build_onnx(model: IsoMLP, dtype: torch.dtype = torch.float32, opset: int = DEFAULT_OPSET,
                ir_version: int = DEFAULT_IR_VERSION, check: bool = True):
     """The model as an `onnx.ModelProto`: input x (batch × n_0, batch dynamic), output y (batch × n_L)."""
@@ -106,6 +118,7 @@ def build_onnx(model: IsoMLP, dtype: torch.dtype = torch.float32, opset: int = D
 
     if dtype not in ONNX_DTYPES:
         raise IsocompressError(f"ONNX export in {dtype} is not supported; use float32 or float64")
+    check_representable(model, dtype)
     b = GraphBuilder(ONNX_DTYPES[dtype])
     h, g_prev = INPUT_NAME, None
     for i, layer in enumerate(model.layers):
@@ -191,7 +204,12 @@ def export_and_verify(model: IsoMLP, path: str | Path, probes: torch.Tensor, rto
     path = Path(path)
     if probes.dim() != 2 or probes.shape[0] == 0 or probes.shape[1] != model.widths[0]:
         raise IsocompressError(f"ONNX check needs probe inputs of shape n × {model.widths[0]}, got {tuple(probes.shape)}")
-    proto = build_onnx(model, dtype, opset, ir_version)
+    try:
+        proto = build_onnx(model, dtype, opset, ir_version)
+    except CheckFailed:
+        raise
+    except IsocompressError as exc:
+        raise IsocompressError(f"{path}: {exc}") from None
     try:
         with io.atomic_path(path) as tmp:
             tmp.write_bytes(proto.SerializeToString())

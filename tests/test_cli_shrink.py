@@ -104,3 +104,53 @@ def test_budget_parsing(text, value):
 def test_bad_budgets(text, message):
     with pytest.raises(IsocompressError, match=message):
         parse_budget(text)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["shrink", "m.pt", "--dtype", "x"], "isocompress shrink: Invalid value for '--dtype'"),
+        (["shrink"], "isocompress shrink: Missing argument 'MODEL'"),
+        (["bogus"], "No such command 'bogus'"),
+        (["--bogus"], "No such option '--bogus'"),
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_code_2(args, expected):
+    from click.testing import CliRunner
+
+    from isocompress.cli import main
+
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("isocompress: error: ") and expected in lines[0]
+    assert "--help" in lines[0]
+
+
+def test_outputs_have_ordinary_file_permissions(tmp_path):
+    import os
+    import stat
+
+    model_path = tmp_path / "m.safetensors"
+    io.save(random_model([4, 6, 3], seed=0), model_path)
+    out = tmp_path / "out"
+    shrink_file(model_path, out, progress=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "model.onnx", "report.json"):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+def test_weights_beyond_float32_give_one_clear_error_and_no_output(tmp_path):
+    import dataclasses
+
+    model = random_model([4, 6, 3], seed=0)
+    model = model.with_layers({0: dataclasses.replace(model.layers[0], weight=model.layers[0].weight * 1e40)})
+    model_path = tmp_path / "big.safetensors"
+    io.save(model, model_path)  # float64: representable
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["shrink", str(model_path), "--dtype", "float32", "--out", str(out), "--quiet"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "beyond the float32 range" in lines[0] and "model.onnx" in lines[0]
+    assert not out.exists()
