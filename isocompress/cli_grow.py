@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -51,7 +52,10 @@ def check_out_path(model_path: Path, out: Path) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the outgoing weights.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output file (.safetensors or .pt) [default: <model stem>.grown.safetensors in the working directory].")
-def grow(model: Path, layer: int, add: int, scale: float, seed: int, out: Path | None) -> None:
+@click.option("--quiet", is_flag=True, help="Print nothing on success.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON on stdout.")
+def grow(model: Path, layer: int, add: int, scale: float, seed: int, out: Path | None, quiet: bool,
+         as_json: bool) -> None:
     """Add scaffold neurons to a hidden space of MODEL: zero incoming weights and bias, small random outgoing
     weights. The function is unchanged exactly; training then moves the new neurons."""
     original = io.load(model)
@@ -61,8 +65,17 @@ def grow(model: Path, layer: int, add: int, scale: float, seed: int, out: Path |
     grown = grow_model(original, layer, add, scale=scale, seed=seed)
     io.save(grown, out, dtype=io.stored_dtype(model))
     diff = output_difference(original, grown, probe_inputs(original.widths[0], per_scale=64))
-    click.echo(
-        f"grew hidden space {layer} by {add}: widths {'→'.join(map(str, original.widths))} →"
-        f" {'→'.join(map(str, grown.widths))}, {grown.num_params():,} parameters;"
-        f" max |Δy| {diff['max_abs']:.3g} (float64); wrote {out}"
-    )
+    report = {
+        "model": str(model), "layer": layer, "added": add, "scale": scale, "seed": seed,
+        "widths_before": list(original.widths), "widths_after": list(grown.widths),
+        "params_before": original.num_params(), "params_after": grown.num_params(),
+        "probe": {"float64": diff}, "file": str(out),
+    }
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    elif not quiet:
+        click.echo(
+            f"grew hidden space {layer} by {add}: widths {'→'.join(map(str, original.widths))} →"
+            f" {'→'.join(map(str, grown.widths))}, {grown.num_params():,} parameters;"
+            f" max |Δy| {diff['max_abs']:.3g} (float64); wrote {out}"
+        )

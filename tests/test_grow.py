@@ -236,6 +236,18 @@ def test_cli_grow_out_option(tmp_path, model_file):
     assert io.load(out).widths == (5, 14, 12, 12, 3)
 
 
+def test_cli_grow_json_and_quiet(tmp_path, model_file):
+    import json
+
+    result = invoke(["grow", str(model_file), "--layer", "0", "--add", "3", "--out", str(tmp_path / "a.pt"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["widths_after"] == [5, 15, 12, 12, 3] and report["params_after"] > report["params_before"]
+    assert report["probe"]["float64"]["max_abs"] <= 1e-12
+    quiet = invoke(["grow", str(model_file), "--layer", "0", "--add", "3", "--out", str(tmp_path / "b.pt"), "--quiet"])
+    assert quiet.exit_code == 0 and quiet.output == "" and (tmp_path / "b.pt").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--layer", "3", "--add", "1"], "--layer 3 is not a hidden space"),
     (["--layer", "-1", "--add", "1"], "--layer -1 is not a hidden space"),
