@@ -22,3 +22,20 @@ def f64_inputs():
         return x * scales[torch.arange(n) % len(scales)][:, None]
 
     return make
+
+
+def cli(args):
+    """Run the isocompress CLI in-process (click's CliRunner); exceptions other than SystemExit propagate."""
+    from click.testing import CliRunner
+
+    from isocompress.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_error_line(result) -> str:
+    """The single line a failed command prints on stderr (and that there is exactly one, without a traceback)."""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]

@@ -6,25 +6,13 @@ import sys
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 from isocompress import inspection, io
 from isocompress.api import shrink_exact
-from isocompress.cli import main
 from isocompress.model import IsoMLP, Layer, dense_layer, random_model
+from conftest import cli, one_error_line
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def cli(args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_error_line(result) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 def diagonal_model() -> IsoMLP:

@@ -12,17 +12,16 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
 
 from isocompress import io, onnx_export
 from isocompress.api import probe_inputs, shrink_exact
-from isocompress.cli import main
 from isocompress.errors import CheckFailed, IsocompressError
 from isocompress.model import IsoMLP, random_model
 from isocompress.onnx_export import build_onnx, export_and_verify, export_onnx
+from conftest import cli, one_error_line
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
@@ -293,17 +292,6 @@ def wide_model(tmp_path):
     path = tmp_path / "wide.pt"
     io.save(random_model([12, 64, 64, 64, 6], psi=True, o=(0.1, 1.0), seed=3), path, dtype=torch.float32)
     return path
-
-
-def cli(args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_error_line(result) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 def test_shrink_writes_a_verified_onnx_file_by_default(tmp_path, wide_model):
