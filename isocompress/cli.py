@@ -6,7 +6,6 @@ User errors (`IsocompressError`) become one line on stderr and exit code 2 (1 fo
 from __future__ import annotations
 
 import json
-import math
 import sys
 
 import click
@@ -109,17 +108,10 @@ def shrink(model, recipe_path, exact, budget, max_error, basis, calibration, lab
 
 
 def parse_budget(text: str) -> float:
-    """'10%' → 0.1, '0.1' → 0.1, '20000' → 20000.0 (a count)."""
-    raw = text.strip()
-    try:
-        value = float(raw[:-1]) / 100.0 if raw.endswith("%") else float(raw)
-    except ValueError:
-        raise IsocompressError(f"--budget {text!r} is not a number; use a fraction (0.1), a percentage (10%) or a count") from None
-    if not 0 < value < math.inf:
-        raise IsocompressError(f"--budget {text!r} must be positive and finite")
-    if value > 1 and value != int(value):
-        raise IsocompressError(f"--budget {text!r}: a count must be a whole number")
-    return value
+    """'10%' → 0.1, '0.1' → 0.1, '20000' → 20000.0 (a count); the same rules as a recipe's `budget`."""
+    from isocompress import recipe as recipes
+
+    return recipes.parse_budget(text, recipes.COMMAND_LINE, "budget")
 
 
 def format_shrink_table(report: dict) -> str:

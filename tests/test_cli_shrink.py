@@ -99,7 +99,7 @@ def test_budget_parsing(text, value):
     assert parse_budget(text) == pytest.approx(value)
 
 
-@pytest.mark.parametrize("text,message", [("ten", "is not a number"), ("-3", "must be positive"),
+@pytest.mark.parametrize("text,message", [("ten", "use a fraction"), ("-3", "must be positive"),
                                            ("0", "must be positive"), ("12.5", "whole number")])
 def test_bad_budgets(text, message):
     with pytest.raises(IsocompressError, match=message):
