@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from isocompress import io
 from isocompress.errors import IsocompressError
+from isocompress.io import first_line
 
 ARRAY_SUFFIXES = (".npy", ".npz", ".safetensors", ".pt", ".pth")
 
@@ -36,17 +37,11 @@ def _read(path: Path, suffix: str) -> torch.Tensor:
             from safetensors.torch import load_file
 
             return _single(path, load_file(str(path)))
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except IsocompressError:
         raise
-    except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
-            raise IsocompressError(f"{path}: refused: it holds Python objects, not just tensors, and unpickling it could"
-                                   " run code; save the array with numpy.save (.npy) or safetensors") from None
-        raise IsocompressError(f"{path}: cannot read an array ({_first_line(exc)}); is it truncated?") from None
     except Exception as exc:  # every reader's own failure becomes one clear line
-        raise IsocompressError(f"{path}: cannot read an array ({_first_line(exc)}); is it truncated, or a pickle of"
-                               " objects?") from None
+        raise IsocompressError(f"{path}: cannot read an array ({first_line(exc)}); is it truncated?") from None
+    obj = io.safe_torch_load(path, "tensor file", "save the array with numpy.save (.npy) or safetensors")
     if isinstance(obj, dict):
         obj = _single(path, {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)})
     if not isinstance(obj, torch.Tensor):
@@ -90,7 +85,3 @@ def _as_labels(path: Path, array: torch.Tensor) -> torch.Tensor:
     if array.numel() == 0 or bool((array < 0).any()):
         raise IsocompressError(f"{path}: labels must be a non-empty vector of class indices ≥ 0")
     return array
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]

@@ -65,27 +65,34 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as exc:  # SafetensorError, OSError, ValueError, …: whatever a corrupted file makes it raise
         raise IsocompressError(
-            f"{path}: not a readable safetensors file ({_first_line(exc)}); is it truncated or corrupted?"
+            f"{path}: not a readable safetensors file ({first_line(exc)}); is it truncated or corrupted?"
         ) from None
     return tensors, metadata.get(CONFIG_KEY)
 
 
-def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+def safe_torch_load(path: Path, what: str, resave: str):
+    """torch.load(weights_only=True): tensors and containers only, never code. Every failure is one line naming the
+    file: `what` is the kind of file expected ("checkpoint"), `resave` says how to write it without Python objects."""
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols on stderr; our one line says enough
             warnings.simplefilter("ignore")
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if "weights only" in str(exc).lower() or "weights_only" in str(exc):
             raise IsocompressError(
-                f"{path}: refused: the checkpoint holds Python objects, not just tensors, and unpickling it could run"
-                " code; re-save it as a plain state_dict (torch.save(model.state_dict(), ...))"
+                f"{path}: refused: the {what} holds Python objects, not just tensors, and unpickling it could run"
+                f" code; {resave}"
             ) from None
-        raise IsocompressError(f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+        raise IsocompressError(f"{path}: not a readable PyTorch {what} ({first_line(exc)})") from None
     except Exception as exc:  # RuntimeError, EOFError, BadZipFile, struct.error, …: a corrupted file raises anything
         raise IsocompressError(
-            f"{path}: not a readable PyTorch checkpoint ({_first_line(exc)}); is it truncated or corrupted?"
+            f"{path}: not a readable PyTorch {what} ({first_line(exc)}); is it truncated or corrupted?"
         ) from None
+
+
+def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    obj = safe_torch_load(path, "checkpoint",
+                          "re-save it as a plain state_dict (torch.save(model.state_dict(), ...))")
     return _flatten_torch_object(path, obj)
 
 
@@ -103,7 +110,7 @@ def _flatten_torch_object(path: Path, obj) -> tuple[dict[str, torch.Tensor], str
     return tensors, config
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:200]
 
