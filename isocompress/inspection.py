@@ -6,7 +6,7 @@ log-scale figure (matplotlib is the optional extra `isocompress[plot]`, imported
 Two ranks per layer:
   * `rank`: the numerical rank of the layer's own weight matrix (as numpy.linalg.matrix_rank counts it);
   * `varying_rank` (hidden layers only): the dimension of the part of z_l that varies with the input, i.e. the rank
-    chain of MATH.md ("Exact removal"): the width hidden space l keeps after every constant direction before and in
+    chain of docs/math.md ("Exact removal"): the width hidden space l keeps after every constant direction before and in
     it has been removed. It can be far below `rank` (12→256→256 has rank 256 but varying rank 13 in hidden space 1:
     W_2 only ever sees a 12-dimensional image plus the psi direction), and it is exactly the width `shrink --exact`
     gives that hidden space.

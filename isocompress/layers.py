@@ -1,4 +1,4 @@
-"""Verbs that edit one layer or one hidden space of an `IsoMLP` exactly (MATH.md, "Symmetry" onwards).
+"""Verbs that edit one layer or one hidden space of an `IsoMLP` exactly (docs/math.md, "Symmetry" onwards).
 
 Hidden space i (0-based) is the output of weight layer i; it is read by layer i+1. Every verb is a pure function:
 it returns a new float64 model and leaves its argument untouched. Paired verbs in the style of SliceGPT's rotate.py:
@@ -47,7 +47,7 @@ def _right_mul(layer: Layer, r: torch.Tensor) -> Layer:
 
 def rotate_hidden(model: IsoMLP, i: int, rotation: torch.Tensor) -> IsoMLP:
     """Rotate hidden space i by an orthogonal R: W_i → RᵀW_i, b_i → Rᵀb_i, psi_i → Rᵀpsi_i, W_{i+1} → W_{i+1}R.
-    Exact because f(Rᵀz) = Rᵀ f(z) and |Rᵀz| = |z| (MATH.md, "Symmetry")."""
+    Exact because f(Rᵀz) = Rᵀ f(z) and |Rᵀz| = |z| (docs/math.md, "Symmetry")."""
     model = as_float64(model)
     _check_hidden(model, i)
     layers = model.layers
@@ -131,7 +131,7 @@ def varying_basis(layer: Layer, rtol: float | None = None) -> torch.Tensor:
 
 
 def remove_constant_directions(model: IsoMLP, i: int, rtol: float | None = None) -> IsoMLP:
-    """Exact removal of every constant direction of hidden space i (MATH.md, "Exact removal").
+    """Exact removal of every constant direction of hidden space i (docs/math.md, "Exact removal").
 
     With Q (n × r) an orthonormal basis of range([W_i, psi_i]), z_i = Q q + b⊥ where b⊥ = b_i − QQᵀb_i is the same
     for every input. So |z_i|² = |q|² + |b⊥|² (absorb o_i += |b⊥|²) and W_{i+1} h_i = W_{i+1}Q (g q) + g·W_{i+1}b⊥

@@ -1,4 +1,4 @@
-"""The in-memory isotropic MLP (MATH.md, "Forward pass").
+"""The in-memory isotropic MLP (docs/math.md, "Forward pass").
 
 `Layer` is an immutable record of one weight layer's tensors; `IsoMLP` is a `torch.nn.Module` built from a sequence
 of layers. Transforms are pure functions `IsoMLP -> IsoMLP` (see `isocompress.layers`); they never edit in place.
@@ -141,7 +141,7 @@ class IsoMLP(nn.Module):
             layers[index] = layer
         return IsoMLP(layers)
 
-    # --- forward (MATH.md) ---------------------------------------------------------------------------------------
+    # --- forward (docs/math.md) ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_hidden(x)[0]
 

@@ -1,6 +1,6 @@
 """Trainable isotropic networks (issue 6): `IsotropicTanh` and `IsotropicMLP`.
 
-`IsotropicMLP` computes exactly the forward pass of `isocompress.model.IsoMLP` (MATH.md, "Forward pass") with
+`IsotropicMLP` computes exactly the forward pass of `isocompress.model.IsoMLP` (docs/math.md, "Forward pass") with
 `nn.Parameter`s, so it can be trained with any torch optimiser; `to_isomlp()` / `save(path)` hand it to the rest of
 isocompress, and `from_isomlp(model)` / `load(path)` bring any isocompress model (diagonal layers included) back
 for further training.

@@ -5,7 +5,7 @@ is written as an elementwise Mul of a 1-D initializer (a tracing exporter would 
 matrix); no onnxscript at export time; no `.onnx.data` side file. The maths therefore lives twice (here and in
 `IsoMLP.forward`), which is why every export is run in onnxruntime and compared with the torch forward.
 
-Graph per layer i (names `layer{i}/...`), MATH.md "Forward pass":
+Graph per layer i (names `layer{i}/...`), docs/math.md "Forward pass":
     dense:  z = Gemm(h, W, b, transB=1)
     diag:   z = Pad(Mul(Slice(h, :k), d), 0..n_out) + b     (Slice only if n_in > k, Pad only if n_out > k)
     psi:    z = z + psi · g_prev

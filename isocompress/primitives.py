@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-# Below this value of m² = o + |z|², g = tanh(m)/m is evaluated by its series (MATH.md, "Forward pass").
+# Below this value of m² = o + |z|², g = tanh(m)/m is evaluated by its series (docs/math.md, "Forward pass").
 SMALL_M2 = 1e-8
 
 

@@ -29,7 +29,7 @@ def diagonal_model() -> IsoMLP:
 
 def rank_deficient_model() -> IsoMLP:
     """6→10→10→10→3 with W_0 of rank 2 (a product 10×2 · 2×6) and psi on every later layer: the varying part of the
-    hidden spaces has dimensions 2, 3, 4 (the rank chain r_{l+1} ≤ r_l + 1 of MATH.md, attained for random weights)."""
+    hidden spaces has dimensions 2, 3, 4 (the rank chain r_{l+1} ≤ r_l + 1 of docs/math.md, attained for random weights)."""
     base = random_model([6, 10, 10, 10, 3], psi=True, o=(0.1, 1.0), seed=21)
     gen = torch.Generator().manual_seed(22)
     w0 = torch.randn(10, 2, dtype=torch.float64, generator=gen) @ torch.randn(2, 6, dtype=torch.float64, generator=gen)
