@@ -145,8 +145,9 @@ def activation_error(ball: Ball, dz: float) -> tuple[float, float]:
 def certified_bound(layers: list[Layer], removed: list[torch.Tensor], consts: list[torch.Tensor], radius: float,
                     symbolic: bool = True) -> dict:
     """A proven upper bound on |y' − y| for every |x| ≤ radius (docs/bounds.md, Theorem). `layers`: the full-width
-    network in the final bases; `removed[i]`/`consts[i]`: mask and constants of hidden space i. The smaller of the
-    layer-by-layer chain (§3) and the case-split symbolic bound (§4); both are proven, so their minimum is too."""
+    network in the final bases; `removed[i]`/`consts[i]`: mask and constants of hidden space i. The smallest of the
+    layer-by-layer chain (§3), the case-split symbolic bound (§4) and the split chain (§4c); all are proven, so their
+    minimum is too."""
     balls = reachable_balls(layers, radius)
     dh = dg = 0.0
     introduced, after = [], []
@@ -164,20 +165,30 @@ def certified_bound(layers: list[Layer], removed: list[torch.Tensor], consts: li
                      "chain_bound": dz, "method": "chain"}
             break
         dh, dg = activation_error(balls[i], dz)
-    if not symbolic or not any(bool(m.any()) for m in removed):
+    if not any(bool(m.any()) for m in removed):
         return chain
-    sym = symbolic_bound(layers, removed, consts, radius)
-    if sym is None:
-        return chain
-    out = dict(chain, symbolic_bound=sym["bound"], cases=sym["cases"])
-    out["introduced"] = [min(p, q) for p, q in zip(chain["introduced"], sym["introduced"])]
-    out["after_layer"] = [min(p, q) for p, q in zip(chain["after_layer"], sym["after_layer"])]
-    if sym["bound"] < chain["bound"]:
-        out.update(bound=sym["bound"], method="case-split symbolic")
+    out = chain
+    sym = symbolic_bound(layers, removed, consts, radius) if symbolic else None
+    if sym is not None:
+        out = _tighter(out, sym, "case-split symbolic")
+        out.update(symbolic_bound=sym["bound"], cases=sym["cases"])
+    split = split_chain_bound(layers, removed, consts, radius, intro=None if sym is None else sym["introduced"])
+    out = _tighter(out, split, "split chain")
+    out["split_bound"] = split["bound"]
     return out
 
 
-# --- empirical measures (MATH.md, "Measures the paper reports") --------------------------------------------------
+def _tighter(out: dict, other: dict, method: str) -> dict:
+    """Per-layer and output minimum of two proven bounds."""
+    out = dict(out)
+    out["introduced"] = [min(p, q) for p, q in zip(out["introduced"], other["introduced"])]
+    out["after_layer"] = [min(p, q) for p, q in zip(out["after_layer"], other["after_layer"])]
+    if other["bound"] < out["bound"]:
+        out.update(bound=other["bound"], method=method)
+    return out
+
+
+# --- empirical measures (docs/math.md, "Measures the paper reports") --------------------------------------------------
 def empirical_errors(y: torch.Tensor, y_pruned: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
     y, y_pruned = y.to(F64), y_pruned.to(F64)
     diff = torch.linalg.vector_norm(y_pruned - y, dim=-1)
@@ -503,3 +514,138 @@ def symbolic_bound(layers: list[Layer], removed: list[torch.Tensor], consts: lis
         return None
     best["cases"] = cases[0]
     return best
+
+
+# --- split chain (docs/bounds.md, §4c) ----------------------------------------------------------------------------
+# Per hidden space the error is split into its kept part (|Δz_K| ≤ a) and its removed part (Δz_S = c − P_S z,
+# |Δz_S| ≤ e); the activation is crossed through the intermediate point z̃ = (z_K, c), case-split on |z| into fine
+# shells. Every step needs only global (sup over the domain) numbers of the previous hidden space, so shells do not
+# nest and cost a few scalar operations each.
+SPLIT_FIRST, SPLIT_RATIO = 0.05, 1.05  # shell edges 0.05·1.05^k
+
+
+def gain_sq_slope(m: float) -> float:
+    """sup over m' ≥ m of |dg/d(m'²)| = |g'(m')|/(2m'): decreasing in m, 1/3 at m = 0 (docs/bounds.md, Lemma 7)."""
+    if m < 0.05:
+        return 1.0 / 3.0
+    return gain_slope(m) / (2.0 * m) * (1.0 + 1e-9)
+
+
+@dataclass(frozen=True)
+class PreAct:
+    """A superset of the pre-activations of one hidden space of the original network: z = M x + centre over
+    |x| ≤ rho (M = None: the identity), and that space's o."""
+
+    M: torch.Tensor | None
+    centre: torch.Tensor
+    rho: float
+    o: float
+
+    def spread(self, a: torch.Tensor) -> float:
+        """sup |a (z − centre)| over the set."""
+        return spectral_norm(a if self.M is None else a @ self.M) * self.rho
+
+    def shells(self, first: float, ratio: float) -> list[tuple[float, float]]:
+        """Intervals [lo, hi] covering the range of |z| over the set."""
+        r = self.rho if self.M is None else spectral_norm(self.M) * self.rho
+        c = vec_norm(self.centre)
+        edges = bin_edges(max(0.0, c - r), c + r, first, ratio)
+        return list(zip(edges[:-1], edges[1:]))
+
+
+def pre_activations(layers: list[Layer], balls: list[Ball], radius: float) -> list[PreAct]:
+    """Hidden space 0 exactly as the affine image of the input ball; later ones as the balls of Lemma 3."""
+    first = PreAct(layers[0].dense_weight(), layers[0].bias, float(radius), float(layers[0].o))
+    return [first] + [PreAct(None, b.z_center, b.z_radius, b.o) for b in balls[1:]]
+
+
+def shell_introduced(layer: Layer, mask: torch.Tensor, consts: torch.Tensor, src: PreAct,
+                     first: float = SPLIT_FIRST, ratio: float = SPLIT_RATIO) -> float:
+    """sup |P_S z − c| for z = g_prev·(W z_prev + psi) + b, case-split on |z_prev| (docs/bounds.md, eq. 8)."""
+    if not bool(mask.any()):
+        return 0.0
+    a = layer.dense_weight()[mask]
+    psi = torch.zeros(a.shape[0], dtype=F64) if layer.psi is None else layer.psi[mask]
+    v0, d = a @ src.centre + psi, layer.bias[mask] - consts[mask]
+    spread, near = src.spread(a), spectral_norm(a)
+    v_far, n_psi, n_d = spread + vec_norm(v0), vec_norm(psi), vec_norm(d)
+    worst = 0.0
+    for lo, hi in src.shells(first, ratio):
+        s_hi, s_lo = gain(_m(src.o, lo)), gain(_m(src.o, hi))
+        mid, half = (s_hi + s_lo) / 2.0, (s_hi - s_lo) / 2.0
+        v_max = min(v_far, near * hi + n_psi)
+        value = min(mid * spread + vec_norm(mid * v0 + d) + half * v_max, s_hi * v_max + n_d)
+        worst = max(worst, value)
+    return worst
+
+
+def split_step(layer: Layer, rows: torch.Tensor, c_norm: float, src: PreAct, a: float, e: float, zeta: float,
+               through: float, first: float = SPLIT_FIRST, ratio: float = SPLIT_RATIO) -> float:
+    """Bound on |P_rows Δz| of this layer from the previous hidden space's |Δz_K| ≤ a, |Δz_S| ≤ e, |P_S z| ≤ zeta and
+    through ≥ sup |P_rows W Δz_S| (docs/bounds.md, eq. 9)."""
+    w = layer.dense_weight()[rows]
+    psi = torch.zeros(w.shape[0], dtype=F64) if layer.psi is None else layer.psi[rows]
+    n_w, n_psi = spectral_norm(w), vec_norm(psi)
+    wz_far = src.spread(w) + vec_norm(w @ src.centre + psi)  # sup |P(W z + psi)| over the whole set
+    sq = min(e * (2.0 * c_norm + e), max(zeta * zeta - c_norm * c_norm, c_norm * c_norm))  # ≥ ||c|² − |P_S z|²|
+    widen, both = a + e, math.hypot(a, e)
+    worst = 0.0
+    for lo, hi in src.shells(first, ratio):
+        m_lo, m_hi = _m(src.o, max(0.0, lo - widen)), _m(src.o, hi + widen)
+        g_lo, g_hi = gain(m_lo), gain(m_hi)
+        kept = n_w * g_lo * a + n_psi * min(slope_sup(m_lo) * a, g_lo - g_hi)
+        delta = min(gain_sq_slope(m_lo) * sq, g_lo - g_hi)
+        gone = g_lo * through + delta * min(n_w * hi + n_psi, wz_far)
+        whole = n_w * g_lo * both + n_psi * min(slope_sup(m_lo) * both, g_lo - g_hi)  # eqs. 4–5 in the shell
+        worst = max(worst, min(kept + gone, whole))
+    return worst
+
+
+def split_chain_bound(layers: list[Layer], removed: list[torch.Tensor], consts: list[torch.Tensor], radius: float,
+                      intro: list[float] | None = None) -> dict:
+    """Proven bound on |y' − y| for |x| ≤ radius by the split chain (docs/bounds.md, §4c). `intro`: other proven
+    bounds on the introduced errors e_l (e.g. the symbolic bound's), used where smaller."""
+    balls = reachable_balls(layers, radius)
+    srcs = pre_activations(layers, balls, radius)
+    n_hidden = len(removed)
+    a = e = zeta = 0.0
+    introduced, after = [], []
+    for i, layer in enumerate(layers):
+        last = i == n_hidden
+        rows = torch.ones(layer.n_out, dtype=torch.bool) if last else ~removed[i]
+        if i > 0:
+            gone = removed[i - 1]
+            t = layer.dense_weight()[rows][:, gone]
+            through = min(spectral_norm(t) * e, _sup_removed(layers, balls, srcs, radius, i - 1, gone, consts[i - 1], t))
+            a = split_step(layer, rows, vec_norm(consts[i - 1][gone]), srcs[i - 1], a, e, zeta, through)
+        if last:
+            return {"bound": a, "introduced": introduced, "after_layer": after + [a]}
+        e, zeta = _split_introduced(layers, balls, srcs, removed, consts, radius, i)
+        if intro is not None:
+            e = min(e, intro[i])
+        zeta = min(zeta, e + vec_norm(consts[i][removed[i]]))
+        introduced.append(e)
+        after.append(math.hypot(a, e))
+    raise AssertionError("the loop returns at the output layer")
+
+
+def _split_introduced(layers, balls, srcs, removed, consts, radius, i: int) -> tuple[float, float]:
+    """(sup |P_S z_i − c|, sup |P_S z_i|) over the domain."""
+    zero = torch.zeros_like(consts[i])
+    return (_sup_removed(layers, balls, srcs, radius, i, removed[i], consts[i]),
+            _sup_removed(layers, balls, srcs, radius, i, removed[i], zero))
+
+
+def _sup_removed(layers, balls, srcs, radius, i: int, mask, consts, t: torch.Tensor | None = None) -> float:
+    """sup |T (P_S z_i − c_S)| over the domain (T = the identity when None): the smaller of eq. 3 and eq. 8 applied to
+    the layer whose rows are T P_S W_i, T P_S b_i, T P_S psi_i, and the constants T c_S."""
+    if not bool(mask.any()):
+        return 0.0
+    layer = layers[i]
+    if t is not None:
+        psi = None if layer.psi is None else t @ layer.psi[mask]
+        layer = replace(layer.as_dense(), weight=t @ layer.dense_weight()[mask], bias=t @ layer.bias[mask], psi=psi)
+        consts, mask = t @ consts[mask], torch.ones(t.shape[0], dtype=torch.bool)
+    c_h, r_h, g_mid, g_half = _input_ball(balls, i, radius, layer.n_in)
+    value = introduced_error(layer, mask, consts, c_h, r_h, g_mid, g_half)
+    return value if i == 0 else min(value, shell_introduced(layer, mask, consts, srcs[i - 1]))

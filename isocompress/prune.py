@@ -3,7 +3,7 @@
 Pipeline: exact removal of constant directions (float64) → rounds of {rotate every hidden space to its scoring basis,
 score every direction, remove the cheapest directions per stored parameter saved} → alternating full
 diagonalisation (exact). A removed direction j of hidden space i is replaced by a constant c_j and absorbed exactly as
-in `layers.remove_constant_directions`: o_i += c_j², psi_{i+1} += W_{i+1}[:, j] c_j (MATH.md, "Neurodegeneration").
+in `layers.remove_constant_directions`: o_i += c_j², psi_{i+1} += W_{i+1}[:, j] c_j (docs/math.md, "Neurodegeneration").
 
 The work is done on the *embedded* form (`State`): the full-width network in the current bases, a mask of removed
 coordinates and their constants; `materialize` turns it into the compact model, `bounds.certified_bound` reads it.
@@ -76,7 +76,7 @@ def materialize(state: State) -> IsoMLP:
 
 
 def rotate_kept(state: State, i: int, q: torch.Tensor) -> None:
-    """Rotate the kept block of hidden space i by the orthogonal q (exact, MATH.md "Symmetry"); removed coordinates
+    """Rotate the kept block of hidden space i by the orthogonal q (exact, docs/math.md "Symmetry"); removed coordinates
     stay put."""
     idx = state.kept(i)
     r = torch.eye(state.layers[i].n_out, dtype=F64)

@@ -129,3 +129,50 @@ def test_certified_bound_is_above_a_dense_grid_maximum(n_in, hidden, psi, o, rad
     assert cert["chain_bound"] * (1 + 1e-9) + 1e-12 >= grid_max
     if "symbolic_bound" in cert:
         assert cert["symbolic_bound"] * (1 + 1e-9) + 1e-12 >= grid_max, cert
+    if "split_bound" in cert:
+        assert cert["split_bound"] * (1 + 1e-9) + 1e-12 >= grid_max, cert
+    alone = bounds.split_chain_bound(state.layers, state.removed, state.consts, radius)  # without symbolic help
+    assert alone["bound"] * (1 + 1e-9) + 1e-12 >= grid_max, alone
+
+
+def test_gain_is_completely_monotone_in_m_squared():
+    """Lemma 7: |dg/d(m²)| = |g'(m)|/(2m) decreases from 1/3; gain_sq_slope(m) bounds it beyond m."""
+    m = np.linspace(1e-3, 60.0, 2_000_001)
+    d = (np.tanh(m) - m / np.cosh(m) ** 2) / m**2 / (2 * m)
+    assert d.max() <= 1 / 3 and np.all(np.diff(d) <= 1e-15)
+    for m0 in [0.0, 0.01, 0.05, 0.3, 1.0, 5.0, 50.0, 400.0]:
+        grid = np.linspace(max(m0, 1e-3), m0 + 60, 30001)
+        exact = (np.tanh(grid) - grid / np.cosh(np.minimum(grid, 300.0)) ** 2) / grid**3 / 2
+        assert exact.max() <= bounds.gain_sq_slope(m0) * (1 + 1e-9) + 1e-300
+
+
+@given(st.floats(0.0, 3.0), st.floats(0.0, 6.0), st.floats(0.0, 6.0))
+def test_gain_difference_is_bounded_by_the_change_of_m_squared(o, t1, t2):
+    m1, m2 = math.sqrt(o + t1 * t1), math.sqrt(o + t2 * t2)
+    lhs = abs(bounds.gain(m1) - bounds.gain(m2))
+    assert lhs <= bounds.gain_sq_slope(min(m1, m2)) * abs(m1 * m1 - m2 * m2) * (1 + 1e-9) + 1e-15
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(2, 8), min_size=2, max_size=4), st.booleans(), st.floats(0.0, 2.0),
+       st.floats(0.5, 8.0), st.integers(0, 10_000))
+def test_split_chain_layer_bounds_contain_sampled_errors(hidden, psi, o, radius, seed):
+    """Every per-layer number of the split chain (e_l, |Δz_l|) is above its value at sampled inputs of the ball."""
+    from isocompress import prune
+
+    model = random_model([3, *hidden, 2], psi=psi, o=o, seed=seed, weight_scale=2.0)
+    state = prune.State.of(model)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(3000, 3, dtype=F64, generator=gen)
+    x = x / x.norm(dim=-1, keepdim=True) * radius * torch.rand(3000, 1, dtype=F64, generator=gen) ** 0.2
+    for i, m in enumerate(state.removed):
+        m[:] = torch.rand(m.numel(), generator=gen) < 0.5
+        state.consts[i][:] = torch.randn(m.numel(), dtype=F64, generator=gen) * 0.3
+    out = bounds.split_chain_bound(state.layers, state.removed, state.consts, radius)
+    with torch.no_grad():
+        _, zs, _ = model.forward_with_hidden(x)
+        y2 = prune.materialize(state)(x)
+    for i, (z, m) in enumerate(zip(zs, state.removed)):
+        e = (z[:, m] - state.consts[i][m]).norm(dim=-1).max() if bool(m.any()) else torch.tensor(0.0)
+        assert float(e) <= out["introduced"][i] * (1 + 1e-9) + 1e-12
+    assert float((y2 - model(x)).norm(dim=-1).max()) <= out["bound"] * (1 + 1e-9) + 1e-12
