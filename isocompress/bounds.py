@@ -16,8 +16,10 @@ from isocompress.model import Layer
 from isocompress.primitives import isotropic_tanh
 
 F64 = torch.float64
-# Where |g'(m)| peaks for g(m) = tanh(m)/m, and an upper bound of that peak (0.343419…; docs/bounds.md, Lemma 2).
-SLOPE_PEAK_M = 0.9199
+# For g(m) = tanh(m)/m, |g'(m)| peaks at m* = 0.91993767: SLOPE_PEAK_M ≥ m* (so |g'| decreases beyond it) and
+# SLOPE_MAX ≥ the peak value 0.34341955… (docs/bounds.md, Lemma 2). SLOPE_PEAK_M must not be below m*: with 0.9199,
+# slope_sup(m) for m ∈ (0.9199, m*) returned |g'(m)| < the peak that lies beyond m.
+SLOPE_PEAK_M = 0.92
 SLOPE_MAX = 0.34342
 
 
@@ -34,8 +36,9 @@ def gain_slope(m: float) -> float:
 
 
 def slope_sup(m_min: float) -> float:
-    """sup over m ≥ m_min of |g'(m)|: |g'| rises up to its peak and falls after it (Lemma 2)."""
-    return SLOPE_MAX if m_min <= SLOPE_PEAK_M else gain_slope(m_min)
+    """sup over m ≥ m_min of |g'(m)|: |g'| rises up to its peak and falls after it (Lemma 2). The margin covers the
+    rounding of gain_slope (a few ulp, checked against 40-digit arithmetic)."""
+    return SLOPE_MAX if m_min <= SLOPE_PEAK_M else gain_slope(m_min) * (1.0 + 1e-12)
 
 
 def spectral_norm(matrix: torch.Tensor) -> float:
