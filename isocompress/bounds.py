@@ -213,6 +213,9 @@ def empirical_errors(y: torch.Tensor, y_pruned: torch.Tensor, labels: torch.Tens
     return out
 
 
+SCREEN_PER_RESTART = 32  # random points evaluated (forward only) per restart to pick the screened starts
+
+
 def adversarial_search(reference, candidate, radius: float, starts: torch.Tensor | None = None, restarts: int = 64,
                        steps: int = 200, seed: int = 0, lr: float = 0.05, verify=None) -> dict:
     """The largest |y' − y| found inside |x| ≤ radius: Adam ascent (float64, step lr·R with cosine decay, projected
@@ -223,15 +226,16 @@ def adversarial_search(reference, candidate, radius: float, starts: torch.Tensor
     value is measured against at the winning point (when `reference` is a cheaper exact equivalent of it)."""
     gen = torch.Generator().manual_seed(seed)
     first = reference.layers[0]
-    n_in = first.n_in
-    rand = torch.randn(restarts, n_in, dtype=F64, generator=gen)
-    rand = rand / torch.linalg.vector_norm(rand, dim=-1, keepdim=True)
-    rand = rand * radius * torch.rand(restarts, 1, dtype=F64, generator=gen).sqrt().clamp_min(0.5)
+    rand = _random_in_ball(gen, restarts, first.n_in, radius)
+    # screening, all norms from 0 to R: the best of many cheap forward evaluations are better starts than blind ones
+    # (the landscape is flat where the networks saturate, and the maximum may lie deep inside the ball)
+    screen = _random_in_ball(gen, SCREEN_PER_RESTART * restarts, first.n_in, radius, min_fraction=0.0)
+    screened = screen[_difference(reference, candidate, screen).topk(min(restarts, len(screen))).indices]
     w = first.dense_weight().to(F64)
     _, _, vh = torch.linalg.svd(w, full_matrices=False)
     centre = -(torch.linalg.pinv(w) @ first.bias.to(F64))
     structured = torch.cat([centre[None], radius * vh[:4], -radius * vh[:4]])
-    pieces = [structured, rand] if starts is None else [starts.to(F64), structured, rand]
+    pieces = [structured, screened, rand] if starts is None else [starts.to(F64), structured, screened, rand]
     x0 = _project(torch.cat(pieces), radius)
     best, best_x = _difference(reference, candidate, x0), x0.clone()
     x = x0.clone().requires_grad_(True)
@@ -257,6 +261,13 @@ def adversarial_search(reference, candidate, radius: float, starts: torch.Tensor
     # re-evaluate the winner on its own, so the number reported is exactly the forward at that point
     value = float(_difference(verify if verify is not None else reference, candidate, best_x[i:i + 1])[0])
     return {"max_abs": value, "x_norm": float(best_x[i].norm()), "starts": int(x0.shape[0]), "steps": steps}
+
+
+def _random_in_ball(gen: torch.Generator, n: int, n_in: int, radius: float, min_fraction: float = 0.5) -> torch.Tensor:
+    """n random points: uniformly random directions, norms R·max(sqrt(u), min_fraction) with u uniform in [0, 1]."""
+    x = torch.randn(n, n_in, dtype=F64, generator=gen)
+    x = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x * radius * torch.rand(n, 1, dtype=F64, generator=gen).sqrt().clamp_min(min_fraction)
 
 
 def _project(x: torch.Tensor, radius: float) -> torch.Tensor:

@@ -11,6 +11,12 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def seeded_torch():
+    """Every test starts from the same global RNG state, whatever ran before it on its xdist worker."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture
 def f64_inputs():
     """Random inputs at several scales, including far outside any data."""
