@@ -15,11 +15,11 @@ import torch
 
 from isocompress import io
 from isocompress.errors import IsocompressError
-from isocompress.layers import alternate_diagonalise, as_float64, choose_alternating_layers, remove_all_constant_directions
+from isocompress.layers import (alternate_diagonalise, as_float64, choose_alternating_layers, forward_float64,
+                                remove_all_constant_directions)
 from isocompress.model import IsoMLP
 
 PROBE_SCALES = (0.01, 1.0, 10.0, 1000.0)
-PROBE_CHUNK = 128
 
 
 # --- pure verbs on models ----------------------------------------------------------------------------------------
@@ -45,11 +45,7 @@ def probe_inputs(n_in: int, per_scale: int = 256, scales=PROBE_SCALES, seed: int
 @torch.no_grad()
 def output_difference(reference: IsoMLP, candidate: IsoMLP, x: torch.Tensor) -> dict:
     """max |Δy| (L2 over the output, worst input) and the same relative to max |y|, both in float64."""
-    x = x.to(torch.float64)
-    reference, candidate = as_float64(reference), as_float64(candidate)
-    # In chunks: a wide network's activations for every probe at once would dominate peak memory.
-    y = torch.cat([reference(chunk) for chunk in x.split(PROBE_CHUNK)])
-    y2 = torch.cat([candidate(chunk) for chunk in x.split(PROBE_CHUNK)])
+    y, y2 = forward_float64(reference, x), forward_float64(candidate, x)
     diff = torch.linalg.vector_norm(y2 - y, dim=-1)
     scale = torch.linalg.vector_norm(y, dim=-1).max().clamp_min(torch.finfo(torch.float64).tiny)
     return {"max_abs": float(diff.max()), "max_rel": float(diff.max() / scale), "n_inputs": int(x.shape[0]),
@@ -225,12 +221,9 @@ def shrink_file(
     return report
 
 
-@torch.no_grad()
 def output_scale(model: IsoMLP, x: torch.Tensor) -> float:
     """The largest output norm |y| over the inputs x (the scale a relative max-error refers to)."""
-    model = as_float64(model)
-    return max(float(torch.linalg.vector_norm(model(chunk.to(torch.float64)), dim=-1).max())
-               for chunk in x.split(PROBE_CHUNK))
+    return float(torch.linalg.vector_norm(forward_float64(model, x), dim=-1).max())
 
 
 def resolve_relative_error(options: ShrinkOptions, original: IsoMLP, probes: torch.Tensor):

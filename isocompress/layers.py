@@ -22,6 +22,17 @@ def as_float64(model: IsoMLP) -> IsoMLP:
     return model if model.dtype == F64 else model.cast(F64)
 
 
+FORWARD_CHUNK = 128
+
+
+@torch.no_grad()
+def forward_float64(model: IsoMLP, x: torch.Tensor, chunk: int = FORWARD_CHUNK) -> torch.Tensor:
+    """The model's outputs in float64, computed in chunks of rows (a wide network's activations for every input at
+    once would dominate peak memory)."""
+    model = as_float64(model)
+    return torch.cat([model(part) for part in x.to(F64).split(chunk)])
+
+
 def _check_hidden(model: IsoMLP, i: int) -> None:
     n_hidden = len(model.layers) - 1
     if not 0 <= i < n_hidden:

@@ -22,6 +22,7 @@ import torch
 
 from isocompress import io
 from isocompress.errors import CheckFailed, IsocompressError
+from isocompress.layers import forward_float64
 from isocompress.model import IsoMLP, Layer
 from isocompress.primitives import SMALL_M2
 
@@ -187,11 +188,9 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor) -> tuple[float, fl
     return float(diff), float(diff / scale)
 
 
-@torch.no_grad()
 def torch_reference(model: IsoMLP, x: torch.Tensor) -> torch.Tensor:
     """The float64 torch forward: the function the file is meant to compute, independent of the file's precision."""
-    model64 = model.cast(torch.float64) if model.dtype != torch.float64 else model
-    return torch.cat([model64(chunk) for chunk in x.to(torch.float64).split(VERIFY_CHUNK)])
+    return forward_float64(model, x, chunk=VERIFY_CHUNK)
 
 
 def export_and_verify(model: IsoMLP, path: str | Path, probes: torch.Tensor, rtol: float = 1e-4,
