@@ -426,12 +426,13 @@ def saved_outputs(report: dict, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return io.load(files["safetensors"])(x)
     import numpy as np
-    import onnxruntime as ort
 
-    session = ort.InferenceSession(files["onnx"], providers=["CPUExecutionProvider"])
+    from isocompress import onnx_export
+
+    session = onnx_export.ort_session(files["onnx"])
     dtype = np.float64 if report.get("onnx", {}).get("dtype") == "float64" else np.float32
-    name = session.get_inputs()[0].name
-    return torch.from_numpy(np.asarray(session.run(None, {name: x.numpy().astype(dtype)})[0]))
+    feed = {onnx_export.INPUT_NAME: x.numpy().astype(dtype)}
+    return torch.from_numpy(np.asarray(session.run([onnx_export.OUTPUT_NAME], feed)[0]))
 
 
 # --- running -----------------------------------------------------------------------------------------------------
