@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import shutil
 from dataclasses import asdict, dataclass, replace
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,9 +16,9 @@ from isocompress import io
 from isocompress.errors import IsocompressError
 from isocompress.layers import (alternate_diagonalise, as_float64, choose_alternating_layers, forward_float64,
                                 remove_all_constant_directions)
+from isocompress.measure import PROBE_SCALES, output_difference, probe_inputs  # noqa: F401  (re-exported)
 from isocompress.model import IsoMLP
-
-PROBE_SCALES = (0.01, 1.0, 10.0, 1000.0)
+from isocompress.progress import progress_bar
 
 
 # --- pure verbs on models ----------------------------------------------------------------------------------------
@@ -32,24 +31,6 @@ def shrink_exact(model: IsoMLP, progress: Callable[[str], None] | None = None) -
 def exact_steps(model: IsoMLP) -> int:
     """How many progress steps `shrink_exact` reports (for a progress bar's total)."""
     return (len(model.layers) - 1) + len(choose_alternating_layers(model))
-
-
-# --- measuring ---------------------------------------------------------------------------------------------------
-def probe_inputs(n_in: int, per_scale: int = 256, scales=PROBE_SCALES, seed: int = 0) -> torch.Tensor:
-    """Gaussian inputs at several scales, including far outside any data (exactness must hold for every input)."""
-    gen = torch.Generator().manual_seed(seed)
-    parts = [torch.randn(per_scale, n_in, dtype=torch.float64, generator=gen) * s for s in scales]
-    return torch.cat(parts)
-
-
-@torch.no_grad()
-def output_difference(reference: IsoMLP, candidate: IsoMLP, x: torch.Tensor) -> dict:
-    """max |Δy| (L2 over the output, worst input) and the same relative to max |y|, both in float64."""
-    y, y2 = forward_float64(reference, x), forward_float64(candidate, x)
-    diff = torch.linalg.vector_norm(y2 - y, dim=-1)
-    scale = torch.linalg.vector_norm(y, dim=-1).max().clamp_min(torch.finfo(torch.float64).tiny)
-    return {"max_abs": float(diff.max()), "max_rel": float(diff.max() / scale), "n_inputs": int(x.shape[0]),
-            "max_norm_reference": float(scale)}
 
 
 def layer_summary(model: IsoMLP) -> list[dict]:
@@ -242,7 +223,7 @@ def compress(original: IsoMLP, options: ShrinkOptions, calibration, labels, prog
     if not options.lossy:
         with progress_bar(exact_steps(original), "shrink", enabled=progress) as step:
             return shrink_exact(original, progress=step), None
-    from isocompress import prune  # issue 4
+    from isocompress import prune  # issue 4 (imported here: prune is heavy and only a budget needs it)
 
     return prune.prune_to_budget(original, options, calibration=calibration, labels=labels, progress=progress)
 
@@ -291,19 +272,3 @@ def _first_float_dtype(tensors: dict[str, torch.Tensor]) -> torch.dtype:
         if t.is_floating_point():
             return t.dtype
     return torch.float32
-
-
-@contextmanager
-def progress_bar(total: int, label: str, enabled: bool) -> Iterator[Callable[[str], None]]:
-    """A tqdm bar on stderr; yields a callback taking the name of the step just done."""
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=label, file=sys.stderr, disable=not enabled, leave=False, unit="step")
-    try:
-        def step(name: str) -> None:
-            bar.set_postfix_str(name, refresh=False)
-            bar.update(1)
-
-        yield step
-    finally:
-        bar.close()

@@ -9,7 +9,7 @@ import sys
 import click
 
 from isocompress import check as checks
-from isocompress.cli import main
+from isocompress.cli_base import main
 from isocompress.errors import IsocompressError
 
 SINGLE_MODEL_FLAGS = ("recipe", "calibration", "labels", "max_params", "max_bytes", "max_error", "error_measure",

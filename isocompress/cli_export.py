@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from isocompress import api, io
-from isocompress.cli import main
+from isocompress.cli_base import main
 from isocompress.errors import IsocompressError
 
 EXPORT_FORMATS = ("onnx", "safetensors")

@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from isocompress import io
-from isocompress.api import output_difference, probe_inputs
-from isocompress.cli import main
+from isocompress.measure import output_difference, probe_inputs
+from isocompress.cli_base import main
 from isocompress.errors import IsocompressError
 from isocompress.grow import grow as grow_model
 

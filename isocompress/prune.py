@@ -21,7 +21,9 @@ import torch
 from isocompress import bounds
 from isocompress.errors import IsocompressError
 from isocompress.layers import alternate_diagonalise, as_float64, choose_alternating_layers, remove_all_constant_directions
+from isocompress.measure import probe_inputs
 from isocompress.model import IsoMLP, Layer
+from isocompress.progress import progress_bar
 
 F64 = torch.float64
 ROUND_FRACTION = 0.25  # each round removes about this share of the parameters still over budget
@@ -306,8 +308,6 @@ def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, pr
                     search_restarts: int = 48, search_steps: int = 150):
     """Prune to `options.budget` (fraction ≤ 1 or count > 1) or as far as `options.max_error` (certified) allows.
     Returns (pruned model, report dict for report.json)."""
-    from isocompress.api import probe_inputs, progress_bar
-
     started = time.perf_counter()
     original = as_float64(original)
     basis = resolve_basis(options.basis, calibration)

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from isocompress import io
 from isocompress.api import shrink_file
-from isocompress.cli import main, parse_budget
+from isocompress.cli import main
+from isocompress.cli_shrink import parse_budget
 from isocompress.errors import IsocompressError
 from isocompress.model import random_model
 

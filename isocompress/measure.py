@@ -1,0 +1,27 @@
+"""Measuring a model against another: probe inputs and the output difference, in float64."""
+
+from __future__ import annotations
+
+import torch
+
+from isocompress.layers import forward_float64
+from isocompress.model import IsoMLP
+
+PROBE_SCALES = (0.01, 1.0, 10.0, 1000.0)
+
+
+def probe_inputs(n_in: int, per_scale: int = 256, scales=PROBE_SCALES, seed: int = 0) -> torch.Tensor:
+    """Gaussian inputs at several scales, including far outside any data (exactness must hold for every input)."""
+    gen = torch.Generator().manual_seed(seed)
+    parts = [torch.randn(per_scale, n_in, dtype=torch.float64, generator=gen) * s for s in scales]
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def output_difference(reference: IsoMLP, candidate: IsoMLP, x: torch.Tensor) -> dict:
+    """max |Δy| (L2 over the output, worst input) and the same relative to max |y|, both in float64."""
+    y, y2 = forward_float64(reference, x), forward_float64(candidate, x)
+    diff = torch.linalg.vector_norm(y2 - y, dim=-1)
+    scale = torch.linalg.vector_norm(y, dim=-1).max().clamp_min(torch.finfo(torch.float64).tiny)
+    return {"max_abs": float(diff.max()), "max_rel": float(diff.max() / scale), "n_inputs": int(x.shape[0]),
+            "max_norm_reference": float(scale)}
