@@ -21,23 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from isocompress import io
+from isocompress import adapt, io
 from isocompress.errors import IsocompressError
 from isocompress.model import IsoMLP, Layer
-from isocompress.primitives import isotropic_tanh
+from isocompress.primitives import RAW_FOR_ZERO, inverse_softplus, isotropic_tanh  # noqa: F401 (re-exported)
 
 INTRINSIC_LENGTH_MODES = ("none", "fixed", "trainable")
-# softplus(RAW_FOR_ZERO) ≈ 4e-18: the trainable stand-in for a stored o = 0 (softplus never reaches 0).
-RAW_FOR_ZERO = -40.0
-
-
-def inverse_softplus(o: torch.Tensor) -> torch.Tensor:
-    """raw with softplus(raw) = o for o > 0 (log(expm1(o)), written stably for large o); RAW_FOR_ZERO for o = 0."""
-    o = o.to(torch.float64)
-    positive = o > 0
-    safe = torch.where(positive, o, torch.ones_like(o))
-    raw = safe + torch.log(-torch.expm1(-safe))
-    return torch.where(positive, raw, torch.full_like(o, RAW_FOR_ZERO))
 
 
 class IsotropicTanh(nn.Module):
@@ -128,6 +117,28 @@ class IsotropicMLP(nn.Module):
     @property
     def widths(self) -> tuple[int, ...]:
         return (self.layers[0].weight.shape[1],) + tuple(layer.weight.shape[0] for layer in self.layers)
+
+    # --- live restructuring with the optimiser (issue 14; isocompress.adapt, docs/training.md) -------------------
+    def diagonalise(self, layer: int, optimiser=None, full: bool = False) -> list:
+        """Rotate weight layer `layer`'s output space to its left singular basis (full=True: its input space too),
+        in place; same function; the optimiser's state is rotated with the parameters."""
+        return adapt.diagonalise(self, layer, optimiser, full=full)
+
+    def grow(self, layer: int, k: int, optimiser=None, scale: float = 1e-3,
+             generator: torch.Generator | None = None):
+        """Add k scaffold neurons to the output of weight layer `layer`, in place; exactly the same function."""
+        return adapt.grow(self, layer, k, optimiser, scale=scale, generator=generator)
+
+    def degenerate(self, layer: int, k: int, optimiser=None):
+        """Remove the k weakest directions of the output of weight layer `layer`, in place (psi-aware absorption;
+        exact when their singular values are 0)."""
+        return adapt.degenerate(self, layer, k, optimiser)
+
+    def neuroadapt(self, threshold: float, scaffold: int, optimiser=None, layers: Sequence[int] | None = None,
+                   scale: float = 1e-3, generator: torch.Generator | None = None, max_width: int | None = None) -> list:
+        """Keep `scaffold` directions below `threshold` in each hidden space (grow or degenerate), in place."""
+        return adapt.neuroadapt(self, threshold, scaffold, optimiser, layers, scale=scale, generator=generator,
+                                max_width=max_width)
 
     # --- conversion to and from isocompress models -----------------------------------------------------------------
     @torch.no_grad()
