@@ -241,17 +241,29 @@ def strengths(net, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     return direction_strengths(_layer64(net.layers[layer]))
 
 
+def kept_basis(u: torch.Tensor, keep: int) -> torch.Tensor:
+    """An orthonormal basis (n × keep) of the span of the `keep` strongest directions u[:, :keep], rotated within that
+    span to be as close as possible to `keep` of the current coordinate axes (orthogonal Procrustes: the axes with
+    the largest share in the span, R the polar factor of U_rᵀE). Same function as u[:, :keep] (a rotation inside the
+    kept space is exact), but the kept neurons move as little as possible, which is what keeps the diagonal rule for
+    second moments accurate: when the removed directions are whole neurons, P is a slice and everything is exact."""
+    u_r = u[:, :keep]
+    axes = torch.sort(torch.topk((u_r * u_r).sum(dim=1), keep).indices).values
+    x, _, yh = svd64(u_r[axes, :].T, full=False)  # U_rᵀE = u_r[axes]ᵀ
+    return u_r @ (x @ yh)
+
+
 def degenerate(net, layer: int, k: int, optimiser=None) -> Change:
-    """Remove the k weakest directions of hidden space `layer` (rotate to the basis of `strengths`, keep the n − k
-    strongest, absorb each removed direction's constant bias into o and the next psi, as
-    grow.remove_weakest_directions). Exact when the removed singular values are 0."""
+    """Remove the k weakest directions of hidden space `layer`: keep the span of its n − k strongest directions
+    (`strengths`; basis from `kept_basis`) and absorb each removed direction's constant bias into o and the next psi
+    (as grow.remove_weakest_directions). Exact when the removed singular values are 0."""
     check_hidden(net, layer)
     n = net.widths[layer + 1]
     if not isinstance(k, int) or not 1 <= k < n:
         raise IsocompressError(f"cannot remove {k} of the {n} directions of hidden space {layer}: remove 1..{n - 1}"
                                " (a hidden space keeps ≥ 1 direction)")
     u, s = strengths(net, layer)
-    map_hidden(net, layer, u[:, : n - k], optimiser)
+    map_hidden(net, layer, kept_basis(u, n - k), optimiser)
     return Change("degenerate", layer, k, n, n - k, strength=float(s[n - k:].max()))
 
 

@@ -45,6 +45,8 @@ class Adaptive:
     scaffold: int = 4  # scaffold directions kept per hidden layer
     max_width: int = 256
     stop_fraction: float = 0.75  # no restructuring in the last quarter of training (the cosine tail)
+    final_threshold: float = 1e-3  # the scaffold degenerated at the end
+    scale: float = 1e-3  # outgoing weights of grown neurons
     epochs: int | None = None  # None: the fixed-width recipe's
 
 
@@ -63,7 +65,7 @@ def train(name: str, settings: Adaptive, x, y, seed: int = 0, log=print):
     lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=epochs)
     steps_per_epoch = -(-len(x) // recipe.batch_size)
     adaptation = Neuroadaptation(net, optimiser, every=settings.every, threshold=settings.threshold,
-                                 scaffold=settings.scaffold, max_width=settings.max_width,
+                                 scaffold=settings.scaffold, max_width=settings.max_width, scale=settings.scale,
                                  stop=int(settings.stop_fraction * epochs * steps_per_epoch), seed=seed, log=log)
     order = torch.Generator().manual_seed(seed)
     trace = {"step": [], "loss": [], "widths": []}
@@ -78,10 +80,15 @@ def train(name: str, settings: Adaptive, x, y, seed: int = 0, log=print):
             trace["loss"].append(float(loss.detach()))
             trace["widths"].append(list(net.widths[1:-1]))
         lr_schedule.step()
-    final = net.neuroadapt(settings.threshold, 0, optimiser)  # drop the remaining scaffold
+    return net, optimiser, trace, adaptation.history
+
+
+def finish(net, optimiser, settings: Adaptive, log=print) -> list:
+    """Drop the remaining scaffold: degenerate every direction below the threshold."""
+    final = net.neuroadapt(settings.final_threshold, 0, optimiser)
     for change in final:
         log(f"end: {change.describe()}")
-    return net, trace, adaptation.history + final
+    return final
 
 
 def build(name: str, out_dir: Path, settings: Adaptive, quiet: bool = False) -> dict:

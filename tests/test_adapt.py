@@ -313,3 +313,19 @@ def test_restructuring_without_an_optimiser_and_an_optimiser_over_part_of_the_mo
     assert id(net.layers[1].weight) in held
     net.grow(1, 2)  # no optimiser at all
     assert net.widths == (5, 11, 9, 3)
+
+
+@pytest.mark.parametrize("optimiser", ["adam", "sgd"])
+def test_degenerating_a_dead_neuron_is_a_slice_that_keeps_every_other_neuron_and_its_state(optimiser):
+    """When the removed direction is one whole neuron, the kept basis is the other neurons themselves: their weights
+    and (Adam's second moments included) optimiser state are unchanged, not rotated."""
+    net, opt = trained(optimiser=optimiser)
+    make_constant_direction(net, 1, 4)
+    keep = [0, 1, 2, 3, 5, 6]
+    before_w = net.layers[1].weight.detach()[keep].clone()
+    before_state = {k: v[keep].clone() for k, v in opt.state[net.layers[1].weight].items()
+                    if torch.is_tensor(v) and v.dim() > 0}
+    net.degenerate(1, 1, opt)
+    assert float((net.layers[1].weight.detach() - before_w).abs().max()) <= 1e-12
+    for key, value in before_state.items():
+        assert float((opt.state[net.layers[1].weight][key] - value).abs().max()) <= 1e-12 * float(value.abs().max())
