@@ -122,8 +122,9 @@ def part_second_moment(x, y, seeds: int, steps: int) -> list[dict]:
         assert torch.allclose(check, opt.state[net.layers[1].weight]["exp_avg_sq"].to(F64), rtol=1e-4, atol=1e-12)
         u, _ = adapt.strengths(net, 1)
         haar = torch.linalg.qr(torch.randn(32, 32, dtype=F64, generator=torch.Generator().manual_seed(seed)))[0]
-        for basis_name, p in (("singular basis (diagonalise)", u), ("degenerate 8 (adapt.kept_basis)", adapt.kept_basis(u, 24)),
-                              ("random rotation", haar)):
+        bases = (("singular basis (diagonalise)", u), ("degenerate 8 (adapt.kept_basis)", adapt.kept_basis(u, 24)),
+                 ("random rotation", haar))
+        for basis_name, p in bases:
             rows.append(measure_basis(net, opt, history, p, basis_name, seed, beta2, x, y, order[steps:]))
     return rows
 

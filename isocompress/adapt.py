@@ -234,11 +234,23 @@ def grow(net, layer: int, k: int, optimiser=None, scale: float = 1e-3, generator
     return Change("grow", layer, k, n, n + k)
 
 
-def strengths(net, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U, s): the left singular basis of [W, psi] of weight layer `layer` and the singular value of each of its
-    directions, descending, 0 beyond the rank (grow.direction_strengths). s_j = 0 means direction j is constant."""
+MEASURES = ("directions", "neurons")
+
+
+def strengths(net, layer: int, measure: str = "directions") -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, s), strongest first. "directions": the left singular basis of [W, psi] of weight layer `layer` and each
+    direction's singular value, 0 beyond the rank (grow.direction_strengths); s_j = 0 means direction j is constant.
+    "neurons": U selects the neurons themselves (a permutation) and s_j is the norm of neuron j's row of [W, psi]; a
+    neuron can be strong while lying in the span of others, so widths are not capped by the rank chain."""
     check_hidden(net, layer)
-    return direction_strengths(_layer64(net.layers[layer]))
+    if measure not in MEASURES:
+        raise IsocompressError(f"measure {measure!r}: use one of {', '.join(MEASURES)}")
+    if measure == "directions":
+        return direction_strengths(_layer64(net.layers[layer]))
+    dense = _layer64(net.layers[layer])
+    rows = dense.weight if dense.psi is None else torch.cat([dense.weight, dense.psi[:, None]], dim=1)
+    s, order = torch.sort(torch.linalg.vector_norm(rows, dim=1), descending=True, stable=True)
+    return torch.eye(dense.n_out, dtype=F64)[:, order], s
 
 
 def kept_basis(u: torch.Tensor, keep: int) -> torch.Tensor:
@@ -253,40 +265,41 @@ def kept_basis(u: torch.Tensor, keep: int) -> torch.Tensor:
     return u_r @ (x @ yh)
 
 
-def degenerate(net, layer: int, k: int, optimiser=None) -> Change:
+def degenerate(net, layer: int, k: int, optimiser=None, measure: str = "directions") -> Change:
     """Remove the k weakest directions of hidden space `layer`: keep the span of its n − k strongest directions
     (`strengths`; basis from `kept_basis`) and absorb each removed direction's constant bias into o and the next psi
-    (as grow.remove_weakest_directions). Exact when the removed singular values are 0."""
+    (as grow.remove_weakest_directions). Exact when the removed singular values are 0. measure="neurons" removes
+    the k neurons of smallest incoming norm (exact when those rows are 0)."""
     check_hidden(net, layer)
     n = net.widths[layer + 1]
     if not isinstance(k, int) or not 1 <= k < n:
         raise IsocompressError(f"cannot remove {k} of the {n} directions of hidden space {layer}: remove 1..{n - 1}"
                                " (a hidden space keeps ≥ 1 direction)")
-    u, s = strengths(net, layer)
+    u, s = strengths(net, layer, measure)
     map_hidden(net, layer, kept_basis(u, n - k), optimiser)
     return Change("degenerate", layer, k, n, n - k, strength=float(s[n - k:].max()))
 
 
 def neuroadapt(net, threshold: float, scaffold: int, optimiser=None, layers: Sequence[int] | None = None,
-               scale: float = 1e-3, generator: torch.Generator | None = None, max_width: int | None = None
-               ) -> list[Change]:
+               scale: float = 1e-3, generator: torch.Generator | None = None, max_width: int | None = None,
+               measure: str = "directions") -> list[Change]:
     """Auto-neuroadaptation of a live network (the rule of grow.neuroadapt): in each hidden space (or those in
-    `layers`) keep `scaffold` directions with singular value below `threshold`, growing when there are fewer (up to
-    `max_width`) and degenerating the weakest when there are more (keeping ≥ 1 direction)."""
+    `layers`) keep `scaffold` directions (or neurons, measure="neurons") of strength below `threshold`, growing when
+    there are fewer (up to `max_width`) and degenerating the weakest when there are more (keeping ≥ 1)."""
     if not isinstance(scaffold, int) or scaffold < 0:
         raise IsocompressError(f"scaffold must be an integer ≥ 0, got {scaffold}")
     if not threshold >= 0:
         raise IsocompressError(f"threshold must be ≥ 0, got {threshold}")
     changes = []
     for i in range(len(net.layers) - 1) if layers is None else layers:
-        _, s = strengths(net, i)
+        _, s = strengths(net, i, measure)
         n = int(s.numel())
         excess = int((s < threshold).sum()) - scaffold
         if excess < 0 and (max_width is None or n < max_width):
             add = -excess if max_width is None else min(-excess, max_width - n)
             changes.append(grow(net, i, add, optimiser, scale=scale, generator=generator))
         elif excess > 0 and n > 1:
-            changes.append(degenerate(net, i, min(excess, n - 1), optimiser))
+            changes.append(degenerate(net, i, min(excess, n - 1), optimiser, measure))
     return changes
 
 
@@ -297,13 +310,16 @@ class Neuroadaptation:
 
     def __init__(self, model, optimiser=None, every: int = 100, threshold: float = 1e-2, scaffold: int = 4,
                  layers: Sequence[int] | None = None, scale: float = 1e-3, max_width: int | None = None,
-                 start: int = 0, stop: int | None = None, seed: int = 0,
+                 start: int = 0, stop: int | None = None, seed: int = 0, measure: str = "directions",
                  log: Callable[[str], None] | None = None):
         if not isinstance(every, int) or every < 1:
             raise IsocompressError(f"every must be an integer ≥ 1 (steps between restructurings), got {every}")
         self.model, self.optimiser = model, optimiser
         self.every, self.threshold, self.scaffold, self.layers = every, threshold, scaffold, layers
         self.scale, self.max_width, self.start, self.stop = scale, max_width, start, stop
+        if measure not in MEASURES:
+            raise IsocompressError(f"measure {measure!r}: use one of {', '.join(MEASURES)}")
+        self.measure = measure
         self.generator = torch.Generator().manual_seed(seed)
         self.log = log or LOG.info
         self.steps = 0
@@ -316,7 +332,7 @@ class Neuroadaptation:
         if not due or (self.stop is not None and self.steps > self.stop):
             return []
         changes = neuroadapt(self.model, self.threshold, self.scaffold, self.optimiser, self.layers, self.scale,
-                             self.generator, self.max_width)
+                             self.generator, self.max_width, self.measure)
         changes = [Change(c.kind, c.hidden, c.count, c.width_before, c.width_after, c.strength, self.steps)
                    for c in changes]
         for change in changes:

@@ -129,16 +129,17 @@ class IsotropicMLP(nn.Module):
         """Add k scaffold neurons to the output of weight layer `layer`, in place; exactly the same function."""
         return adapt.grow(self, layer, k, optimiser, scale=scale, generator=generator)
 
-    def degenerate(self, layer: int, k: int, optimiser=None):
-        """Remove the k weakest directions of the output of weight layer `layer`, in place (psi-aware absorption;
-        exact when their singular values are 0)."""
-        return adapt.degenerate(self, layer, k, optimiser)
+    def degenerate(self, layer: int, k: int, optimiser=None, measure: str = "directions"):
+        """Remove the k weakest directions (or neurons) of the output of weight layer `layer`, in place (psi-aware
+        absorption; exact when their strengths are 0)."""
+        return adapt.degenerate(self, layer, k, optimiser, measure)
 
     def neuroadapt(self, threshold: float, scaffold: int, optimiser=None, layers: Sequence[int] | None = None,
-                   scale: float = 1e-3, generator: torch.Generator | None = None, max_width: int | None = None) -> list:
-        """Keep `scaffold` directions below `threshold` in each hidden space (grow or degenerate), in place."""
+                   scale: float = 1e-3, generator: torch.Generator | None = None, max_width: int | None = None,
+                   measure: str = "directions") -> list:
+        """Keep `scaffold` directions (or neurons) below `threshold` in each hidden space (grow or degenerate)."""
         return adapt.neuroadapt(self, threshold, scaffold, optimiser, layers, scale=scale, generator=generator,
-                                max_width=max_width)
+                                max_width=max_width, measure=measure)
 
     # --- conversion to and from isocompress models -----------------------------------------------------------------
     @torch.no_grad()

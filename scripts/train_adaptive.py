@@ -47,6 +47,7 @@ class Adaptive:
     stop_fraction: float = 0.75  # no restructuring in the last quarter of training (the cosine tail)
     final_threshold: float = 1e-3  # the scaffold degenerated at the end
     scale: float = 1e-3  # outgoing weights of grown neurons
+    measure: str = "directions"  # what counts as scaffold: weak singular directions, or weak neurons
     epochs: int | None = None  # None: the fixed-width recipe's
 
 
@@ -66,6 +67,7 @@ def train(name: str, settings: Adaptive, x, y, seed: int = 0, log=print):
     steps_per_epoch = -(-len(x) // recipe.batch_size)
     adaptation = Neuroadaptation(net, optimiser, every=settings.every, threshold=settings.threshold,
                                  scaffold=settings.scaffold, max_width=settings.max_width, scale=settings.scale,
+                                 measure=settings.measure,
                                  stop=int(settings.stop_fraction * epochs * steps_per_epoch), seed=seed, log=log)
     order = torch.Generator().manual_seed(seed)
     trace = {"step": [], "loss": [], "widths": []}

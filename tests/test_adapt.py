@@ -1,5 +1,6 @@
 """isocompress.adapt (issue 14): live restructuring of an IsotropicMLP with its optimiser, and the schedule."""
 
+import copy
 import logging
 
 import pytest
@@ -329,3 +330,28 @@ def test_degenerating_a_dead_neuron_is_a_slice_that_keeps_every_other_neuron_and
     assert float((net.layers[1].weight.detach() - before_w).abs().max()) <= 1e-12
     for key, value in before_state.items():
         assert float((opt.state[net.layers[1].weight][key] - value).abs().max()) <= 1e-12 * float(value.abs().max())
+
+
+def test_neuron_measure_counts_rows_and_grows_past_the_rank_chain():
+    """Hidden space 0 of a 3→8 layer has rank ≤ 3: by directions 5 are scaffold (for scaffold=2 the excess 3 is
+    degenerated); by neurons every trained row is strong, so it grows."""
+    net, opt = trained(widths=(3, 8, 4, 2), optimiser="adam")
+    u, s = adapt.strengths(net, 0, "neurons")
+    rows = torch.linalg.vector_norm(net.layers[0].weight.detach(), dim=1)
+    assert torch.allclose(s, torch.sort(rows, descending=True).values)
+    assert torch.equal(u.abs().sum(0), torch.ones(8, dtype=F64))  # a permutation
+    copied = copy.deepcopy(net)
+    assert [(c.kind, c.count) for c in copied.neuroadapt(1e-6, 2, layers=[0])] == [("degenerate", 3)]
+    changes = net.neuroadapt(1e-6, 2, opt, layers=[0], measure="neurons")
+    assert [(c.kind, c.count) for c in changes] == [("grow", 2)] and net.widths[1] == 10
+    make_constant_direction(net, 0, 5)
+    x = probe(net)
+    with torch.no_grad():
+        before = net(x)
+    change = net.degenerate(0, 1, opt, measure="neurons")  # a zero row: one of the fresh scaffolds or row 5
+    assert change.strength == 0.0
+    with torch.no_grad():
+        assert relative_error(net(x), before) <= 1e-10
+    assert_optimiser_consistent(net, opt)
+    with pytest.raises(IsocompressError, match="measure 'rows'"):
+        net.neuroadapt(0.1, 1, opt, measure="rows")
