@@ -93,23 +93,38 @@ def finish(net, optimiser, settings: Adaptive, log=print) -> list:
     return final
 
 
+def dense_params(widths) -> int:
+    """Weights and biases of a dense network with these widths (psi and o not counted)."""
+    return sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+
+
 def build(name: str, out_dir: Path, settings: Adaptive, quiet: bool = False) -> dict:
     x_train, y_train, x_test, y_test = LOADERS[name]()
     log = (lambda message: None) if quiet else (lambda message: print(f"{name}: {message}", file=sys.stderr))
-    start = time.perf_counter()
-    net, trace, history = train(name, settings, torch.from_numpy(x_train), torch.from_numpy(y_train), log=log)
-    seconds = time.perf_counter() - start
-    net.eval()
-    model = net.to_isomlp()
     x_test, y_test = torch.from_numpy(x_test), torch.from_numpy(y_test)
+    start = time.perf_counter()
+    net, optimiser, trace, history = train(name, settings, torch.from_numpy(x_train), torch.from_numpy(y_train),
+                                           log=log)
+    net.eval()
+    before = {"widths": list(net.widths), "params": net.to_isomlp().num_params(),
+              "test_accuracy": accuracy(net.to_isomlp().cast(torch.float32), x_test, y_test)}
+    history = history + finish(net, optimiser, settings, log)
+    seconds = time.perf_counter() - start
+    trace["step"].append(trace["step"][-1])
+    trace["loss"].append(trace["loss"][-1])
+    trace["widths"].append(list(net.widths[1:-1]))
+    model = net.to_isomlp()
     test_accuracy = accuracy(model.cast(torch.float32), x_test, y_test)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = net.save(out_dir / f"{name}.pt", dtype=torch.float32)
     shrunk = shrink_exact(model)
     reference = FIXED_REFERENCE[name]
+    ends = RECIPES[name].widths[0], RECIPES[name].widths[-1]
+    peak = max(dense_params([ends[0], *w, ends[1]]) for w in dict.fromkeys(map(tuple, trace["widths"])))
     result = {
         "name": name, "model": str(path), "widths": list(model.widths), "params": model.num_params(),
-        "test_accuracy": test_accuracy, "seconds": seconds,
+        "test_accuracy": test_accuracy, "seconds": seconds, "before_final_pruning": before,
+        "peak_weights_and_biases_while_training": peak,
         "shrunk_widths": list(shrunk.widths), "shrunk_params": shrunk.num_params(),
         "shrunk_test_accuracy": accuracy(shrunk.cast(torch.float32), x_test, y_test),
         "fixed_params": reference["params"], "fixed_accuracy": reference["accuracy"],
@@ -121,8 +136,10 @@ def build(name: str, out_dir: Path, settings: Adaptive, quiet: bool = False) -> 
     }
     print(f"{name}: widths {'→'.join(map(str, model.widths))}, {model.num_params():,} parameters "
           f"({100 * result['param_ratio']:.1f}% of the fixed {reference['params']:,}), test accuracy "
-          f"{100 * test_accuracy:.2f}% (fixed-width {100 * reference['accuracy']:.2f}%), {result['grown']} neurons "
-          f"grown, {result['degenerated']} degenerated, {seconds:.1f} s; shrunk exactly to "
+          f"{100 * test_accuracy:.2f}% (fixed-width {100 * reference['accuracy']:.2f}%); before the final pruning "
+          f"{'→'.join(map(str, before['widths']))}, {before['params']:,} parameters, "
+          f"{100 * before['test_accuracy']:.2f}%; peak while training {peak:,} weights and biases; {result['grown']} neurons grown, "
+          f"{result['degenerated']} degenerated, {seconds:.1f} s; `isocompress shrink` exactly: "
           f"{'→'.join(map(str, shrunk.widths))} ({shrunk.num_params():,} parameters)")
     return result
 
