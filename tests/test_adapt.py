@@ -355,3 +355,19 @@ def test_neuron_measure_counts_rows_and_grows_past_the_rank_chain():
     assert_optimiser_consistent(net, opt)
     with pytest.raises(IsocompressError, match="measure 'rows'"):
         net.neuroadapt(0.1, 1, opt, measure="rows")
+
+
+def test_lr_scheduler_and_state_dict_round_trip_survive_a_restructuring():
+    net, opt = trained(optimiser="adamw")
+    schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    net.grow(0, 3, opt)
+    net.degenerate(1, 2, opt)
+    train_step(net, opt, *batch(net.widths, F64))
+    schedule.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-3)
+    saved = opt.state_dict()  # indices follow param_groups, which now list the new parameters
+    fresh = OPTIMISERS["adamw"](net.parameters())
+    fresh.load_state_dict(saved)
+    for p in net.parameters():
+        for key, value in opt.state[p].items():
+            assert torch.equal(fresh.state[p][key], value)
