@@ -2,10 +2,12 @@
 with its torch optimiser's state, and a schedule (`Neuroadaptation`) for a plain training loop.
 
 Every change acts on one hidden space i (the output of weight layer i, read by layer i+1) and is one map: new
-coordinates z' = Pᵀz for a float64 matrix P (n × r) with PᵀP = I (docs/training.md, "Adaptive topology"):
+coordinates z' = Pᵀz for a float64 matrix P (n × r) with orthonormal columns, or PPᵀ = I for growth
+(docs/training.md, "Adaptive topology"):
 
 - rotation (`rotate_hidden`, `diagonalise`): P = Q orthogonal, r = n;
-- degeneration (`degenerate`): P = the r = n − k strongest left singular vectors of [W_i, psi_i]; the constant part
+- degeneration (`degenerate`): P spans the r = n − k strongest left singular vectors of [W_i, psi_i] (or the r
+  strongest neurons), in the basis closest to the current neurons (`kept_basis`); the constant part
   b⊥ = b_i − PPᵀb_i is absorbed as o_i += |b⊥|², psi_{i+1} += W_{i+1} b⊥ (as `layers.remove_constant_directions`);
 - growth (`grow`): P = [I_n, 0] (n × (n + k)): k zero rows in layer i, k small random columns in layer i+1.
 
@@ -143,9 +145,9 @@ def check_hidden(net, i: int) -> None:
 
 @torch.no_grad()
 def map_hidden(net, i: int, basis: torch.Tensor, optimiser=None, outgoing: torch.Tensor | None = None) -> None:
-    """Change hidden space i of a live network to coordinates z' = Pᵀz (P = `basis`, n × r, PᵀP = I), absorbing the
-    constant part b⊥ = b − PPᵀb into o_i and psi_{i+1}; `outgoing` (m × k) fills the consumer's last k columns
-    (growth). Parameters are replaced (new Parameter objects) and the optimiser's state moved to them."""
+    """Change hidden space i of a live network to coordinates z' = Pᵀz (P = `basis`, n × r; PᵀP = I, or PPᵀ = I for
+    growth), absorbing the constant part b⊥ = b − PPᵀb into o_i and psi_{i+1}; `outgoing` (m × k) fills the
+    consumer's last k columns (growth). Parameters are replaced (new Parameter objects) and the optimiser's state moved to them."""
     check_hidden(net, i)
     producer, consumer = net.layers[i], net.layers[i + 1]
     p = basis.to(F64)
