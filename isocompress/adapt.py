@@ -42,8 +42,8 @@ QUADRATIC_STATE = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"
 
 @dataclass(frozen=True)
 class Change:
-    """One restructuring of one hidden space. `strength` is the largest singular value of a removed direction (0 for
-    growth and rotation): removal is exact when it is 0."""
+    """One restructuring of one hidden space. `strength` is the largest strength (singular value, or row norm for
+    measure="neurons") of a removed direction (0 for growth and rotation): removal is exact when it is 0."""
 
     kind: str  # "grow", "degenerate", "rotate"
     hidden: int
@@ -55,7 +55,7 @@ class Change:
 
     def describe(self) -> str:
         where = "" if self.step is None else f"step {self.step}: "
-        extra = f", largest removed singular value {self.strength:.3g}" if self.kind == "degenerate" else ""
+        extra = f", largest removed strength {self.strength:.3g}" if self.kind == "degenerate" else ""
         return f"{where}{self.kind} hidden space {self.hidden} by {self.count}: width {self.width_before} → " \
                f"{self.width_after}{extra}"
 
