@@ -2,6 +2,7 @@
 
     python scripts/train_adaptive.py                    # both data sets, writes adaptive/ (models, PNG, JSON)
     python scripts/train_adaptive.py digits --out DIR   # one of them
+    python scripts/train_adaptive.py mnist1d --seed 1   # another seed, against the fixed recipe at that seed
 
 Each run starts 16 wide in every hidden layer and trains with the fixed-width recipe of scripts/train_models.py (same
 data split, Adam, weight decay, cosine schedule, batch size, seed), with an `isocompress.adapt.Neuroadaptation`
@@ -26,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_models import LOADERS, RECIPES, accuracy  # noqa: E402  (same data split and recipe)
+from train_models import train as train_fixed  # noqa: E402
 
 from isocompress.adapt import Neuroadaptation  # noqa: E402
 from isocompress.api import shrink_exact  # noqa: E402
@@ -104,13 +106,21 @@ def dense_params(widths) -> int:
     return sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
 
 
-def build(name: str, out_dir: Path, settings: Adaptive, quiet: bool = False) -> dict:
+def fixed_reference(name: str, seed: int, x, y, x_test, y_test) -> dict:
+    """The shipped model's numbers (docs/models.md) for seed 0; otherwise train the fixed-width recipe at `seed`."""
+    if seed == 0:
+        return FIXED_REFERENCE[name]
+    model = train_fixed(RECIPES[name], x, y, seed=seed).to_isomlp()
+    return {"params": model.num_params(), "accuracy": accuracy(model.cast(torch.float32), x_test, y_test)}
+
+
+def build(name: str, out_dir: Path, settings: Adaptive, quiet: bool = False, seed: int = 0) -> dict:
     x_train, y_train, x_test, y_test = LOADERS[name]()
     log = (lambda message: None) if quiet else (lambda message: print(f"{name}: {message}", file=sys.stderr))
     x_test, y_test = torch.from_numpy(x_test), torch.from_numpy(y_test)
     start = time.perf_counter()
     net, optimiser, trace, history = train(name, settings, torch.from_numpy(x_train), torch.from_numpy(y_train),
-                                           log=log)
+                                           seed=seed, log=log)
     net.eval()
     before = {"widths": list(net.widths), "params": net.to_isomlp().num_params(),
               "test_accuracy": accuracy(net.to_isomlp().cast(torch.float32), x_test, y_test)}
@@ -124,7 +134,7 @@ def build(name: str, out_dir: Path, settings: Adaptive, quiet: bool = False) -> 
     out_dir.mkdir(parents=True, exist_ok=True)
     path = net.save(out_dir / f"{name}.pt", dtype=torch.float32)
     shrunk = shrink_exact(model)
-    reference = FIXED_REFERENCE[name]
+    reference = fixed_reference(name, seed, torch.from_numpy(x_train), torch.from_numpy(y_train), x_test, y_test)
     ends = RECIPES[name].widths[0], RECIPES[name].widths[-1]
     peak = max(dense_params([ends[0], *w, ends[1]]) for w in dict.fromkeys(map(tuple, trace["widths"])))
     result = {
@@ -189,6 +199,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="output directory [default: adaptive/]")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's number of epochs")
     parser.add_argument("--quiet", action="store_true", help="do not log each restructuring")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the adaptive run; ≠ 0 also trains the fixed-width recipe at that seed [default: 0]")
     args = parser.parse_args()
     unknown = [name for name in args.names if name not in ADAPTIVE]
     if unknown:
@@ -198,7 +210,7 @@ def main() -> None:
     results = []
     for name in args.names or list(ADAPTIVE):
         settings = ADAPTIVE[name] if args.epochs is None else Adaptive(**{**asdict(ADAPTIVE[name]), "epochs": args.epochs})
-        results.append(build(name, args.out, settings, args.quiet))
+        results.append(build(name, args.out, settings, args.quiet, args.seed))
     plot(results, args.out / "adaptive.png")
     with atomic_path(args.out / "adaptive.json") as tmp:
         Path(tmp).write_text(json.dumps([{k: v for k, v in r.items() if k != "trace"} for r in results], indent=2))
