@@ -371,3 +371,22 @@ def test_lr_scheduler_and_state_dict_round_trip_survive_a_restructuring():
     for p in net.parameters():
         for key, value in opt.state[p].items():
             assert torch.equal(fresh.state[p][key], value)
+
+
+def test_schedule_start_and_stop_bound_the_restructurings():
+    net = IsotropicMLP((4, 3, 3, 2), seed=0)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.9)
+    schedule = adapt.Neuroadaptation(net, opt, every=5, threshold=1e9, scaffold=0, start=7, stop=17, log=lambda m: None)
+    x, y = batch((4, 3, 3, 2), torch.float32)
+    for _ in range(30):
+        train_step(net, opt, x, y)
+        schedule.step()
+    # threshold 1e9: every direction is "weak", so each due step degenerates all but one per hidden space
+    assert sorted({c.step for c in schedule.history}) == [7]
+    assert net.widths == (4, 1, 1, 2)
+    net2 = IsotropicMLP((4, 3, 3, 2), seed=0)
+    schedule2 = adapt.Neuroadaptation(net2, None, every=5, threshold=0.0, scaffold=1, start=7, stop=17,
+                                      log=lambda m: None)
+    for _ in range(30):
+        schedule2.step()
+    assert [c.step for c in schedule2.history if c.hidden == 1] == [7, 12, 17]  # grows 1 at each due step
