@@ -3,7 +3,8 @@
 `IsotropicMLP` computes exactly the forward pass of `isocompress.model.IsoMLP` (docs/math.md, "Forward pass") with
 `nn.Parameter`s, so it can be trained with any torch optimiser; `to_isomlp()` / `save(path)` hand it to the rest of
 isocompress, and `from_isomlp(model)` / `load(path)` bring any isocompress model (diagonal layers included) back
-for further training.
+for further training. `diagonalise`, `grow`, `degenerate` and `neuroadapt` restructure a live network in place and carry
+a torch optimiser's state through the change (issue 14, `isocompress.adapt`, docs/training.md).
 
 A trainable intrinsic length is stored as a raw parameter with o = softplus(raw): o stays > 0 and its gradient never
 vanishes the way it does for o = raw² at raw = 0. A stored o = 0 loaded as trainable becomes o = softplus(-40) ≈ 4e-18
