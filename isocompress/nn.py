@@ -3,7 +3,8 @@
 `IsotropicMLP` computes exactly the forward pass of `isocompress.model.IsoMLP` (docs/math.md, "Forward pass") with
 `nn.Parameter`s, so it can be trained with any torch optimiser; `to_isomlp()` / `save(path)` hand it to the rest of
 isocompress, and `from_isomlp(model)` / `load(path)` bring any isocompress model (diagonal layers included) back
-for further training.
+for further training. `diagonalise`, `grow`, `degenerate` and `neuroadapt` restructure a live network in place and carry
+a torch optimiser's state through the change (issue 14, `isocompress.adapt`, docs/training.md).
 
 A trainable intrinsic length is stored as a raw parameter with o = softplus(raw): o stays > 0 and its gradient never
 vanishes the way it does for o = raw² at raw = 0. A stored o = 0 loaded as trainable becomes o = softplus(-40) ≈ 4e-18
@@ -21,23 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from isocompress import io
+from isocompress import adapt, io
 from isocompress.errors import IsocompressError
 from isocompress.model import IsoMLP, Layer
-from isocompress.primitives import isotropic_tanh
+from isocompress.primitives import RAW_FOR_ZERO, inverse_softplus, isotropic_tanh  # noqa: F401 (re-exported)
 
 INTRINSIC_LENGTH_MODES = ("none", "fixed", "trainable")
-# softplus(RAW_FOR_ZERO) ≈ 4e-18: the trainable stand-in for a stored o = 0 (softplus never reaches 0).
-RAW_FOR_ZERO = -40.0
-
-
-def inverse_softplus(o: torch.Tensor) -> torch.Tensor:
-    """raw with softplus(raw) = o for o > 0 (log(expm1(o)), written stably for large o); RAW_FOR_ZERO for o = 0."""
-    o = o.to(torch.float64)
-    positive = o > 0
-    safe = torch.where(positive, o, torch.ones_like(o))
-    raw = safe + torch.log(-torch.expm1(-safe))
-    return torch.where(positive, raw, torch.full_like(o, RAW_FOR_ZERO))
 
 
 class IsotropicTanh(nn.Module):
@@ -128,6 +118,29 @@ class IsotropicMLP(nn.Module):
     @property
     def widths(self) -> tuple[int, ...]:
         return (self.layers[0].weight.shape[1],) + tuple(layer.weight.shape[0] for layer in self.layers)
+
+    # --- live restructuring with the optimiser (issue 14; isocompress.adapt, docs/training.md) -------------------
+    def diagonalise(self, layer: int, optimiser=None, full: bool = False) -> list:
+        """Rotate weight layer `layer`'s output space to its left singular basis (full=True: its input space too),
+        in place; same function; the optimiser's state is rotated with the parameters."""
+        return adapt.diagonalise(self, layer, optimiser, full=full)
+
+    def grow(self, layer: int, k: int, optimiser=None, scale: float = 1e-3,
+             generator: torch.Generator | None = None):
+        """Add k scaffold neurons to the output of weight layer `layer`, in place; exactly the same function."""
+        return adapt.grow(self, layer, k, optimiser, scale=scale, generator=generator)
+
+    def degenerate(self, layer: int, k: int, optimiser=None, measure: str = "directions"):
+        """Remove the k weakest directions (or neurons) of the output of weight layer `layer`, in place (psi-aware
+        absorption; exact when their strengths are 0)."""
+        return adapt.degenerate(self, layer, k, optimiser, measure)
+
+    def neuroadapt(self, threshold: float, scaffold: int, optimiser=None, layers: Sequence[int] | None = None,
+                   scale: float = 1e-3, generator: torch.Generator | None = None, max_width: int | None = None,
+                   measure: str = "directions") -> list:
+        """Keep `scaffold` directions (or neurons) below `threshold` in each hidden space (grow or degenerate)."""
+        return adapt.neuroadapt(self, threshold, scaffold, optimiser, layers, scale=scale, generator=generator,
+                                max_width=max_width, measure=measure)
 
     # --- conversion to and from isocompress models -----------------------------------------------------------------
     @torch.no_grad()

@@ -69,3 +69,16 @@ def random_orthogonal(n: int, generator: torch.Generator | None = None) -> torch
     a = torch.randn(n, n, dtype=torch.float64, generator=generator)
     q, r = torch.linalg.qr(a)
     return q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(n, dtype=torch.float64))
+
+
+# softplus(RAW_FOR_ZERO) ≈ 4e-18: the trainable stand-in for a stored o = 0 (softplus never reaches 0).
+RAW_FOR_ZERO = -40.0
+
+
+def inverse_softplus(o: torch.Tensor) -> torch.Tensor:
+    """raw with softplus(raw) = o for o > 0 (log(expm1(o)), written stably for large o); RAW_FOR_ZERO for o = 0."""
+    o = o.to(torch.float64)
+    positive = o > 0
+    safe = torch.where(positive, o, torch.ones_like(o))
+    raw = safe + torch.log(-torch.expm1(-safe))
+    return torch.where(positive, raw, torch.full_like(o, RAW_FOR_ZERO))
