@@ -5,12 +5,18 @@ is written as an elementwise Mul of a 1-D initializer (a tracing exporter would 
 matrix); no onnxscript at export time; no `.onnx.data` side file. The maths therefore lives twice (here and in
 `IsoMLP.forward`), which is why every export is run in onnxruntime and compared with the torch forward.
 
-Graph per layer i (names `layer{i}/...`), docs/math.md "Forward pass":
-    dense:  z = Gemm(h, W, b, transB=1)
-    diag:   z = Pad(Mul(Slice(h, :k), d), 0..n_out) + b     (Slice only if n_in > k, Pad only if n_out > k)
-    psi:    z = z + psi · g_prev
-    hidden: m2 = ReduceSumSquare(z) + o; small = m2 < 1e-8; m = Sqrt(Where(small, 1, m2))
-            g = Where(small, 1 − m2/3 + 2m2²/15, Tanh(m)/m); h = z · g
+Graph per layer i (names `layer{i}/...`, `act{i}/...`), docs/math.md "Forward pass" and docs/onnx.md "Graph":
+    activation of hidden layer i (the state carried on is (z, g), h = g·z is formed only where it is cheapest):
+        m2 = ReduceSumSquare(z) [+ o, if o ≠ 0] [Abs, if o < 0] [Max(·, 1e-30), unless o ≥ 1e-30]
+        m = Sqrt(m2); g = Tanh(m) / m
+    (o ≥ 1e-30 bounds m away from 0, so no guard is needed; otherwise the clamp keeps m > 0 where m2 reaches 0,
+    at |z| = 0 for o = 0 or on the sphere |z|² = −o for o < 0, and changes g by < 1e-30: g = 1 − m²/3 + …)
+    next layer from (z, g):
+        dense:        Gemm(Mul(z, g), W, b, transB=1)
+        dense + psi:  Add(Mul(Gemm(z, W, psi, transB=1), g), b)           (W h + psi g = g (W z + psi))
+        diag:         Add(Pad(Mul(Slice(Mul(z, g), :k), d), 0..n_out), b)   (Slice only if n_in > k, Pad if n_out > k)
+        diag + psi:   Add(Mul(Add(Pad(Mul(Slice(z, :k), d)), psi), g), b)
+    the first layer reads x as its h; the last node writes y (no Identity).
 """
 
 from __future__ import annotations
@@ -24,7 +30,6 @@ from isocompress import io
 from isocompress.errors import CheckFailed, IsocompressError
 from isocompress.layers import forward_float64
 from isocompress.model import IsoMLP, Layer
-from isocompress.primitives import SMALL_M2
 
 # Opset 17 / IR 8 (onnx 1.12, 2022): every op used here exists in this form there (ReduceSumSquare still takes `axes`
 # as an attribute), onnxruntime ≥ 1.13 loads it, and runtimes that reject IR 10 ("max supported IR version: 9")
@@ -34,6 +39,9 @@ DEFAULT_IR_VERSION = 8
 INPUT_NAME, OUTPUT_NAME, BATCH_DIM = "x", "y", "batch"
 VERIFY_CHUNK = 256
 ONNX_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+# Where m² = |o + |z|²| can reach 0, m = Sqrt(Max(m², M2_FLOOR)): g(m²) and g(M2_FLOOR) differ by < M2_FLOOR/3, far
+# below either dtype's rounding of g ≈ 1, and M2_FLOOR is a normal float32, so Sqrt, Tanh and Div stay exact there.
+M2_FLOOR = 1e-30
 
 
 # --- graph building (pure) ---------------------------------------------------------------------------------------
@@ -60,43 +68,60 @@ class GraphBuilder:
         return name
 
 
-def weight_node(b: GraphBuilder, i: int, layer: Layer, h: str) -> str:
-    """z = W h + b: Gemm for a dense layer; Slice/Mul/Pad/Add for a diagonal one (never a dense matrix)."""
-    p = f"layer{i}"
+def weight_node(b: GraphBuilder, i: int, layer: Layer, h: str | None, z_prev: str | None = None,
+                g_prev: str | None = None) -> str:
+    """z of layer i from its input h (the network input), or from the previous layer's (z, g) with h = g·z."""
+    if h is None and layer.psi is None:
+        h = b.op("Mul", [z_prev, g_prev], f"act{i - 1}/h")
     if layer.kind == "dense":
-        return b.op("Gemm", [h, b.const(f"{p}.weight", layer.weight), b.const(f"{p}.bias", layer.bias)],
-                    f"{p}/gemm", transB=1)
+        return _dense_node(b, i, layer, h, z_prev, g_prev)
+    return _diag_node(b, i, layer, h, z_prev, g_prev)
+
+
+def _dense_node(b: GraphBuilder, i: int, layer: Layer, h, z_prev, g_prev) -> str:
+    p = f"layer{i}"
+    weight = b.const(f"{p}.weight", layer.weight)
+    if h is not None:
+        return b.op("Gemm", [h, weight, b.const(f"{p}.bias", layer.bias)], f"{p}/gemm", transB=1)
+    inner = b.op("Gemm", [z_prev, weight, b.const(f"{p}.psi", layer.psi)], f"{p}/gemm", transB=1)
+    scaled = b.op("Mul", [inner, g_prev], f"{p}/times_g")
+    return b.op("Add", [scaled, b.const(f"{p}.bias", layer.bias)], f"{p}/add_bias")
+
+
+def _diag_node(b: GraphBuilder, i: int, layer: Layer, h, z_prev, g_prev) -> str:
+    """Slice/Mul/Pad with a 1-D diagonal (never a dense matrix); with psi, g multiplies after the psi Add."""
+    p = f"layer{i}"
+    x = h if h is not None else z_prev
     k = int(layer.weight.shape[0])
     if layer.n_in > k:
-        h = b.op("Slice", [h, b.const(f"{p}.slice_starts", [0]), b.const(f"{p}.slice_ends", [k]),
+        x = b.op("Slice", [x, b.const(f"{p}.slice_starts", [0]), b.const(f"{p}.slice_ends", [k]),
                            b.const(f"{p}.slice_axes", [1])], f"{p}/slice")
-    z = b.op("Mul", [h, b.const(f"{p}.weight", layer.weight)], f"{p}/diag_mul")
+    z = b.op("Mul", [x, b.const(f"{p}.weight", layer.weight)], f"{p}/diag_mul")
     if layer.n_out > k:
         z = b.op("Pad", [z, b.const(f"{p}.pads", [0, 0, 0, layer.n_out - k])], f"{p}/pad")
+    if h is None:
+        z = b.op("Mul", [b.op("Add", [z, b.const(f"{p}.psi", layer.psi)], f"{p}/psi_add"), g_prev], f"{p}/times_g")
     return b.op("Add", [z, b.const(f"{p}.bias", layer.bias)], f"{p}/add_bias")
 
 
-def psi_node(b: GraphBuilder, i: int, layer: Layer, z: str, g_prev: str) -> str:
-    p = f"layer{i}"
-    scaled = b.op("Mul", [g_prev, b.const(f"{p}.psi", layer.psi)], f"{p}/psi_mul")
-    return b.op("Add", [z, scaled], f"{p}/psi_add")
-
-
-def activation_nodes(b: GraphBuilder, i: int, layer: Layer, z: str) -> tuple[str, str]:
-    """h = g·z, g = tanh(m)/m, m² = o + |z|²; the series 1 − m²/3 + 2m⁴/15 below m² = SMALL_M2 (no NaN at 0)."""
+def activation_nodes(b: GraphBuilder, i: int, layer: Layer, z: str) -> str:
+    """g = tanh(m)/m, m² = |o + |z|²| (module docstring): 4 nodes for o ≥ 1e-30, one more per guard otherwise."""
     p = f"act{i}"
-    m2 = b.op("Add", [b.op("ReduceSumSquare", [z], f"{p}/sum_sq", axes=[1], keepdims=1),
-                      b.const(f"{p}.o", layer.o.reshape(()))], f"{p}/m2")
-    small = b.op("Less", [m2, b.const(f"{p}.small_m2", np.array(SMALL_M2))], f"{p}/small")
-    one = b.const(f"{p}.one", np.array(1.0))
-    m = b.op("Sqrt", [b.op("Where", [small, one, m2], f"{p}/safe_m2")], f"{p}/m")
-    ratio = b.op("Div", [b.op("Tanh", [m], f"{p}/tanh"), m], f"{p}/ratio")
-    inner = b.op("Add", [b.const(f"{p}.c1", np.array(-1.0 / 3.0)),
-                         b.op("Mul", [m2, b.const(f"{p}.c2", np.array(2.0 / 15.0))], f"{p}/series_m2")],
-                 f"{p}/series_inner")
-    series = b.op("Add", [one, b.op("Mul", [m2, inner], f"{p}/series_m2b")], f"{p}/series")
-    g = b.op("Where", [small, series, ratio], f"{p}/g")
-    return b.op("Mul", [z, g], f"{p}/h"), g
+    o = float(np.asarray(float(layer.o), dtype=b.np_dtype))  # o as the file stores it decides which guards it needs
+    m2 = b.op("ReduceSumSquare", [z], f"{p}/sum_sq", axes=[1], keepdims=1)
+    if o != 0:
+        m2 = b.op("Add", [m2, b.const(f"{p}.o", np.array(o))], f"{p}/m2")
+    if o < 0:
+        m2 = b.op("Abs", [m2], f"{p}/abs")
+    if not o >= M2_FLOOR:
+        m2 = b.op("Max", [m2, b.const(f"{p}.m2_floor", np.array(M2_FLOOR))], f"{p}/m2_floor")
+    m = b.op("Sqrt", [m2], f"{p}/m")
+    return b.op("Div", [b.op("Tanh", [m], f"{p}/tanh"), m], f"{p}/g")
+
+
+def activation_guards(o: float) -> list[str]:
+    """The guard nodes activation_nodes adds for this o (for docs, benchmarks and tests)."""
+    return (["Add"] if o != 0 else []) + (["Abs"] if o < 0 else []) + ([] if o >= M2_FLOOR else ["Max"])
 
 
 def check_representable(model: IsoMLP, dtype: torch.dtype) -> None:
@@ -121,15 +146,12 @@ def build_onnx(model: IsoMLP, dtype: torch.dtype = torch.float32, opset: int = D
         raise IsocompressError(f"ONNX export in {dtype} is not supported; use float32 or float64")
     check_representable(model, dtype)
     b = GraphBuilder(ONNX_DTYPES[dtype])
-    h, g_prev = INPUT_NAME, None
+    z, g = None, None
     for i, layer in enumerate(model.layers):
-        z = weight_node(b, i, layer, h)
-        if layer.psi is not None:
-            z = psi_node(b, i, layer, z, g_prev)
-        if layer.is_output:
-            b.op("Identity", [z], OUTPUT_NAME)
-            break
-        h, g_prev = activation_nodes(b, i, layer, z)
+        z = weight_node(b, i, layer, INPUT_NAME if i == 0 else None, z, g)
+        if not layer.is_output:
+            g = activation_nodes(b, i, layer, z)
+    b.nodes[-1].output[0] = OUTPUT_NAME  # the output layer's last node writes y directly
     elem = TensorProto.FLOAT if dtype == torch.float32 else TensorProto.DOUBLE
     widths = model.widths
     graph = helper.make_graph(
