@@ -120,6 +120,7 @@ class ShrinkOptions:
     onnx_tol: float = 1e-4
     dtype: str | None = None
     max_error_relative: float | None = None
+    ref_intrinsic_length: str | None = None  # how to read a reference checkpoint's intrinsic_length: log | raw
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "formats", tuple(self.formats))
@@ -133,6 +134,7 @@ class ShrinkOptions:
             raise IsocompressError(f"format {unknown[0] if unknown else '(none)'!r}: choose from safetensors, onnx")
         if not (0 < self.onnx_tol < math.inf):
             raise IsocompressError(f"onnx tolerance {self.onnx_tol!r} must be a positive finite number")
+        io.check_ref_mode(self.ref_intrinsic_length, "reference intrinsic length")
         if self.dtype not in (None, "float32", "float64", "float16", "bfloat16"):
             raise IsocompressError(f"dtype {self.dtype!r}: choose from float32, float64, float16, bfloat16")
 
@@ -177,7 +179,10 @@ def shrink_file(
     model_path = Path(model_path)
     tensors, config_json = io.read_tensors(model_path)
     saved_dtype = parse_dtype(options.dtype, _first_float_dtype(tensors))
-    original = io.model_from_tensors(io.consume_as_float64(tensors), config_json, where=str(model_path))
+    notes: list[str] = []
+    original = io.model_from_tensors(io.consume_as_float64(tensors), config_json, where=str(model_path),
+                                     ref_intrinsic_length=options.ref_intrinsic_length,
+                                     notify=lambda text: (notes.append(text), io.print_note(text)))
     calib = load_inputs(calibration, original.widths[0]) if calibration is not None else None
     label_data = load_labels(labels) if labels is not None else None
     out = Path(out_dir) if out_dir is not None else default_out_dir(model_path)
@@ -210,6 +215,8 @@ def shrink_file(
             },
             "files": {name: str(p) for name, p in files.items()},
         }
+        if notes:
+            report["notes"] = notes
         if prune_report is not None:
             report["pruning"] = prune_report
             if resolved is not None:
@@ -242,6 +249,13 @@ def compress(original: IsoMLP, options: ShrinkOptions, calibration, labels, prog
     if not options.lossy:
         with progress_bar(exact_steps(original), "shrink", enabled=progress) as step:
             return shrink_exact(original, progress=step), None
+    negative = [i for i, layer in enumerate(original.layers[:-1]) if float(layer.o) < 0]
+    if negative:
+        raise IsocompressError(
+            f"hidden layer {negative[0]} has o = {float(original.layers[negative[0]].o):.4g} < 0: the certified"
+            " error bounds of lossy shrinking assume o ≥ 0 and do not cover it yet; shrink with --exact (lossless"
+            " for any o)"
+        )
     from isocompress import prune  # issue 4
 
     return prune.prune_to_budget(original, options, calibration=calibration, labels=labels, progress=progress)

@@ -25,7 +25,7 @@ import math
 import os
 import re
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -40,7 +40,7 @@ from isocompress.recipe import (
 
 CONFIG_NAME = "isocompress.toml"
 CHECK_KEYS = ("name", "model", "recipe", "calibration", "labels", "max-params", "max-bytes", "max-error",
-              "error-measure", "min-accuracy")
+              "error-measure", "min-accuracy", "ref-intrinsic-length")
 LIMIT_KEYS = ("max-params", "max-bytes", "max-error", "min-accuracy")
 MEASURES = ("certified", "empirical")
 BYTE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
@@ -104,6 +104,7 @@ class CheckSpec:
     error_measure: str | None = None
     min_accuracy: float | None = None
     name: str | None = None
+    ref_intrinsic_length: str | None = None  # how a reference checkpoint's intrinsic_length is read: log | raw
     where: str = field(default="check", compare=False)
 
     def __post_init__(self) -> None:
@@ -157,7 +158,8 @@ class CheckSpec:
         """The entry as its TOML keys (what `from_dict` reads back)."""
         data = {"name": self.name, "model": self.model, "recipe": self.recipe, "calibration": self.calibration,
                 "labels": self.labels, "max-params": self.max_params, "max-bytes": self.max_bytes,
-                "max-error": self.max_error, "error-measure": self.error_measure, "min-accuracy": self.min_accuracy}
+                "max-error": self.max_error, "error-measure": self.error_measure, "min-accuracy": self.min_accuracy,
+                "ref-intrinsic-length": self.ref_intrinsic_length}
         if self.max_error_percent is not None:
             percent = self.max_error_percent
             data["max-error"] = f"{int(percent) if percent == int(percent) and percent < 1e15 else percent!r}%"
@@ -185,6 +187,9 @@ class CheckSpec:
             kwargs["error_measure"] = parse_choice(data["error-measure"], MEASURES, where, "error-measure")
         if "min-accuracy" in data:
             kwargs["min_accuracy"] = parse_fraction(data["min-accuracy"], where)
+        if "ref-intrinsic-length" in data:
+            kwargs["ref_intrinsic_length"] = parse_choice(data["ref-intrinsic-length"], ("log", "raw"), where,
+                                                          "ref-intrinsic-length")
         return cls(**kwargs)
 
 
@@ -365,7 +370,7 @@ def error_result(index: int, spec: CheckSpec, recipe: Recipe | None, m: Measurem
 # --- measuring ---------------------------------------------------------------------------------------------------
 def measure_model(spec: CheckSpec) -> Measurement:
     """No recipe: the model file as it is."""
-    model = io.load(spec.model)
+    model = io.load(spec.model, ref_intrinsic_length=spec.ref_intrinsic_length)
     m = Measurement(params=model.num_params(), bytes=Path(spec.model).stat().st_size, bytes_measure="file")
     if spec.labels is not None:
         x, labels = load_labelled(spec.calibration, spec.labels, model.widths[0])
@@ -380,7 +385,10 @@ def measure_recipe(spec: CheckSpec, recipe: Recipe) -> Measurement:
     calibration = spec.calibration or recipe.calibration
     labels = spec.labels or (recipe.labels if spec.calibration is None else None)
     with tempfile.TemporaryDirectory(prefix="isocompress-check-") as tmp:
-        report = api.shrink_file(spec.model, Path(tmp) / "out", recipe.to_options(), calibration=calibration,
+        options = recipe.to_options()
+        if spec.ref_intrinsic_length is not None:
+            options = replace(options, ref_intrinsic_length=spec.ref_intrinsic_length)
+        report = api.shrink_file(spec.model, Path(tmp) / "out", options, calibration=calibration,
                                  labels=labels, progress=False, recipe=recipe.provenance())
         m = measurement_of_report(report)
         if labels is not None:

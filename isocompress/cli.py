@@ -42,6 +42,11 @@ def usage_error(exc: click.UsageError) -> None:
     sys.exit(2)
 
 
+REF_HELP = ("How a reference IsotropicTanhMLP checkpoint stores activation.N.intrinsic_length: log (log o, its default"
+            " positive_intrinsic_length=True) or raw (o itself, positive_intrinsic_length=False) [default: log, with a"
+            " note on stderr].")
+
+
 @click.group(cls=Group)
 @click.version_option(package_name="isocompress")
 def main() -> None:
@@ -73,8 +78,10 @@ def main() -> None:
               help="dtype of the written weights [default: the input's].")
 @click.option("--quiet", is_flag=True, help="No progress bar and no table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--ref-intrinsic-length", "ref_mode", type=click.Choice(["log", "raw"]), default=None,
+              help=REF_HELP)
 def shrink(model, recipe_path, exact, budget, max_error, basis, calibration, labels, input_radius, formats, onnx_tol,
-           out_dir, dtype, quiet, as_json):
+           out_dir, dtype, quiet, as_json, ref_mode):
     """Shrink MODEL (.pt, .pth or .safetensors); write model.safetensors, model.onnx and report.json."""
     from isocompress import recipe as recipes
 
@@ -93,6 +100,7 @@ def shrink(model, recipe_path, exact, budget, max_error, basis, calibration, lab
         "formats": recipes.parse_formats(formats, "--format", None) if formats is not None else None,
         "onnx_tol": recipes.parse_positive(onnx_tol, recipes.COMMAND_LINE, "onnx-tol") if onnx_tol is not None else None,
         "dtype": dtype,
+        "ref_intrinsic_length": ref_mode,
     }
     if exact and (flags["budget"] is not None or max_error is not None):
         raise IsocompressError("--exact cannot be combined with --budget or --max-error")
@@ -161,7 +169,7 @@ def format_pruning_lines(pruning: dict) -> list[str]:
 
 
 # Each further command lives in its own module and registers itself on `main`.
-from isocompress import cli_check, cli_export, cli_grow  # noqa: E402,F401  (imported for registration)
+from isocompress import cli_check, cli_convert, cli_export, cli_grow  # noqa: E402,F401  (imported for registration)
 
 if __name__ == "__main__":  # pragma: no cover
     # Run as `python -m isocompress.cli`, this file is the module `__main__`; the commands above register themselves on
