@@ -103,7 +103,7 @@ def safe_torch_load(path: Path, what: str, resave: str):
         if "weights only" in str(exc).lower() or "weights_only" in str(exc):
             raise IsocompressError(
                 f"{path}: refused: the {what} holds Python objects, not just tensors, and unpickling it could run"
-                f" code; {resave}"
+                f" code; {resave}, or {PICKLE_HELP}"
             ) from None
         if "invalid load key" in str(exc).lower():  # a plain pickle (pickle.dump), not a torch.save zip file
             raise IsocompressError(
