@@ -270,13 +270,32 @@ def build_onnx(model: IsoMLP, dtype: torch.dtype = torch.float32, opset: int = D
 
 
 # --- files -------------------------------------------------------------------------------------------------------
-def export_onnx(model: IsoMLP, path: str | Path, dtype: torch.dtype = torch.float32, opset: int = DEFAULT_OPSET,
-                ir_version: int = DEFAULT_IR_VERSION) -> Path:
-    """Write the model as one self-contained ONNX file (atomically)."""
+def write_onnx(model: IsoMLP, path: str | Path, dtype: torch.dtype = torch.float32, opset: int = DEFAULT_OPSET,
+               ir_version: int = DEFAULT_IR_VERSION) -> Path:
+    """Write the model as one self-contained ONNX file (atomically), without running it (see `export_onnx`)."""
     proto = build_onnx(model, dtype, opset, ir_version)
     with io.atomic_path(path) as tmp:
         tmp.write_bytes(proto.SerializeToString())
     return Path(path)
+
+
+def export_onnx(model: IsoMLP, path: str | Path, probes: torch.Tensor | None = None, *, rtol: float = 1e-4,
+                dtype: torch.dtype = torch.float32, opset: int = DEFAULT_OPSET,
+                ir_version: int = DEFAULT_IR_VERSION) -> dict:
+    """`isocompress export --format onnx` in Python: write `path` and verify it in onnxruntime against the float64
+    torch forward on `probes` (default: 1,024 Gaussian inputs at scales 0.01–1000, as the CLI). Returns the
+    verification record (max_abs_diff, max_rel_diff, …, as report.json's "onnx"); raises CheckFailed, leaving no
+    file, if max_rel_diff > rtol."""
+    if not isinstance(model, IsoMLP):
+        raise IsocompressError(f"export_onnx needs an IsoMLP (isocompress.load(path)), got {type(model).__name__}")
+    if not (isinstance(rtol, (int, float)) and 0 < rtol < float("inf")):
+        raise IsocompressError(f"export_onnx: rtol {rtol!r} must be a positive finite number")
+    if probes is None:
+        from isocompress.api import probe_inputs  # api imports this module lazily: no cycle
+
+        probes = probe_inputs(model.widths[0])
+    return export_and_verify(model, path, torch.as_tensor(probes), rtol=rtol, dtype=dtype, opset=opset,
+                             ir_version=ir_version)
 
 
 def ort_session(path: str | Path, threads: int | None = None):

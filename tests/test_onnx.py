@@ -20,7 +20,7 @@ from isocompress import io, onnx_export
 from isocompress.api import probe_inputs, shrink_exact
 from isocompress.errors import CheckFailed, IsocompressError
 from isocompress.model import IsoMLP, random_model
-from isocompress.onnx_export import build_onnx, export_and_verify, export_onnx
+from isocompress.onnx_export import build_onnx, export_and_verify, write_onnx
 from conftest import cli, one_error_line
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +103,7 @@ def test_shipped_models_match_torch_at_batch_1_and_37(tmp_path, name, shrunk):
     if shrunk:
         model = shrink_exact(model)
         assert any(layer.kind == "diag" for layer in model.layers)
-    path = export_onnx(model, tmp_path / "model.onnx")
+    path = write_onnx(model, tmp_path / "model.onnx")
     x = torch.cat([calib[:31], inputs(model.widths[0], 6)])  # data and far-from-data inputs in one batch of 37
     check_batches(model, path, x)
 
@@ -115,13 +115,13 @@ def test_random_models_with_psi_and_o_match_torch(tmp_path, widths, seed, shrunk
     assert all(float(layer.o) > 0 for layer in model.layers[:-1])
     if shrunk:
         model = shrink_exact(model)
-    path = export_onnx(model, tmp_path / "model.onnx")
+    path = write_onnx(model, tmp_path / "model.onnx")
     check_batches(model, path, inputs(widths[0], 37, seed=seed))
 
 
 def test_batch_axis_is_dynamic_and_checker_passes(tmp_path):
     model = shrink_exact(random_model([6, 20, 20, 20, 4], psi=True, o=(0.1, 1.0), seed=4))
-    path = export_onnx(model, tmp_path / "model.onnx")
+    path = write_onnx(model, tmp_path / "model.onnx")
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
     (x_info,), (y_info,) = proto.graph.input, proto.graph.output
@@ -145,7 +145,7 @@ def test_exact_shrunk_graph_stores_diagonal_layers_as_vectors(tmp_path):
     model = shrink_exact(random_model([10, 40, 40, 40, 40, 40, 3], psi=True, o=(0.1, 1.0), seed=5))
     kinds = [layer.kind for layer in model.layers]
     assert kinds.count("diag") >= 2
-    proto = onnx.load(str(export_onnx(model, tmp_path / "model.onnx")))
+    proto = onnx.load(str(write_onnx(model, tmp_path / "model.onnx")))
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     consumers: dict[str, list] = {}
     for node in proto.graph.node:
@@ -184,7 +184,7 @@ def test_zero_input_with_o_zero_gives_finite_output(tmp_path):
     """o = 0 and zero biases: a zero input row makes m = 0 in every hidden layer (the series branch)."""
     model = with_zero_biases(random_model([5, 8, 8, 3], psi=True, o=0.0, seed=6))
     assert all(float(layer.o) == 0 for layer in model.layers[:-1])
-    path = export_onnx(model, tmp_path / "model.onnx")
+    path = write_onnx(model, tmp_path / "model.onnx")
     session = session_for(path)
     x = torch.zeros(3, 5, dtype=torch.float64)
     x[1] = 1e-6  # tiny: m² below the series threshold
