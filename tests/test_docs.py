@@ -5,7 +5,8 @@ THE RULE (for everyone who writes docs; docs/api.md repeats it):
     Every other language is shown, never run: use `console` for a command with its output, `text` for output or a
     signature, `toml`/`yaml`/`json` for files.
   * A word after the language modifies it: `python no-run` / `bash no-run` is shown but not run (the README's setup
-    commands, which create the environment this test runs in, or anything that needs the network); `slow` marks a
+    commands, which create the environment this test runs in; anything that needs the network or code we do not
+    ship; a command CI already runs as its own step, such as the full `isocompress check`); `slow` marks a
     block that takes more than a few seconds: its whole page then runs in the slow test below (CI runs it too).
   * The blocks of one document run in order, in one fresh temporary directory holding a copy of the repository's
     models/, recipes/, benchmarks/, scripts/ and isocompress.toml, so a later block may use what an earlier one wrote
