@@ -85,3 +85,15 @@ def test_float32_inputs_give_float32_outputs():
 def test_every_public_name_is_importable():
     for name in isocompress.__all__:
         assert getattr(isocompress, name) is not None
+
+
+def test_the_readme_api_section_lists_every_public_name():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Python API"):]
+    section = section[:section.index("\n## ", 3)]
+    listed = set(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)", section))
+    missing = sorted(set(isocompress.__all__) - listed)
+    assert not missing, f"README 'Python API' does not list {missing}"
