@@ -302,3 +302,17 @@ def test_shrink_options_name_the_mode(tmp_path):
     report = shrink_file(path, tmp_path / "o", ShrinkOptions(ref_intrinsic_length="raw", formats=("safetensors",)),
                          progress=False)
     assert "notes" not in report and report["layers_before"][0]["o"] == pytest.approx(RAW_O[0])
+
+
+def test_negative_o_breaks_the_lipschitz_bound_the_certificates_use():
+    """Why lossy shrinking refuses o < 0 (docs/math.md, "Negative o"): just inside the sphere |z|² = −o the radial
+    slope of f is 1 + 2|o|/3 > 1, while for o ≥ 0 it never exceeds 1."""
+    from isocompress.primitives import isotropic_tanh
+
+    def radial_slope(o: float, r: float, h: float = 1e-7) -> float:
+        z = torch.tensor([[r - h], [r]], dtype=torch.float64)
+        f = isotropic_tanh(z, o)[0][:, 0]
+        return float((f[1] - f[0]) / h)
+
+    assert radial_slope(-0.3, 0.3**0.5) == pytest.approx(1.2, rel=1e-5)
+    assert max(radial_slope(0.0, r) for r in (1e-3, 0.5, 1.0, 2.0)) <= 1.0 + 1e-6
