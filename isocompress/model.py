@@ -146,9 +146,10 @@ class IsoMLP(nn.Module):
         """y for inputs x (..., n_0) of any floating dtype: computed in the model's dtype, returned in x's."""
         if not x.is_floating_point():
             raise IsocompressError(f"model input has dtype {x.dtype}; give a floating-point tensor (float32 or float64)")
-        if x.shape[-1:] != (self.widths[0],):
-            raise IsocompressError(f"model input has shape {tuple(x.shape)}; expected (..., {self.widths[0]})")
-        return self.forward_with_hidden(x.to(self.dtype))[0].to(x.dtype)
+        if x.shape[-1:] != (self._n_in[0],):
+            raise IsocompressError(f"model input has shape {tuple(x.shape)}; expected (..., {self._n_in[0]})")
+        dtype = self.dtype
+        return self.forward_with_hidden(x if x.dtype == dtype else x.to(dtype))[0].to(x.dtype)
 
     def forward_with_hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """Returns (y, pre-activations z_l of each hidden layer, gains g_l of each hidden layer)."""
