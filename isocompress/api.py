@@ -206,6 +206,8 @@ def shrink_file(
     original = io.model_from_tensors(io.consume_as_float64(tensors), config_json, where=str(model_path),
                                      ref_intrinsic_length=options.ref_intrinsic_length,
                                      notify=lambda text: (notes.append(text), io.print_note(text)))
+    if options.lossy:
+        refuse_negative_o(original, str(model_path))
     calib = load_inputs(calibration, original.widths[0]) if calibration is not None else None
     label_data = load_labels(labels) if labels is not None else None
     out = Path(out_dir) if out_dir is not None else default_out_dir(model_path)
@@ -267,18 +269,23 @@ def resolve_relative_error(options: ShrinkOptions, original: IsoMLP, probes: tor
     return replace(options, max_error=absolute, max_error_relative=None), record
 
 
+def refuse_negative_o(model: IsoMLP, where: str) -> None:
+    """Lossy shrinking certifies bounds that assume o ≥ 0 (docs/math.md, "Negative o"): refuse o < 0 in one line."""
+    negative = [i for i, layer in enumerate(model.layers[:-1]) if float(layer.o) < 0]
+    if negative:
+        raise IsocompressError(
+            f"{where}: hidden layer {negative[0]} has o = {float(model.layers[negative[0]].o):.4g} < 0: the certified"
+            " error bounds of lossy shrinking assume o ≥ 0 and do not cover it yet; shrink with --exact (lossless"
+            " for any o)"
+        )
+
+
 def compress(original: IsoMLP, options: ShrinkOptions, calibration, labels, progress: bool):
     """The model-changing step: exact shrinking, or pruning to a budget (isocompress.prune). Returns (model, report)."""
     if not options.lossy:
         with progress_bar(exact_steps(original), "shrink", enabled=progress) as step:
             return shrink_exact(original, progress=step), None
-    negative = [i for i, layer in enumerate(original.layers[:-1]) if float(layer.o) < 0]
-    if negative:
-        raise IsocompressError(
-            f"hidden layer {negative[0]} has o = {float(original.layers[negative[0]].o):.4g} < 0: the certified"
-            " error bounds of lossy shrinking assume o ≥ 0 and do not cover it yet; shrink with --exact (lossless"
-            " for any o)"
-        )
+    refuse_negative_o(original, "model")
     from isocompress import prune  # issue 4
 
     return prune.prune_to_budget(original, options, calibration=calibration, labels=labels, progress=progress)

@@ -220,7 +220,8 @@ def test_lossy_shrink_refuses_negative_o_in_one_line(tmp_path):
     _, path = write(tmp_path, "raw", True)
     result = cli(["shrink", path, "--budget", "50%", "--ref-intrinsic-length", "raw", "--out", tmp_path / "o"])
     assert result.exit_code == 2
-    assert "o = -0.077 < 0: the certified error bounds of lossy shrinking assume o ≥ 0" in one_error_line(result)
+    line = one_error_line(result)
+    assert f"{path}: hidden layer 0 has o = -0.077 < 0: the certified error bounds of lossy shrinking assume o ≥ 0" in line
     assert not (tmp_path / "o").exists()
 
 
