@@ -8,6 +8,7 @@ Baselines (no fine-tuning for any method; isocompress does none either):
              each neuron in the dominant generalised eigenvectors of (L_in, L_out); delete the lowest, recompute, repeat
 Each method's parameter count is that of its own stored form. Errors are measured on the held-out test set.
 
+Needs scipy: pip install -e ".[bench]" (the [test] extra has it too).
 Run: python benchmarks/bench_prune.py [--model models/digits.pt] [--budgets 0.5,0.2,0.1,0.05]
 """
 
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import scipy.linalg
+import scipy.linalg  # pip install -e ".[bench]" (or ".[test]")
 import torch
 
 from isocompress import bounds, io, prune

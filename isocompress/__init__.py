@@ -14,11 +14,14 @@ from isocompress.layers import (
     rotate_hidden,
 )
 from isocompress.model import IsoMLP, Layer, random_model
+from isocompress.onnx_export import export_onnx
+from isocompress.convert import convert_file
+from isocompress.grow import grow, neuroadapt
 from isocompress.recipe import Recipe
 
 __all__ = [
     "CheckFailed", "IsoMLP", "IsocompressError", "Layer", "ModelConfig", "Recipe", "ShrinkOptions", "alternate_diagonalise",
-    "diagonalise_full", "diagonalise_left", "load", "random_model", "remove_all_constant_directions",
-    "remove_constant_directions", "rotate_hidden", "run_checks", "save", "save_pt", "save_safetensors", "shrink_exact",
-    "shrink_file",
+    "convert_file", "diagonalise_full", "diagonalise_left", "export_onnx", "grow", "load", "neuroadapt",
+    "random_model", "remove_all_constant_directions", "remove_constant_directions", "rotate_hidden", "run_checks",
+    "save", "save_pt", "save_safetensors", "shrink_exact", "shrink_file",
 ]

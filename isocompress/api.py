@@ -82,6 +82,10 @@ def parse_dtype(name: str | None, default: torch.dtype) -> torch.dtype:
     return table[name]
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class ShrinkOptions:
     """Everything that decides what `shrink` does (a recipe is one of these written as TOML). Validates itself.
@@ -93,42 +97,63 @@ class ShrinkOptions:
     rule) or "data-aware" (principal axes of calibration pre-activations).
     """
 
-    budget: float | None = None
-    max_error: float | None = None
+    budget: float | str | None = None  # 0.05, "5%" or 7500 (parsed: a float afterwards)
+    max_error: float | str | None = None  # 0.01, or "1%" (then stored as max_error_relative = 0.01)
     basis: str = "auto"
     input_radius: float | None = None
     formats: tuple[str, ...] = ("safetensors", "onnx")
     onnx_tol: float = 1e-4
     dtype: str | None = None
     max_error_relative: float | None = None
+    ref_intrinsic_length: str | None = None  # how to read a reference checkpoint's intrinsic_length: log | raw
 
     def __post_init__(self) -> None:
+        if isinstance(self.formats, str):  # "safetensors,onnx", as the CLI takes it
+            from isocompress.recipe import parse_formats
+
+            object.__setattr__(self, "formats", parse_formats(self.formats, "ShrinkOptions", "formats"))
+        if not hasattr(self.formats, "__iter__"):
+            raise IsocompressError(f"formats {self.formats!r}: give a list such as ('safetensors', 'onnx')")
         object.__setattr__(self, "formats", tuple(self.formats))
         self._validate_goal()
         if self.basis not in ("auto", "data-free", "data-aware"):
             raise IsocompressError(f"basis {self.basis!r} is not one of auto, data-free, data-aware")
-        if self.input_radius is not None and not (0 < self.input_radius < math.inf):
+        if self.input_radius is not None and not (_is_number(self.input_radius) and 0 < self.input_radius < math.inf):
             raise IsocompressError(f"input radius {self.input_radius!r} must be a positive finite number")
         unknown = [f for f in self.formats if f not in ("safetensors", "onnx")]
         if unknown or not self.formats:
             raise IsocompressError(f"format {unknown[0] if unknown else '(none)'!r}: choose from safetensors, onnx")
-        if not (0 < self.onnx_tol < math.inf):
+        if not (_is_number(self.onnx_tol) and 0 < self.onnx_tol < math.inf):
             raise IsocompressError(f"onnx tolerance {self.onnx_tol!r} must be a positive finite number")
+        io.check_ref_mode(self.ref_intrinsic_length, "reference intrinsic length")
         if self.dtype not in (None, "float32", "float64", "float16", "bfloat16"):
             raise IsocompressError(f"dtype {self.dtype!r}: choose from float32, float64, float16, bfloat16")
 
     def _validate_goal(self) -> None:
+        """budget and max_error as the CLI and recipes take them (5%, 0.05, 7500; 0.01 or "1%"), by the same parsers
+        and with the same messages (naming the field, not a flag)."""
+        # The parsers live in recipe.py, which imports this module: import them when an instance is made (no cycle).
+        from isocompress.recipe import parse_budget, parse_max_error
+
+        where = "ShrinkOptions"
         goals = [self.budget, self.max_error, self.max_error_relative]
         if sum(g is not None for g in goals) > 1:
             raise IsocompressError("give either a budget or a max-error, not both")
-        if self.budget is not None and not (0 < self.budget < math.inf):
-            raise IsocompressError(f"budget {self.budget!r} must be positive and finite (a fraction like 0.1, or a count)")
-        if self.budget is not None and self.budget > 1 and self.budget != int(self.budget):
-            raise IsocompressError(f"budget {self.budget!r}: a count must be a whole number")
-        if self.max_error is not None and not (0 <= self.max_error < math.inf):
-            raise IsocompressError(f"max-error {self.max_error!r} must be a finite number ≥ 0")
-        if self.max_error_relative is not None and not (0 <= self.max_error_relative < math.inf):
-            raise IsocompressError(f"relative max-error {self.max_error_relative!r} must be a finite fraction ≥ 0")
+        if self.budget is not None:
+            object.__setattr__(self, "budget", parse_budget(self.budget, where, "budget"))
+        if self.max_error is not None:
+            absolute, percent = parse_max_error(self.max_error, where, "max_error")
+            object.__setattr__(self, "max_error", absolute)
+            if percent is not None:
+                object.__setattr__(self, "max_error_relative", percent / 100.0)
+        if self.max_error_relative is not None:
+            if isinstance(self.max_error_relative, bool) or not isinstance(self.max_error_relative, (int, float)) \
+                    or not (0 <= self.max_error_relative < math.inf):
+                raise IsocompressError(
+                    f"{where}: 'max_error_relative' is {self.max_error_relative!r}; it must be a finite fraction ≥ 0"
+                    " (or give max_error as a percentage, '1%')"
+                )
+            object.__setattr__(self, "max_error_relative", float(self.max_error_relative))
 
     @property
     def lossy(self) -> bool:
@@ -158,7 +183,12 @@ def shrink_file(
     model_path = Path(model_path)
     tensors, config_json = io.read_tensors(model_path)
     saved_dtype = parse_dtype(options.dtype, _first_float_dtype(tensors))
-    original = io.model_from_tensors(io.consume_as_float64(tensors), config_json, where=str(model_path))
+    notes: list[str] = []
+    original = io.model_from_tensors(io.consume_as_float64(tensors), config_json, where=str(model_path),
+                                     ref_intrinsic_length=options.ref_intrinsic_length,
+                                     notify=lambda text: (notes.append(text), io.print_note(text)))
+    if options.lossy:
+        refuse_negative_o(original, str(model_path))
     calib = load_inputs(calibration, original.widths[0]) if calibration is not None else None
     label_data = load_labels(labels) if labels is not None else None
     out = Path(out_dir) if out_dir is not None else default_out_dir(model_path)
@@ -191,6 +221,8 @@ def shrink_file(
             },
             "files": {name: str(p) for name, p in files.items()},
         }
+        if notes:
+            report["notes"] = notes
         if prune_report is not None:
             report["pruning"] = prune_report
             if resolved is not None:
@@ -218,11 +250,23 @@ def resolve_relative_error(options: ShrinkOptions, original: IsoMLP, probes: tor
     return replace(options, max_error=absolute, max_error_relative=None), record
 
 
+def refuse_negative_o(model: IsoMLP, where: str) -> None:
+    """Lossy shrinking certifies bounds that assume o ≥ 0 (docs/math.md, "Negative o"): refuse o < 0 in one line."""
+    negative = [i for i, layer in enumerate(model.layers[:-1]) if float(layer.o) < 0]
+    if negative:
+        raise IsocompressError(
+            f"{where}: hidden layer {negative[0]} has o = {float(model.layers[negative[0]].o):.4g} < 0: the certified"
+            " error bounds of lossy shrinking assume o ≥ 0 and do not cover it yet; shrink with --exact (lossless"
+            " for any o)"
+        )
+
+
 def compress(original: IsoMLP, options: ShrinkOptions, calibration, labels, progress: bool):
     """The model-changing step: exact shrinking, or pruning to a budget (isocompress.prune). Returns (model, report)."""
     if not options.lossy:
         with progress_bar(exact_steps(original), "shrink", enabled=progress) as step:
             return shrink_exact(original, progress=step), None
+    refuse_negative_o(original, "model")
     from isocompress import prune  # issue 4 (imported here: prune is heavy and only a budget needs it)
 
     return prune.prune_to_budget(original, options, calibration=calibration, labels=labels, progress=progress)

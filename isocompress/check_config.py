@@ -17,7 +17,7 @@ from isocompress.recipe import (
 
 CONFIG_NAME = "isocompress.toml"
 CHECK_KEYS = ("name", "model", "recipe", "calibration", "labels", "max-params", "max-bytes", "max-error",
-              "error-measure", "min-accuracy")
+              "error-measure", "min-accuracy", "ref-intrinsic-length")
 LIMIT_KEYS = ("max-params", "max-bytes", "max-error", "min-accuracy")
 MEASURES = ("certified", "empirical")
 BYTE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
@@ -81,6 +81,7 @@ class CheckSpec:
     error_measure: str | None = None
     min_accuracy: float | None = None
     name: str | None = None
+    ref_intrinsic_length: str | None = None  # how a reference checkpoint's intrinsic_length is read: log | raw
     where: str = field(default="check", compare=False)
 
     def __post_init__(self) -> None:
@@ -134,7 +135,8 @@ class CheckSpec:
         """The entry as its TOML keys (what `from_dict` reads back)."""
         data = {"name": self.name, "model": self.model, "recipe": self.recipe, "calibration": self.calibration,
                 "labels": self.labels, "max-params": self.max_params, "max-bytes": self.max_bytes,
-                "max-error": self.max_error, "error-measure": self.error_measure, "min-accuracy": self.min_accuracy}
+                "max-error": self.max_error, "error-measure": self.error_measure, "min-accuracy": self.min_accuracy,
+                "ref-intrinsic-length": self.ref_intrinsic_length}
         if self.max_error_percent is not None:
             percent = self.max_error_percent
             data["max-error"] = f"{int(percent) if percent == int(percent) and percent < 1e15 else percent!r}%"
@@ -162,6 +164,9 @@ class CheckSpec:
             kwargs["error_measure"] = parse_choice(data["error-measure"], MEASURES, where, "error-measure")
         if "min-accuracy" in data:
             kwargs["min_accuracy"] = parse_fraction(data["min-accuracy"], where)
+        if "ref-intrinsic-length" in data:
+            kwargs["ref_intrinsic_length"] = parse_choice(data["ref-intrinsic-length"], ("log", "raw"), where,
+                                                          "ref-intrinsic-length")
         return cls(**kwargs)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -116,7 +116,7 @@ def error_result(index: int, spec: CheckSpec, recipe: Recipe | None, m: Measurem
 # --- measuring ---------------------------------------------------------------------------------------------------
 def measure_model(spec: CheckSpec) -> Measurement:
     """No recipe: the model file as it is."""
-    model = io.load(spec.model)
+    model = io.load(spec.model, ref_intrinsic_length=spec.ref_intrinsic_length)
     m = Measurement(params=model.num_params(), bytes=Path(spec.model).stat().st_size, bytes_measure="file")
     if spec.labels is not None:
         x, labels = load_labelled(spec.calibration, spec.labels, model.widths[0])
@@ -131,7 +131,10 @@ def measure_recipe(spec: CheckSpec, recipe: Recipe) -> Measurement:
     calibration = spec.calibration or recipe.calibration
     labels = spec.labels or (recipe.labels if spec.calibration is None else None)
     with tempfile.TemporaryDirectory(prefix="isocompress-check-") as tmp:
-        report = api.shrink_file(spec.model, Path(tmp) / "out", recipe.to_options(), calibration=calibration,
+        options = recipe.to_options()
+        if spec.ref_intrinsic_length is not None:
+            options = replace(options, ref_intrinsic_length=spec.ref_intrinsic_length)
+        report = api.shrink_file(spec.model, Path(tmp) / "out", options, calibration=calibration,
                                  labels=labels, progress=False, recipe=recipe.provenance())
         m = measurement_of_report(report)
         if labels is not None:

@@ -6,7 +6,7 @@ The group and its error handling are in `cli_base`; each command lives in its ow
 
 from __future__ import annotations
 
-from isocompress import cli_check, cli_export, cli_grow, cli_shrink  # noqa: F401  (imported for registration)
+from isocompress import cli_check, cli_convert, cli_export, cli_grow, cli_shrink  # noqa: F401  (imported for registration)
 from isocompress.cli_base import main
 
 __all__ = ["main"]

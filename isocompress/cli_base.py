@@ -41,6 +41,11 @@ def usage_error(exc: click.UsageError) -> None:
     sys.exit(2)
 
 
+REF_HELP = ("How a reference IsotropicTanhMLP checkpoint stores activation.N.intrinsic_length: log (log o, its default"
+            " positive_intrinsic_length=True) or raw (o itself, positive_intrinsic_length=False) [default: log, with a"
+            " note on stderr].")
+
+
 @click.group(cls=Group)
 @click.version_option(package_name="isocompress")
 def main() -> None:

@@ -9,7 +9,7 @@ import sys
 import click
 
 from isocompress import check as checks
-from isocompress.cli_base import main
+from isocompress.cli_base import REF_HELP, main
 from isocompress.errors import IsocompressError
 
 SINGLE_MODEL_FLAGS = ("recipe", "calibration", "labels", "max_params", "max_bytes", "max_error", "error_measure",
@@ -41,6 +41,7 @@ def use_color() -> bool:
               help="Which error --max-error limits [default: certified].")
 @click.option("--min-accuracy", default=None, metavar="A",
               help="With MODEL, --calibration and --labels: accuracy ≥ A (0.95 or 95%).")
+@click.option("--ref-intrinsic-length", "ref_intrinsic_length", type=click.Choice(["log", "raw"]), default=None, help=REF_HELP)
 def check(model, config_path, baseline, as_json, quiet, **flags):
     """Check size and error limits for CI: exit 0 if all pass, 1 if any fails, 2 for a config or input error.
 

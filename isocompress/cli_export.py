@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from isocompress import api, io
-from isocompress.cli_base import main
+from isocompress.cli_base import REF_HELP, main
 from isocompress.errors import IsocompressError
 
 EXPORT_FORMATS = ("onnx", "safetensors")
@@ -29,7 +29,7 @@ def parse_formats(text: str) -> tuple[str, ...]:
 
 
 def export_file(model_path: str | Path, out_dir: str | Path | None, formats=("onnx",), onnx_tol: float = 1e-4,
-                calibration: str | Path | None = None) -> dict:
+                calibration: str | Path | None = None, ref_intrinsic_length: str | None = None) -> dict:
     """`isocompress export`: the model unchanged, as DIR/model.onnx (verified in onnxruntime) and/or
     DIR/model.safetensors, plus DIR/report.json. Everything is read and validated before anything is written."""
     started = time.perf_counter()
@@ -37,7 +37,9 @@ def export_file(model_path: str | Path, out_dir: str | Path | None, formats=("on
         raise IsocompressError(f"--onnx-tol {onnx_tol!r} must be a positive finite number")
     model_path = Path(model_path)
     saved_dtype = io.stored_dtype(model_path)
-    model = io.load(model_path)
+    notes: list[str] = []
+    model = io.load(model_path, ref_intrinsic_length=ref_intrinsic_length,
+                    notify=lambda text: (notes.append(text), io.print_note(text)))
     calib = api.load_inputs(calibration, model.widths[0]) if calibration is not None else None
     probes = calib if calib is not None else api.probe_inputs(model.widths[0])
     out = Path(out_dir) if out_dir is not None else Path.cwd() / f"{model_path.stem}.export"
@@ -56,6 +58,8 @@ def export_file(model_path: str | Path, out_dir: str | Path | None, formats=("on
                             f"{probes.shape[0]} Gaussian inputs at scales {list(api.PROBE_SCALES)}",
             "files": {name: str(p) for name, p in files.items()},
         }
+        if notes:
+            report["notes"] = notes
         if onnx_report is not None:
             report["onnx"] = onnx_report
         report["seconds"] = round(time.perf_counter() - started, 4)
@@ -89,9 +93,10 @@ def format_export(report: dict) -> str:
               help="Inputs to check the ONNX file on (.npy, .npz, .safetensors, .pt) [default: random probes].")
 @click.option("--quiet", is_flag=True, help="Print nothing on success.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def export(model, formats, out_dir, onnx_tol, calibration, quiet, as_json):
+@click.option("--ref-intrinsic-length", "ref_mode", type=click.Choice(["log", "raw"]), default=None, help=REF_HELP)
+def export(model, formats, out_dir, onnx_tol, calibration, quiet, as_json, ref_mode):
     """Export MODEL unchanged (e.g. the "before" side of a comparison); write model.onnx and report.json."""
-    report = export_file(model, out_dir, parse_formats(formats), onnx_tol, calibration)
+    report = export_file(model, out_dir, parse_formats(formats), onnx_tol, calibration, ref_mode)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     elif not quiet:
@@ -105,7 +110,8 @@ def export(model, formats, out_dir, onnx_tol, calibration, quiet, as_json):
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Draw every layer's singular-value spectrum into this PNG (needs isocompress[plot]).")
 @click.option("--json", "as_json", is_flag=True, help="Print the inspection as JSON on stdout.")
-def inspect(model, threshold, plot_path, as_json):
+@click.option("--ref-intrinsic-length", "ref_mode", type=click.Choice(["log", "raw"]), default=None, help=REF_HELP)
+def inspect(model, threshold, plot_path, as_json, ref_mode):
     """Per layer: kind, shape, singular values, varying rank, o, |psi|; and what --exact would reach."""
     from isocompress import inspection
 
@@ -113,7 +119,7 @@ def inspect(model, threshold, plot_path, as_json):
     if plot_path is not None:  # a bad --plot path or a missing matplotlib fails before the (slow) inspection
         inspection.check_plot_path(plot_path)
         inspection.require_matplotlib()
-    report = inspection.inspect_model(io.load(model), threshold)
+    report = inspection.inspect_model(io.load(model, ref_intrinsic_length=ref_mode), threshold)
     report = {"model": str(model), **report}
     if plot_path is not None:
         widths = "→".join(map(str, report["widths"]))

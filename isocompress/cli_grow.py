@@ -9,7 +9,7 @@ import click
 
 from isocompress import io
 from isocompress.measure import output_difference, probe_inputs
-from isocompress.cli_base import main
+from isocompress.cli_base import REF_HELP, main
 from isocompress.errors import IsocompressError
 from isocompress.grow import grow as grow_model
 
@@ -54,11 +54,12 @@ def check_out_path(model_path: Path, out: Path) -> None:
               help="Output file (.safetensors or .pt) [default: <model stem>.grown.safetensors in the working directory].")
 @click.option("--quiet", is_flag=True, help="Print nothing on success.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON on stdout.")
+@click.option("--ref-intrinsic-length", "ref_mode", type=click.Choice(["log", "raw"]), default=None, help=REF_HELP)
 def grow(model: Path, layer: int, add: int, scale: float, seed: int, out: Path | None, quiet: bool,
-         as_json: bool) -> None:
+         as_json: bool, ref_mode: str | None) -> None:
     """Add scaffold neurons to a hidden space of MODEL: zero incoming weights and bias, small random outgoing
     weights. The function is unchanged exactly; training then moves the new neurons."""
-    original = io.load(model)
+    original = io.load(model, ref_intrinsic_length=ref_mode)
     check_grow_options(original, layer, add, scale)
     out = out if out is not None else default_grown_path(model)
     check_out_path(model, out)

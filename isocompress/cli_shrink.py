@@ -7,7 +7,7 @@ import json
 import click
 
 from isocompress import api
-from isocompress.cli_base import main
+from isocompress.cli_base import REF_HELP, main
 from isocompress.errors import IsocompressError
 
 
@@ -36,8 +36,10 @@ from isocompress.errors import IsocompressError
               help="dtype of the written weights [default: the input's].")
 @click.option("--quiet", is_flag=True, help="No progress bar and no table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--ref-intrinsic-length", "ref_mode", type=click.Choice(["log", "raw"]), default=None,
+              help=REF_HELP)
 def shrink(model, recipe_path, exact, budget, max_error, basis, calibration, labels, input_radius, formats, onnx_tol,
-           out_dir, dtype, quiet, as_json):
+           out_dir, dtype, quiet, as_json, ref_mode):
     """Shrink MODEL (.pt, .pth or .safetensors); write model.safetensors, model.onnx and report.json."""
     from isocompress import recipe as recipes
 
@@ -56,6 +58,7 @@ def shrink(model, recipe_path, exact, budget, max_error, basis, calibration, lab
         "formats": recipes.parse_formats(formats, "--format", None) if formats is not None else None,
         "onnx_tol": recipes.parse_positive(onnx_tol, recipes.COMMAND_LINE, "onnx-tol") if onnx_tol is not None else None,
         "dtype": dtype,
+        "ref_intrinsic_length": ref_mode,
     }
     if exact and (flags["budget"] is not None or max_error is not None):
         raise IsocompressError("--exact cannot be combined with --budget or --max-error")

@@ -6,9 +6,12 @@ Layouts read (from `.pt`/`.pth` via `torch.load(weights_only=True)`, or `.safete
     `isocompress_config` (a `.pt` holds {"isocompress_config": str, "state_dict": {...}}; a safetensors file keeps
     it in its metadata). A bare state_dict of `layers.*` tensors also loads (the config is inferred from shapes).
   * the reference code's `IsotropicTanhMLP` state_dict: `weight_parameters.N`, `bias_parameters.N`, optional
-    `psi_parameters.N` (psi of weight layer N+1), `activation.N.intrinsic_length` (log o) or
-    `activation.N.o_const` (o). A `.pt` whose dict nests the state_dict under "state_dict" or
-    "model_state_dict" also loads.
+    `psi_parameters.N` (psi of weight layer N+1), `activation.N.intrinsic_length` (log o when the reference was
+    built with positive_intrinsic_length=True, its default; o itself, possibly negative, when False: choose with
+    `ref_intrinsic_length="log"|"raw"`) or `activation.N.o_const` (o). A `.pt` whose dict nests the state_dict under
+    "state_dict" or "model_state_dict" also loads.
+Pickled modules (a notebook's `pickle.dump({'model': net}, f)`) are never unpickled here; `isocompress convert FILE
+--trust-pickle` (isocompress.convert) is the explicit way out.
 Everything is validated before a model is returned; every problem is an `IsocompressError` naming the file.
 """
 
@@ -16,12 +19,13 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import re
 import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 
@@ -37,6 +41,19 @@ LAYOUT_HELP = (
 )
 OWN_KEY = re.compile(r"^layers\.(\d+)\.(weight|bias|psi|o)$")
 REF_WEIGHT_KEY = re.compile(r"^weight_parameters\.(\d+)$")
+REF_MODES = ("log", "raw")
+REF_FLAG = "--ref-intrinsic-length"
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".p")
+PICKLE_HELP = (
+    "convert it in an environment where the reference code is importable with 'isocompress convert FILE"
+    " --trust-pickle' (unpickling runs code from the file: only for files you trust), or with the script in the"
+    " README, 'Notebook caches'"
+)
+PLAIN_KEY = re.compile(r"^(?:[A-Za-z_]\w*\.)*\d+\.(weight|bias)$")
+NOT_ISOTROPIC = (
+    "isocompress handles isotropic networks only (IsotropicTanh activations with an intrinsic length o, as in"
+    " IsotropicTanhMLP or isocompress.nn.IsotropicMLP)"
+)
 REF_KEY = re.compile(r"^(weight_parameters|bias_parameters|psi_parameters)\.(\d+)$|^activation\.(\d+)\.(intrinsic_length|o_const)$")
 
 
@@ -49,6 +66,11 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str 
     if path.is_dir():
         raise IsocompressError(f"{path}: is a directory; pass a model file (.pt, .pth or .safetensors)")
     suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise IsocompressError(
+            f"{path}: a pickle file (a notebook cache of a whole module?) is never unpickled by default, since that"
+            f" could run code; {PICKLE_HELP}"
+        )
     if suffix not in SUFFIXES:
         raise IsocompressError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .pt, .pth or .safetensors")
     if suffix == ".safetensors":
@@ -81,7 +103,12 @@ def safe_torch_load(path: Path, what: str, resave: str):
         if "weights only" in str(exc).lower() or "weights_only" in str(exc):
             raise IsocompressError(
                 f"{path}: refused: the {what} holds Python objects, not just tensors, and unpickling it could run"
-                f" code; {resave}"
+                f" code; {resave}, or {PICKLE_HELP}"
+            ) from None
+        if "invalid load key" in str(exc).lower():  # a plain pickle (pickle.dump), not a torch.save zip file
+            raise IsocompressError(
+                f"{path}: a plain pickle, not a torch.save file; it is never unpickled by default, since that could"
+                f" run code; {PICKLE_HELP}"
             ) from None
         raise IsocompressError(f"{path}: not a readable PyTorch {what} ({first_line(exc)})") from None
     except Exception as exc:  # RuntimeError, EOFError, BadZipFile, struct.error, …: a corrupted file raises anything
@@ -116,10 +143,35 @@ def first_line(exc: BaseException) -> str:
 
 
 # --- interpreting tensors --------------------------------------------------------------------------------------
-def load(path: str | os.PathLike) -> IsoMLP:
-    """Load any supported checkpoint as a float64 `IsoMLP`. Raises IsocompressError naming the file."""
+def load(path: str | os.PathLike, ref_intrinsic_length: str | None = None,
+         notify: Callable[[str], None] | None = None) -> IsoMLP:
+    """Load any supported checkpoint as a float64 `IsoMLP`. Raises IsocompressError naming the file.
+
+    ref_intrinsic_length: how a reference checkpoint's `activation.N.intrinsic_length` is read: "log" (log o, the
+    reference default positive_intrinsic_length=True) or "raw" (o itself, positive_intrinsic_length=False). None:
+    "log", and `notify` (default: one line on stderr) is told that this was assumed."""
     tensors, config_json = read_tensors(path)
-    return model_from_tensors(consume_as_float64(tensors), config_json, where=str(path))
+    return model_from_tensors(consume_as_float64(tensors), config_json, where=str(path),
+                              ref_intrinsic_length=ref_intrinsic_length, notify=notify)
+
+
+def check_ref_mode(mode: str | None, what: str = "ref_intrinsic_length") -> str | None:
+    if mode is not None and mode not in REF_MODES:
+        raise IsocompressError(f"{what} {mode!r}: choose log (stored log o) or raw (stored o itself)")
+    return mode
+
+
+def assumed_log_note(where: str) -> str:
+    """The one line said when a reference checkpoint's intrinsic_length is read as log o without being told."""
+    return (
+        f"isocompress: note: {where}: read activation.N.intrinsic_length as log o (the reference default,"
+        f" positive_intrinsic_length=True); if it was trained with positive_intrinsic_length=False, pass"
+        f" {REF_FLAG} raw (ref_intrinsic_length='raw' in Python, ref-intrinsic-length in a recipe or check)"
+    )
+
+
+def print_note(text: str) -> None:
+    print(text, file=sys.stderr)
 
 
 def consume_as_float64(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -142,14 +194,33 @@ def stored_dtype(path: str | os.PathLike) -> torch.dtype:
     return torch.float32
 
 
-def model_from_tensors(tensors: Mapping[str, torch.Tensor], config_json: str | None, where: str) -> IsoMLP:
+def model_from_tensors(tensors: Mapping[str, torch.Tensor], config_json: str | None, where: str,
+                       ref_intrinsic_length: str | None = None,
+                       notify: Callable[[str], None] | None = None) -> IsoMLP:
+    """The model the tensors describe (layouts: module docstring). `ref_intrinsic_length`, `notify`: as `load`."""
+    check_ref_mode(ref_intrinsic_length)
     keys = set(tensors)
     if keys and all(OWN_KEY.match(k) for k in keys):
         return _own_layout(tensors, config_json, where)
     if keys and any(REF_KEY.match(k) for k in keys):
-        return _reference_layout(tensors, where)
+        mode = ref_intrinsic_length
+        if mode is None and any(k.endswith(".intrinsic_length") for k in keys):
+            (notify or print_note)(assumed_log_note(where))
+        return _reference_layout(tensors, where, mode or "log")
     shown = ", ".join(k if k.isprintable() else repr(k) for k in sorted(keys)[:5]) or "none"  # one line, always
+    if keys and all(PLAIN_KEY.match(k) for k in keys):
+        raise IsocompressError(
+            f"{where}: a plain (non-isotropic) network's weights, e.g. an nn.Sequential of nn.Linear (found keys:"
+            f" {shown}); {NOT_ISOTROPIC}"
+        )
     raise IsocompressError(f"{where}: unrecognised layout (found keys: {shown}); {LAYOUT_HELP}")
+
+
+def needs_ref_mode(tensors: Mapping[str, torch.Tensor]) -> bool:
+    """Whether these tensors are a reference checkpoint whose intrinsic_length could be read two ways."""
+    keys = set(tensors)
+    return not all(OWN_KEY.match(k) for k in keys) and any(k.endswith(".intrinsic_length") and REF_KEY.match(k)
+                                                           for k in keys)
 
 
 def _float64(tensors: Mapping[str, torch.Tensor], key: str, where: str) -> torch.Tensor:
@@ -201,6 +272,11 @@ def _own_layout(tensors, config_json, where) -> IsoMLP:
         n_in = bias.shape[0] if bias.dim() == 1 else n_in
     if config is not None:
         _check_against_config(layers, config, where)
+    if len(layers) > 1 and all(layer.o is None for layer in layers):
+        raise IsocompressError(
+            f"{where}: no hidden layer has an intrinsic length (no layers.N.o): not an isotropic network;"
+            f" {NOT_ISOTROPIC}. If it is one with o = 0, add a scalar layers.N.o = 0 for each hidden layer"
+        )
     validate_layers(layers, where)
     return IsoMLP(layers)
 
@@ -226,7 +302,7 @@ def _check_against_config(layers: list[Layer], config: ModelConfig, where: str) 
             )
 
 
-def _reference_layout(tensors, where) -> IsoMLP:
+def _reference_layout(tensors, where, mode: str) -> IsoMLP:
     keys = set(tensors)
     unknown = sorted(k for k in keys if not REF_KEY.match(k))
     if unknown:
@@ -245,7 +321,7 @@ def _reference_layout(tensors, where) -> IsoMLP:
             )
         psi_key = f"psi_parameters.{i - 1}"
         psi = _float64(tensors, psi_key, where) if i > 0 and psi_key in keys else None
-        o = _reference_o(tensors, keys, i, where) if i < n - 1 else None
+        o = _reference_o(tensors, keys, i, where, mode) if i < n - 1 else None
         layers.append(Layer(weight=weight, bias=bias, n_in=int(weight.shape[1]), psi=psi, o=o))
     extra_psi = [k for k in keys if k.startswith("psi_parameters.") and int(k.split(".")[1]) >= n - 1]
     if extra_psi:
@@ -264,17 +340,15 @@ def _scalar(tensors, key: str, where: str) -> torch.Tensor:
     return value.reshape(())
 
 
-def _reference_o(tensors, keys, i, where) -> torch.Tensor:
+def _reference_o(tensors, keys, i, where, mode: str) -> torch.Tensor:
+    """o of hidden layer i: intrinsic_length is log o (mode "log") or o itself (mode "raw", any sign: the
+    reference computes m = sqrt(|o + |z|²|)); o_const is o; absent is 0."""
     log_key, const_key = f"activation.{i}.intrinsic_length", f"activation.{i}.o_const"
     if log_key in keys:
-        # The reference default (positive_intrinsic_length=True) stores log o.
-        o = torch.exp(_scalar(tensors, log_key, where))
-        return o
+        value = _scalar(tensors, log_key, where)
+        return torch.exp(value) if mode == "log" else value
     if const_key in keys:
-        o = _scalar(tensors, const_key, where)
-        if bool(o < 0):
-            raise IsocompressError(f"{where}: {const_key!r} = {float(o):g} is negative; the intrinsic length must be ≥ 0")
-        return o
+        return _scalar(tensors, const_key, where)
     return torch.zeros((), dtype=torch.float64)
 
 

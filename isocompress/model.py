@@ -143,7 +143,13 @@ class IsoMLP(nn.Module):
 
     # --- forward (docs/math.md) ---------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_hidden(x)[0]
+        """y for inputs x (..., n_0) of any floating dtype: computed in the model's dtype, returned in x's."""
+        if not x.is_floating_point():
+            raise IsocompressError(f"model input has dtype {x.dtype}; give a floating-point tensor (float32 or float64)")
+        if x.shape[-1:] != (self._n_in[0],):
+            raise IsocompressError(f"model input has shape {tuple(x.shape)}; expected (..., {self._n_in[0]})")
+        dtype = self.dtype
+        return self.forward_with_hidden(x if x.dtype == dtype else x.to(dtype))[0].to(x.dtype)
 
     def forward_with_hidden(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """Returns (y, pre-activations z_l of each hidden layer, gains g_l of each hidden layer)."""
@@ -168,7 +174,7 @@ class IsoMLP(nn.Module):
 
 
 def validate_layers(layers: Sequence[Layer], where: str = "model") -> None:
-    """Shapes chain, kinds, psi placement, o ≥ 0 only on hidden layers, finite values. Raises IsocompressError."""
+    """Shapes chain, kinds, psi placement, o (any sign: m = sqrt(|o + |z|²|)) only on hidden layers, finite values. Raises IsocompressError."""
     if not layers:
         raise IsocompressError(f"{where}: has no layers")
     for i, layer in enumerate(layers):
@@ -209,8 +215,6 @@ def _validate_layer(i: int, layer: Layer, layers: Sequence[Layer], where: str) -
             raise IsocompressError(f"{where}: hidden layer {i} has no intrinsic length o")
         if layer.o.numel() != 1:
             raise IsocompressError(f"{where}: layer {i} intrinsic length o must be a scalar")
-        if bool(layer.o < 0):
-            raise IsocompressError(f"{where}: layer {i} intrinsic length o = {float(layer.o):g} is negative; o must be ≥ 0")
     for name in ("weight", "bias", "psi", "o"):
         t = getattr(layer, name)
         if t is not None and not bool(torch.isfinite(t).all()):

@@ -31,13 +31,18 @@ INTRINSIC_LENGTH_MODES = ("none", "fixed", "trainable")
 
 
 class IsotropicTanh(nn.Module):
-    """f(z) = tanh(m)/m · z, m = sqrt(o + |z|²) over the last axis. o fixed (a buffer) or trainable (softplus)."""
+    """f(z) = tanh(m)/m · z, m = sqrt(|o + |z|²|) over the last axis. o fixed (a buffer) or trainable (softplus)."""
 
     def __init__(self, o: float | torch.Tensor = 0.0, trainable: bool = False, dtype: torch.dtype = torch.float32):
         super().__init__()
         o = torch.as_tensor(o, dtype=torch.float64).reshape(())
-        if not bool(torch.isfinite(o)) or bool(o < 0):
-            raise IsocompressError(f"intrinsic length o = {float(o):g} must be finite and ≥ 0")
+        if not bool(torch.isfinite(o)):
+            raise IsocompressError(f"intrinsic length o = {float(o):g} must be finite")
+        if trainable and bool(o < 0):
+            raise IsocompressError(
+                f"intrinsic length o = {float(o):g} is negative; a trainable o is softplus(raw) > 0, so keep this one"
+                " fixed (intrinsic_length='fixed')"
+            )
         self.trainable = trainable
         if trainable:
             self.raw_o = nn.Parameter(inverse_softplus(o).to(dtype))

@@ -5,16 +5,31 @@ is written as an elementwise Mul of a 1-D initializer (a tracing exporter would 
 matrix); no onnxscript at export time; no `.onnx.data` side file. The maths therefore lives twice (here and in
 `IsoMLP.forward`), which is why every export is run in onnxruntime and compared with the torch forward.
 
-Graph per layer i (names `layer{i}/...`), docs/math.md "Forward pass":
-    dense:  z = Gemm(h, W, b, transB=1)
-    diag:   z = Pad(Mul(Slice(h, :k), d), 0..n_out) + b     (Slice only if n_in > k, Pad only if n_out > k)
-    psi:    z = z + psi · g_prev
-    hidden: m2 = ReduceSumSquare(z) + o; small = m2 < 1e-8; m = Sqrt(Where(small, 1, m2))
-            g = Where(small, 1 − m2/3 + 2m2²/15, Tanh(m)/m); h = z · g
+Graph (docs/onnx.md, "Graph"), as few nodes per layer as the maths allows; the torch model is not changed, only
+the tensors written for it:
+  * o folded into the weights: where o_l ≥ 1e-12, hidden space l carries one extra coordinate, first, with the
+    constant value a_l = sqrt(o_l) (a zero row of W_l with bias a_l), so that |z|² + o = |(a, z)|² and
+    m = ReduceL2(z) (the exact inverse of removing a constant direction). Then m ≥ a > 0: no guard is needed.
+  * psi folded into the next weight matrix: that coordinate of h is g·a, so psi·g = (psi/a)·(g·a) is one more column
+    of W_{l+1} (a dense consumer only).
+  * a diagonal layer that widens (n_out > n_in) reads a hidden space that its (dense) producer has widened with zero
+    rows, so it is one elementwise Mul (no Pad); its vector gets a leading 0 for the carried coordinate.
+  Per hidden layer, with o folded:   m = ReduceL2(z); g = Tanh(m) / m         (3 nodes)
+                 otherwise:          m2 = ReduceSumSquare(z) [+ o, if o ≠ 0] [Abs, if o < 0] [Max(·, 1e-30), unless
+                                     o ≥ 1e-30]; m = Sqrt(m2); g = Tanh(m) / m
+  (o ≥ 1e-30 bounds m away from 0; otherwise the clamp keeps m > 0 where m2 reaches 0, at z = 0 for o = 0 or on the
+  sphere |z|² = −o for o < 0, and changes g by < 1e-30 since g = 1 − m²/3 + …)
+  Per weight layer, from the previous (z, g):
+        dense (psi folded or absent):  Gemm(Mul(z, g), W, b, transB=1)
+        dense + psi, not folded:       Add(Mul(Gemm(z, W, psi, transB=1), g), b)   (W h + psi g = g (W z + psi))
+        diag:                          Add([Pad](Mul([Slice](Mul(z, g)), d)), b)
+        diag + psi:                    Add(Mul(Add([Pad](Mul([Slice](z), d)), psi), g), b)
+  The first layer reads x as its h; the last node writes y (no Identity).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +39,6 @@ from isocompress import io
 from isocompress.errors import CheckFailed, IsocompressError
 from isocompress.layers import forward_float64
 from isocompress.model import IsoMLP, Layer
-from isocompress.primitives import SMALL_M2
 
 # Opset 17 / IR 8 (onnx 1.12, 2022): every op used here exists in this form there (ReduceSumSquare still takes `axes`
 # as an attribute), onnxruntime ≥ 1.13 loads it, and runtimes that reject IR 10 ("max supported IR version: 9")
@@ -34,6 +48,9 @@ DEFAULT_IR_VERSION = 8
 INPUT_NAME, OUTPUT_NAME, BATCH_DIM = "x", "y", "batch"
 VERIFY_CHUNK = 256
 ONNX_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+# Where m² = |o + |z|²| can reach 0, m = Sqrt(Max(m², M2_FLOOR)): g(m²) and g(M2_FLOOR) differ by < M2_FLOOR/3, far
+# below either dtype's rounding of g ≈ 1, and M2_FLOOR is a normal float32, so Sqrt, Tanh and Div stay exact there.
+M2_FLOOR = 1e-30
 
 
 # --- graph building (pure) ---------------------------------------------------------------------------------------
@@ -44,6 +61,7 @@ class GraphBuilder:
         self.np_dtype = np_dtype
         self.nodes: list = []
         self.initializers: list = []
+        self.widths: dict[str, int] = {}  # feature width of the values that diagonal layers read
 
     def const(self, name: str, value) -> str:
         from onnx import numpy_helper
@@ -57,46 +75,149 @@ class GraphBuilder:
         from onnx import helper
 
         self.nodes.append(helper.make_node(op_type, inputs, [name], name=name, **attrs))
+        if op_type == "Mul" and inputs[0] in self.widths:
+            self.widths[name] = self.widths[inputs[0]]
         return name
 
 
-def weight_node(b: GraphBuilder, i: int, layer: Layer, h: str) -> str:
-    """z = W h + b: Gemm for a dense layer; Slice/Mul/Pad/Add for a diagonal one (never a dense matrix)."""
-    p = f"layer{i}"
+# Fold o into a carried coordinate only where sqrt(o) is comfortably normal (psi/a stays far from overflow).
+FOLD_MIN_O = 1e-12
+PSI_FOLD_MAX = 1e30
+
+
+@dataclass(frozen=True)
+class Hidden:
+    """How hidden space l is laid out in the graph: `lead` is the value of the carried first coordinate (sqrt(o) when
+    o is folded, 0.0 when the coordinate only keeps a diagonal layer aligned, None when there is none); `tail` zero
+    coordinates at the end (so a widening diagonal consumer needs no Pad); `o` as the file stores it."""
+
+    lead: float | None
+    tail: int
+    o: float
+
+    @property
+    def folded(self) -> bool:
+        return self.lead is not None and self.lead > 0
+
+    @property
+    def n_lead(self) -> int:
+        return 0 if self.lead is None else 1
+
+
+def plan_hidden(model: IsoMLP, np_dtype) -> list[Hidden]:
+    """The layout of every hidden space (see `Hidden`), first to last."""
+    layers, plan = model.layers, []
+    for l, layer in enumerate(layers[:-1]):
+        o = float(np.asarray(float(layer.o), dtype=np_dtype))
+        prev_lead = plan[-1].lead if plan else None
+        can_lead = layer.kind == "dense" or prev_lead is not None
+        consumer = layers[l + 1]
+        psi_ok = consumer.psi is None or o <= 0 or float(consumer.psi.abs().max()) / o**0.5 < PSI_FOLD_MAX
+        if can_lead and o >= FOLD_MIN_O and psi_ok:
+            lead = float(np.sqrt(np.asarray(o, dtype=np_dtype)))
+        else:
+            lead = 0.0 if (layer.kind == "diag" and prev_lead is not None) else None
+        widen = consumer.kind == "diag" and layer.kind == "dense" and consumer.n_out > consumer.n_in
+        plan.append(Hidden(lead=lead, tail=consumer.n_out - consumer.n_in if widen else 0, o=o))
+    return plan
+
+
+def _embed(vector: torch.Tensor, lead, tail: int) -> torch.Tensor:
+    """[lead] + vector + [0]*tail (lead None: no leading entry)."""
+    head = [] if lead is None else [torch.tensor([float(lead)], dtype=vector.dtype)]
+    return torch.cat(head + [vector, torch.zeros(tail, dtype=vector.dtype)])
+
+
+def graph_tensors(layer: Layer, before: Hidden | None, after: Hidden | None) -> dict:
+    """The layer's tensors laid out for the graph: weight (with the carried/tail coordinates), bias, psi (None when
+    folded into the weight or absent)."""
+    lead_out = None if after is None else (after.lead if after.lead is not None else None)
+    tail_out = 0 if after is None else after.tail
+    lead_in_n, tail_in = (0, 0) if before is None else (before.n_lead, before.tail)
+    bias = _embed(layer.bias, lead_out, tail_out)
+    psi = layer.psi
     if layer.kind == "dense":
-        return b.op("Gemm", [h, b.const(f"{p}.weight", layer.weight), b.const(f"{p}.bias", layer.bias)],
-                    f"{p}/gemm", transB=1)
-    k = int(layer.weight.shape[0])
-    if layer.n_in > k:
-        h = b.op("Slice", [h, b.const(f"{p}.slice_starts", [0]), b.const(f"{p}.slice_ends", [k]),
-                           b.const(f"{p}.slice_axes", [1])], f"{p}/slice")
-    z = b.op("Mul", [h, b.const(f"{p}.weight", layer.weight)], f"{p}/diag_mul")
-    if layer.n_out > k:
-        z = b.op("Pad", [z, b.const(f"{p}.pads", [0, 0, 0, layer.n_out - k])], f"{p}/pad")
-    return b.op("Add", [z, b.const(f"{p}.bias", layer.bias)], f"{p}/add_bias")
+        w = layer.weight
+        lead_col = torch.zeros(w.shape[0], lead_in_n, dtype=w.dtype)
+        if psi is not None and before is not None and before.folded:
+            lead_col, psi = (psi / before.lead)[:, None], None
+        w = torch.cat([lead_col, w, torch.zeros(w.shape[0], tail_in, dtype=w.dtype)], dim=1)
+        rows = [torch.zeros(1 if lead_out is not None else 0, w.shape[1], dtype=w.dtype), w,
+                torch.zeros(tail_out, w.shape[1], dtype=w.dtype)]
+        w = torch.cat(rows, dim=0)
+    else:
+        n_in, n_out = lead_in_n + layer.n_in + tail_in, (lead_out is not None) + layer.n_out + tail_out
+        k = min(n_in, n_out)
+        w = _embed(layer.weight, 0.0 if lead_out is not None else None, k - layer.weight.shape[0] - (lead_out is not None))
+    if psi is not None:
+        psi = _embed(psi, 0.0 if lead_out is not None else None, tail_out)
+    return {"weight": w, "bias": bias, "psi": psi}
 
 
-def psi_node(b: GraphBuilder, i: int, layer: Layer, z: str, g_prev: str) -> str:
+def weight_node(b: GraphBuilder, i: int, layer: Layer, t: dict, h: str | None, z_prev: str | None = None,
+                g_prev: str | None = None) -> str:
+    """z of layer i from its input h (the network input), or from the previous layer's (z, g) with h = g·z."""
+    if h is None and t["psi"] is None:
+        h = b.op("Mul", [z_prev, g_prev], f"act{i - 1}/h")
+    if t["weight"].dim() == 2:
+        return _dense_node(b, i, t, h, z_prev, g_prev)
+    return _diag_node(b, i, t, h, z_prev, g_prev)
+
+
+def _dense_node(b: GraphBuilder, i: int, t: dict, h, z_prev, g_prev) -> str:
     p = f"layer{i}"
-    scaled = b.op("Mul", [g_prev, b.const(f"{p}.psi", layer.psi)], f"{p}/psi_mul")
-    return b.op("Add", [z, scaled], f"{p}/psi_add")
+    weight = b.const(f"{p}.weight", t["weight"])
+    if h is not None:
+        return b.op("Gemm", [h, weight, b.const(f"{p}.bias", t["bias"])], f"{p}/gemm", transB=1)
+    inner = b.op("Gemm", [z_prev, weight, b.const(f"{p}.psi", t["psi"])], f"{p}/gemm", transB=1)
+    scaled = b.op("Mul", [inner, g_prev], f"{p}/times_g")
+    return b.op("Add", [scaled, b.const(f"{p}.bias", t["bias"])], f"{p}/add_bias")
 
 
-def activation_nodes(b: GraphBuilder, i: int, layer: Layer, z: str) -> tuple[str, str]:
-    """h = g·z, g = tanh(m)/m, m² = o + |z|²; the series 1 − m²/3 + 2m⁴/15 below m² = SMALL_M2 (no NaN at 0)."""
+def _diag_node(b: GraphBuilder, i: int, t: dict, h, z_prev, g_prev) -> str:
+    """Slice/Mul/Pad with a 1-D diagonal (never a dense matrix); with psi, g multiplies after the psi Add."""
+    p = f"layer{i}"
+    x = h if h is not None else z_prev
+    k, n_out = int(t["weight"].shape[0]), int(t["bias"].shape[0])
+    n_in = b.widths[x]
+    if n_in > k:
+        x = b.op("Slice", [x, b.const(f"{p}.slice_starts", [0]), b.const(f"{p}.slice_ends", [k]),
+                           b.const(f"{p}.slice_axes", [1])], f"{p}/slice")
+    z = b.op("Mul", [x, b.const(f"{p}.weight", t["weight"])], f"{p}/diag_mul")
+    if n_out > k:
+        z = b.op("Pad", [z, b.const(f"{p}.pads", [0, 0, 0, n_out - k])], f"{p}/pad")
+    if h is None:
+        z = b.op("Mul", [b.op("Add", [z, b.const(f"{p}.psi", t["psi"])], f"{p}/psi_add"), g_prev], f"{p}/times_g")
+    return b.op("Add", [z, b.const(f"{p}.bias", t["bias"])], f"{p}/add_bias")
+
+
+def activation_nodes(b: GraphBuilder, i: int, hidden: Hidden, z: str) -> str:
+    """g = tanh(m)/m, m² = |o + |z|²| (module docstring): 3 nodes with o folded, one more per guard otherwise."""
     p = f"act{i}"
-    m2 = b.op("Add", [b.op("ReduceSumSquare", [z], f"{p}/sum_sq", axes=[1], keepdims=1),
-                      b.const(f"{p}.o", layer.o.reshape(()))], f"{p}/m2")
-    small = b.op("Less", [m2, b.const(f"{p}.small_m2", np.array(SMALL_M2))], f"{p}/small")
-    one = b.const(f"{p}.one", np.array(1.0))
-    m = b.op("Sqrt", [b.op("Where", [small, one, m2], f"{p}/safe_m2")], f"{p}/m")
-    ratio = b.op("Div", [b.op("Tanh", [m], f"{p}/tanh"), m], f"{p}/ratio")
-    inner = b.op("Add", [b.const(f"{p}.c1", np.array(-1.0 / 3.0)),
-                         b.op("Mul", [m2, b.const(f"{p}.c2", np.array(2.0 / 15.0))], f"{p}/series_m2")],
-                 f"{p}/series_inner")
-    series = b.op("Add", [one, b.op("Mul", [m2, inner], f"{p}/series_m2b")], f"{p}/series")
-    g = b.op("Where", [small, series, ratio], f"{p}/g")
-    return b.op("Mul", [z, g], f"{p}/h"), g
+    if hidden.folded:
+        m = b.op("ReduceL2", [z], f"{p}/m", axes=[1], keepdims=1)
+    else:
+        o = hidden.o
+        m2 = b.op("ReduceSumSquare", [z], f"{p}/sum_sq", axes=[1], keepdims=1)
+        if o != 0:
+            m2 = b.op("Add", [m2, b.const(f"{p}.o", np.array(o))], f"{p}/m2")
+        if o < 0:
+            m2 = b.op("Abs", [m2], f"{p}/abs")
+        if not o >= M2_FLOOR:
+            m2 = b.op("Max", [m2, b.const(f"{p}.m2_floor", np.array(M2_FLOOR))], f"{p}/m2_floor")
+        m = b.op("Sqrt", [m2], f"{p}/m")
+    return b.op("Div", [b.op("Tanh", [m], f"{p}/tanh"), m], f"{p}/g")
+
+
+def node_counts(proto) -> list[int]:
+    """Nodes per weight layer (its weight nodes plus the activation after it), from the graph's node names."""
+    counts: dict[int, int] = {}
+    for node in proto.graph.node:
+        head = node.name.split("/")[0]
+        index = int(head.removeprefix("layer").removeprefix("act"))
+        index = index + 1 if node.name.endswith("/h") else index  # h = g·z belongs to the layer that reads it
+        counts[index] = counts.get(index, 0) + 1
+    return [counts.get(i, 0) for i in range(max(counts) + 1)]
 
 
 def check_representable(model: IsoMLP, dtype: torch.dtype) -> None:
@@ -121,15 +242,17 @@ def build_onnx(model: IsoMLP, dtype: torch.dtype = torch.float32, opset: int = D
         raise IsocompressError(f"ONNX export in {dtype} is not supported; use float32 or float64")
     check_representable(model, dtype)
     b = GraphBuilder(ONNX_DTYPES[dtype])
-    h, g_prev = INPUT_NAME, None
+    b.widths[INPUT_NAME] = model.widths[0]
+    plan = plan_hidden(model, b.np_dtype)
+    z, g = None, None
     for i, layer in enumerate(model.layers):
-        z = weight_node(b, i, layer, h)
-        if layer.psi is not None:
-            z = psi_node(b, i, layer, z, g_prev)
-        if layer.is_output:
-            b.op("Identity", [z], OUTPUT_NAME)
-            break
-        h, g_prev = activation_nodes(b, i, layer, z)
+        before, after = (plan[i - 1] if i > 0 else None), (None if layer.is_output else plan[i])
+        tensors = graph_tensors(layer, before, after)
+        z = weight_node(b, i, layer, tensors, INPUT_NAME if i == 0 else None, z, g)
+        b.widths[z] = int(tensors["bias"].shape[0])
+        if not layer.is_output:
+            g = activation_nodes(b, i, after, z)
+    b.nodes[-1].output[0] = OUTPUT_NAME  # the output layer's last node writes y directly
     elem = TensorProto.FLOAT if dtype == torch.float32 else TensorProto.DOUBLE
     widths = model.widths
     graph = helper.make_graph(
@@ -147,13 +270,32 @@ def build_onnx(model: IsoMLP, dtype: torch.dtype = torch.float32, opset: int = D
 
 
 # --- files -------------------------------------------------------------------------------------------------------
-def export_onnx(model: IsoMLP, path: str | Path, dtype: torch.dtype = torch.float32, opset: int = DEFAULT_OPSET,
-                ir_version: int = DEFAULT_IR_VERSION) -> Path:
-    """Write the model as one self-contained ONNX file (atomically)."""
+def write_onnx(model: IsoMLP, path: str | Path, dtype: torch.dtype = torch.float32, opset: int = DEFAULT_OPSET,
+               ir_version: int = DEFAULT_IR_VERSION) -> Path:
+    """Write the model as one self-contained ONNX file (atomically), without running it (see `export_onnx`)."""
     proto = build_onnx(model, dtype, opset, ir_version)
     with io.atomic_path(path) as tmp:
         tmp.write_bytes(proto.SerializeToString())
     return Path(path)
+
+
+def export_onnx(model: IsoMLP, path: str | Path, probes: torch.Tensor | None = None, *, rtol: float = 1e-4,
+                dtype: torch.dtype = torch.float32, opset: int = DEFAULT_OPSET,
+                ir_version: int = DEFAULT_IR_VERSION) -> dict:
+    """`isocompress export --format onnx` in Python: write `path` and verify it in onnxruntime against the float64
+    torch forward on `probes` (default: 1,024 Gaussian inputs at scales 0.01–1000, as the CLI). Returns the
+    verification record (max_abs_diff, max_rel_diff, …, as report.json's "onnx"); raises CheckFailed, leaving no
+    file, if max_rel_diff > rtol."""
+    if not isinstance(model, IsoMLP):
+        raise IsocompressError(f"export_onnx needs an IsoMLP (isocompress.load(path)), got {type(model).__name__}")
+    if not (isinstance(rtol, (int, float)) and 0 < rtol < float("inf")):
+        raise IsocompressError(f"export_onnx: rtol {rtol!r} must be a positive finite number")
+    if probes is None:
+        from isocompress.measure import probe_inputs
+
+        probes = probe_inputs(model.widths[0])
+    return export_and_verify(model, path, torch.as_tensor(probes), rtol=rtol, dtype=dtype, opset=opset,
+                             ir_version=ir_version)
 
 
 def ort_session(path: str | Path, threads: int | None = None):

@@ -13,6 +13,7 @@ SMALL_M2 = 1e-8
 
 def isotropic_gain(m2: torch.Tensor) -> torch.Tensor:
     """g(m) = tanh(m)/m as a function of m² ≥ 0, finite with finite gradients everywhere (including m² = 0).
+    (The caller passes m² = |o + |z|²|; see `isotropic_tanh`.)
 
     Series near 0: tanh(m)/m = 1 − m²/3 + 2m⁴/15 − …; `where` keeps the untaken branch's argument finite so
     that no NaN gradient leaks through it.
@@ -25,10 +26,22 @@ def isotropic_gain(m2: torch.Tensor) -> torch.Tensor:
 
 
 def isotropic_tanh(z: torch.Tensor, o: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
-    """f(z) = g·z with g = tanh(m)/m, m = sqrt(o + |z|²) over the last axis. Returns (h, g), g of shape (..., 1)."""
+    """f(z) = g·z with g = tanh(m)/m, m = sqrt(|o + |z|²|) over the last axis. Returns (h, g), g of shape (..., 1).
+
+    The absolute value is the reference code's semantics for a raw (possibly negative) intrinsic length; for o ≥ 0
+    it changes nothing. For o < 0, m = 0 on the sphere |z|² = −o (g = 1 there; docs/math.md, "Negative o")."""
     m2 = (z * z).sum(dim=-1, keepdim=True) + o
+    if _may_be_negative(o):
+        m2 = m2.abs()
     g = isotropic_gain(m2)
     return g * z, g
+
+
+def _may_be_negative(o: torch.Tensor | float) -> bool:
+    """Whether o < 0 (then |o + |z|²| needs its abs; skipping it for o ≥ 0 keeps the common path unchanged)."""
+    if isinstance(o, torch.Tensor):
+        return o.requires_grad or bool((o < 0).any())
+    return o < 0
 
 
 def svd64(matrix: torch.Tensor, full: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

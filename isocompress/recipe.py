@@ -32,10 +32,11 @@ BASES = ("auto", "data-free", "data-aware")
 FORMATS = ("safetensors", "onnx")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 RECIPE_KEYS = ("name", "version", "description", "exact", "budget", "max-error", "basis", "calibration", "labels",
-               "input-radius", "formats", "onnx-tol", "dtype")
+               "input-radius", "formats", "onnx-tol", "dtype", "ref-intrinsic-length")
 GOAL_KEYS = ("exact", "budget", "max-error")
 FIELD_KEYS = {"max_error": "max-error", "max_error_percent": "max-error", "input_radius": "input-radius",
-              "onnx_tol": "onnx-tol"}
+              "onnx_tol": "onnx-tol", "ref_intrinsic_length": "ref-intrinsic-length"}
+REF_MODES = ("log", "raw")
 
 
 # --- shared value parsers (each raises IsocompressError naming `key` at `where`) --------------------------------------
@@ -220,6 +221,7 @@ class Recipe:
     formats: tuple[str, ...] = FORMATS
     onnx_tol: float = 1e-4
     dtype: str | None = None
+    ref_intrinsic_length: str | None = None
     path: str | None = None
 
     def __post_init__(self) -> None:
@@ -256,7 +258,8 @@ class Recipe:
         relative = None if self.max_error_percent is None else self.max_error_percent / 100.0
         return ShrinkOptions(budget=self.budget, max_error=self.max_error, max_error_relative=relative,
                              basis=self.basis, input_radius=self.input_radius, formats=self.formats,
-                             onnx_tol=self.onnx_tol, dtype=self.dtype)
+                             onnx_tol=self.onnx_tol, dtype=self.dtype,
+                             ref_intrinsic_length=self.ref_intrinsic_length)
 
     def to_dict(self) -> dict:
         """The recipe as its TOML keys (what `from_dict` reads back); `exact` always, the goal key if lossy."""
@@ -270,7 +273,7 @@ class Recipe:
             data["max-error"] = f"{int(percent) if percent == int(percent) and percent < 1e15 else percent!r}%"
         data["basis"] = self.basis
         optional = {"calibration": self.calibration, "labels": self.labels, "input-radius": self.input_radius,
-                    "dtype": self.dtype}
+                    "dtype": self.dtype, "ref-intrinsic-length": self.ref_intrinsic_length}
         data.update({k: v for k, v in optional.items() if v is not None})
         data.update({"formats": list(self.formats), "onnx-tol": self.onnx_tol})
         return data
@@ -303,6 +306,9 @@ class Recipe:
             kwargs["onnx_tol"] = parse_positive(data["onnx-tol"], where, "onnx-tol")
         if "dtype" in data:
             kwargs["dtype"] = parse_choice(data["dtype"], DTYPES, where, "dtype")
+        if "ref-intrinsic-length" in data:
+            kwargs["ref_intrinsic_length"] = parse_choice(data["ref-intrinsic-length"], REF_MODES, where,
+                                                          "ref-intrinsic-length")
         return cls(**kwargs)
 
     def with_overrides(self, **flags) -> tuple["Recipe", list[str]]:

@@ -1,5 +1,6 @@
 """Train the shipped example models in models/ (issue 2 item 7, issue 6 item 3). Deterministic; ~1 minute each.
 
+    pip install -e ".[train]"                 # scikit-learn and mnist1d (the [test] extra has them too)
     python scripts/train_models.py            # both models
     python scripts/train_models.py digits     # one of them
 
@@ -46,7 +47,7 @@ RECIPES = {
 
 
 def load_digits_split():
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # pip install -e ".[train]"
     from sklearn.model_selection import train_test_split
 
     x, y = load_digits(return_X_y=True)

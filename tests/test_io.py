@@ -116,10 +116,6 @@ def bad_files(tmp_path: Path) -> dict:
     sd = reference_state_dict([3, 4, 2], False, "none")
     sd["bias_parameters.1"] = torch.zeros(5)
     torch.save(sd, files["shape"])
-    files["negative_o"] = tmp_path / "neg.pt"
-    sd = reference_state_dict([3, 4, 2], False, "const")
-    sd["activation.0.o_const"] = torch.tensor(-2.0)
-    torch.save(sd, files["negative_o"])
     files["module"] = tmp_path / "module.pt"
     torch.save(torch.nn.Linear(2, 2), files["module"])
     files["safetensors_garbage"] = tmp_path / "garbage.safetensors"
@@ -136,7 +132,6 @@ EXPECTED_MESSAGES = {
     "layout": "unrecognised layout (found keys: encoder.weight); expected isocompress keys",
     "nan": "'weight_parameters.1' contains NaN or Inf",
     "shape": "'weight_parameters.1' (2, 4) and 'bias_parameters.1' (5,) do not fit",
-    "negative_o": "'activation.0.o_const' = -2 is negative",
     "module": "refused: the checkpoint holds Python objects",
     "safetensors_garbage": "not a readable safetensors file",
     "missing": "no such file; check the path",

@@ -97,9 +97,14 @@ def test_bad_configs_name_the_problem(text, message):
         ModelConfig.from_json(text)
 
 
-def test_negative_intrinsic_length_is_refused():
+def test_negative_intrinsic_length_uses_the_absolute_value():
+    """o < 0 is the reference's raw intrinsic length: m = sqrt(|o + |z|²|), so g = 1 on the sphere |z|² = −o."""
     layer = Layer(weight=torch.eye(2, dtype=torch.float64), bias=torch.zeros(2, dtype=torch.float64), n_in=2,
                   o=torch.tensor(-1.0, dtype=torch.float64))
     out = Layer(weight=torch.eye(2, dtype=torch.float64), bias=torch.zeros(2, dtype=torch.float64), n_in=2)
-    with pytest.raises(IsocompressError, match="negative"):
-        IsoMLP([layer, out])
+    model = IsoMLP([layer, out])
+    x = torch.tensor([[1.0, 0.0], [3.0, 4.0], [0.0, 0.0]], dtype=torch.float64)
+    m = torch.sqrt((x.pow(2).sum(-1, keepdim=True) - 1.0).abs())
+    expected = torch.where(m > 0, torch.tanh(m) / m.clamp_min(1e-300), torch.ones_like(m)) * x
+    assert torch.allclose(model(x), expected, rtol=1e-15, atol=0)
+    assert torch.equal(model(x)[0], x[0])  # on the sphere: m = 0, g = 1
