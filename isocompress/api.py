@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import shutil
+import os
 from dataclasses import asdict, dataclass, replace
 import time
 from contextlib import contextmanager
@@ -52,25 +52,43 @@ def default_out_dir(model_path: Path) -> Path:
     return Path.cwd() / f"{model_path.stem}.shrunk"
 
 
-@contextmanager
-def output_dir(path: Path, inputs: list[Path]) -> Iterator[Path]:
-    """Creates `path` if needed; on failure removes it again if this call created it. Refuses to write over inputs."""
+OUTPUT_NAMES = ("model.", "report.json")  # what a run may publish into --out (names starting so)
+
+
+def check_out_target(path: Path, inputs: list[Path]) -> None:
+    """Refuses an --out that is a file, or one whose published files would replace an input (also through a
+    symlink named like an output)."""
     if path.exists() and not path.is_dir():
         raise IsocompressError(f"{path}: exists and is not a directory; choose another --out")
-    created = not path.exists()
-    resolved_inputs = {p.resolve() for p in inputs}
-    if path.resolve() in resolved_inputs or any(p.parent == path.resolve() and p.name.startswith("model.") for p in resolved_inputs):
+    out_abs, out_real = Path(os.path.abspath(path)), path.resolve()
+    inputs_abs = {Path(os.path.abspath(p)) for p in inputs}
+    inputs_real = {p.resolve() for p in inputs}
+    if out_real in inputs_real or out_abs in inputs_abs:
         raise IsocompressError(f"{path}: would overwrite the input model; choose another --out")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise IsocompressError(f"{path}: cannot create the output directory ({exc.strerror}); choose another --out") from None
-    try:
-        yield path
-    except BaseException:
-        if created:
-            shutil.rmtree(path, ignore_errors=True)
-        raise
+    for p in inputs_abs | inputs_real:
+        if p.parent in (out_abs, out_real) and p.name.startswith(OUTPUT_NAMES):
+            raise IsocompressError(f"{path}: would overwrite the input {p.name}; choose another --out")
+    if path.is_dir():
+        for entry in path.iterdir():
+            if entry.name.startswith(OUTPUT_NAMES) and entry.resolve() in inputs_real:
+                raise IsocompressError(f"{entry}: links to an input; publishing would replace it; choose another --out")
+
+
+@contextmanager
+def output_dir(path: Path, inputs: list[Path]) -> Iterator[Path]:
+    """A private stage directory for a run's outputs (isocompress.publish): write every output there, report.json
+    included; when the block ends they are hashed, verified and published into `path` together. On failure nothing is
+    published and the previous contents of `path` stay as they were. Refuses to write over inputs."""
+    from isocompress import publish
+
+    check_out_target(path, inputs)
+    with publish.staged(path) as stage:
+        yield stage.dir
+
+
+def final_paths(files: dict[str, Path], out: Path) -> dict[str, str]:
+    """Where staged files will be once published."""
+    return {name: str(out / Path(p).name) for name, p in files.items()}
 
 
 def parse_dtype(name: str | None, default: torch.dtype) -> torch.dtype:
@@ -165,9 +183,9 @@ def shrink_file(
     probes = calib if calib is not None else probe_inputs(original.widths[0])
     inputs = [model_path] + [Path(p) for p in (calibration, labels) if p is not None]
     effective, resolved = resolve_relative_error(options, original, probes)
-    with output_dir(out, inputs) as out:
+    with output_dir(out, inputs) as stage:
         shrunk, prune_report = compress(original, effective, calib, label_data, progress)
-        files, onnx_report = write_outputs(shrunk, out, options, saved_dtype, probes)
+        files, onnx_report = write_outputs(shrunk, stage, options, saved_dtype, probes)
         reloaded = io.load(files["safetensors"]) if "safetensors" in files else shrunk.cast(saved_dtype)
         report = {
             "model": str(model_path),
@@ -189,7 +207,7 @@ def shrink_file(
                 "float64": output_difference(original, shrunk, probes),
                 "saved_file": output_difference(original, reloaded, probes),
             },
-            "files": {name: str(p) for name, p in files.items()},
+            "files": final_paths(files, out),
         }
         if prune_report is not None:
             report["pruning"] = prune_report
@@ -198,7 +216,7 @@ def shrink_file(
         if onnx_report is not None:
             report["onnx"] = onnx_report
         report["seconds"] = round(time.perf_counter() - started, 4)
-        write_json(report, out / "report.json")
+        write_report(report, stage)
     return report
 
 
@@ -258,6 +276,14 @@ def load_labels(path: str | Path) -> torch.Tensor:
     from isocompress import data
 
     return data.load_array(path, labels=True)
+
+
+def write_report(report: dict, stage: Path) -> None:
+    """report.json into a stage, with the sha256 of every staged output (what `publish.verify` checks)."""
+    from isocompress import publish
+
+    report["sha256"] = publish.stage_hashes(stage)
+    write_json(report, stage / "report.json")
 
 
 def write_json(data: dict, path: Path) -> None:
