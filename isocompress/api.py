@@ -82,8 +82,11 @@ def output_dir(path: Path, inputs: list[Path]) -> Iterator[Path]:
     from isocompress import publish
 
     check_out_target(path, inputs)
-    with publish.staged(path) as stage:
-        yield stage.dir
+    try:
+        with publish.staged(path) as stage:
+            yield stage.dir
+    except OSError as exc:
+        raise publish.name_the_target(exc, path) from None
 
 
 def final_paths(files: dict[str, Path], out: Path) -> dict[str, str]:

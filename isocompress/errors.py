@@ -11,3 +11,11 @@ class CheckFailed(IsocompressError):
     """A check or verification ran and failed (a limit exceeded, an export that does not match). Exit code 1."""
 
     exit_code = 1
+
+
+class Terminated(BaseException):
+    """Raised by the CLI's SIGTERM/SIGHUP handler so that cleanup (removing a stage) runs before the exit."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = int(signum)

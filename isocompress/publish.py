@@ -229,6 +229,19 @@ def _remove_empty(paths: list[Path]) -> None:
             pass
 
 
+def name_the_target(exc: OSError, out: Path) -> OSError:
+    """The same error naming OUT (or OUT/file) instead of a private stage path, or naming OUT where it named nothing."""
+    def public(name):
+        if name is None:
+            return str(out)
+        text = os.fsdecode(name)
+        if STAGE_PREFIX in text:
+            rest = text.split(STAGE_PREFIX, 1)[1].split(os.sep, 1)
+            return str(out / rest[1].lstrip(".")) if len(rest) > 1 and rest[1] else str(out)
+        return text
+    return OSError(exc.errno, exc.strerror, public(exc.filename))
+
+
 def verify(out: str | os.PathLike) -> dict:
     """Checks OUT's report.json against its files; returns the report. Raises IsocompressError on any mismatch."""
     out = Path(out)
