@@ -48,12 +48,38 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str 
         raise IsocompressError(f"{path}: no such file; check the path")
     if path.is_dir():
         raise IsocompressError(f"{path}: is a directory; pass a model file (.pt, .pth or .safetensors)")
+    if not path.is_file():  # a FIFO, a socket, a device: reading could block forever
+        raise IsocompressError(f"{path}: is not a regular file (a pipe or device?); pass a model file")
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise IsocompressError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .pt, .pth or .safetensors")
-    if suffix == ".safetensors":
-        return _read_safetensors(path)
-    return _read_torch(path)
+    tensors, config = _read_safetensors(path) if suffix == ".safetensors" else _read_torch(path)
+    check_tensor_kinds(tensors, path)
+    return tensors, config
+
+
+READABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32,
+                   torch.int64, torch.uint8)
+INDEX_KEY = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def check_tensor_kinds(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Dense tensors of ordinary dtypes, no zero-size dimension, no two keys naming one index (layers.0/layers.00)."""
+    for key, t in tensors.items():
+        shown = key if key.isprintable() else repr(key)
+        if t.layout != torch.strided:
+            raise IsocompressError(f"{path}: tensor {shown[:80]!r} is {str(t.layout).replace('torch.', '')}; store it"
+                                   " dense (tensor.to_dense())")
+        if t.dtype not in READABLE_DTYPES:
+            raise IsocompressError(f"{path}: tensor {shown[:80]!r} has dtype {str(t.dtype).replace('torch.', '')};"
+                                   " convert the model to float32, float64, float16 or bfloat16")
+        if t.numel() == 0:
+            raise IsocompressError(f"{path}: tensor {shown[:80]!r} has shape {tuple(t.shape)}: a zero-size layer;"
+                                   " every layer needs at least one neuron")
+        for digits in INDEX_KEY.findall(key):
+            if len(digits) > 1 and digits.startswith("0") or len(digits) > 9:
+                raise IsocompressError(f"{path}: key {shown[:80]!r} writes an index as {digits[:12]!r}; write it"
+                                       " without leading zeros (layers.0, not layers.00)")
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -78,7 +104,15 @@ def safe_torch_load(path: Path, what: str, resave: str):
             warnings.simplefilter("ignore")
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
+        kind = pickle_kind(path) if "GLOBAL" not in str(exc) else "code"
+        if kind == "not-pickle":
+            raise IsocompressError(
+                f"{path}: not a PyTorch {what} (neither a torch.save zip archive nor a pickle stream); is it the"
+                " right file?") from None
+        if kind == "corrupt":
+            raise IsocompressError(f"{path}: not a readable PyTorch {what} (a malformed pickle stream); is it truncated"
+                                   " or corrupted?") from None
+        if kind == "code" and ("weights only" in str(exc).lower() or "weights_only" in str(exc)):
             raise IsocompressError(
                 f"{path}: refused: the {what} holds Python objects, not just tensors, and unpickling it could run"
                 f" code; {resave}"
@@ -88,6 +122,33 @@ def safe_torch_load(path: Path, what: str, resave: str):
         raise IsocompressError(
             f"{path}: not a readable PyTorch {what} ({first_line(exc)}); is it truncated or corrupted?"
         ) from None
+
+
+CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"}
+
+
+def pickle_kind(path: Path) -> str:
+    """'code' (the pickle stream calls or builds objects), 'data' (plain containers), 'corrupt' or 'not-pickle',
+    from a static scan of the opcodes (pickletools; nothing is executed). A zip archive's data.pkl is scanned."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                if not names:
+                    return "corrupt"
+                stream = archive.read(names[0])
+        else:
+            with open(path, "rb") as handle:
+                stream = handle.read(64 << 20)
+            if not stream.startswith(b"\x80"):
+                return "not-pickle"
+        ops = {op.name for op, _, _ in pickletools.genops(stream)}
+    except Exception:  # noqa: BLE001 - a malformed stream: whatever the scanner raises
+        return "corrupt"
+    return "code" if ops & CODE_OPCODES else "data"
 
 
 def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
