@@ -185,6 +185,10 @@ def shrink_file(
     out = Path(out_dir) if out_dir is not None else default_out_dir(model_path)
     probes = calib if calib is not None else probe_inputs(original.widths[0])
     inputs = [model_path] + [Path(p) for p in (calibration, labels) if p is not None]
+    from isocompress import ranges
+
+    ranges.check_run(original, probe_inputs(original.widths[0]), calib, saved_dtype, "onnx" in options.formats,
+                     str(model_path), None if calibration is None else str(calibration))
     effective, resolved = resolve_relative_error(options, original, probes)
     with output_dir(out, inputs) as stage:
         shrunk, prune_report = compress(original, effective, calib, label_data, progress)

@@ -40,6 +40,10 @@ def export_file(model_path: str | Path, out_dir: str | Path | None, formats=("on
     model = io.load(model_path)
     calib = api.load_inputs(calibration, model.widths[0]) if calibration is not None else None
     probes = calib if calib is not None else api.probe_inputs(model.widths[0])
+    from isocompress import ranges
+
+    ranges.check_run(model, api.probe_inputs(model.widths[0]), calib, saved_dtype, "onnx" in formats,
+                     str(model_path), None if calibration is None else str(calibration))
     out = Path(out_dir) if out_dir is not None else Path.cwd() / f"{model_path.stem}.export"
     inputs = [model_path] + ([Path(calibration)] if calibration is not None else [])
     with api.output_dir(out, inputs) as stage:
