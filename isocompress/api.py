@@ -14,18 +14,36 @@ import torch
 
 from isocompress import io
 from isocompress.errors import IsocompressError
+from isocompress.errors import CheckFailed
 from isocompress.layers import (alternate_diagonalise, as_float64, choose_alternating_layers, forward_float64,
-                                remove_all_constant_directions)
+                                remove_all_constant_directions, remove_constant_directions_accounted)  # noqa: F401
 from isocompress.measure import PROBE_SCALES, output_difference, probe_inputs  # noqa: F401  (re-exported)
 from isocompress.model import IsoMLP
 from isocompress.progress import progress_bar
 
 
 # --- pure verbs on models ----------------------------------------------------------------------------------------
+EXACT_PROBE_RTOL = 1e-8  # an exact run whose probe error exceeds this × max |y| fails (the bound is ~1e-10×)
+
+
 def shrink_exact(model: IsoMLP, progress: Callable[[str], None] | None = None) -> IsoMLP:
-    """Remove every constant direction, then store every other layer diagonal. Same function for every input."""
-    model = remove_all_constant_directions(as_float64(model), progress=progress)
-    return alternate_diagonalise(model, progress=progress)
+    """Remove every constant direction, then store every other layer diagonal. The same function up to a proven
+    ≤ EXACT_RTOL-relative change on the default probe domain (see `shrink_exact_accounted`)."""
+    return shrink_exact_accounted(model, progress=progress)[0]
+
+
+def shrink_exact_accounted(model: IsoMLP, progress: Callable[[str], None] | None = None,
+                           x: torch.Tensor | None = None) -> tuple[IsoMLP, dict]:
+    """`shrink_exact` and the record of what it dropped (layers.remove_constant_directions_accounted): the
+    tolerance, the output scale and input radius it is relative to (those of x when given), and the proven bound."""
+    model = as_float64(model)
+    radius = scale = None
+    if x is not None:
+        radius = float(torch.linalg.vector_norm(x.to(torch.float64), dim=-1).max())
+        scale = output_scale(model, x)
+    model, record = remove_constant_directions_accounted(model, progress=progress, input_radius=radius,
+                                                         output_scale=scale)
+    return alternate_diagonalise(model, progress=progress), record
 
 
 def exact_steps(model: IsoMLP) -> int:
@@ -191,7 +209,9 @@ def shrink_file(
                      str(model_path), None if calibration is None else str(calibration))
     effective, resolved = resolve_relative_error(options, original, probes)
     with output_dir(out, inputs) as stage:
-        shrunk, prune_report = compress(original, effective, calib, label_data, progress)
+        exact_x = probe_inputs(original.widths[0]) if calib is None else torch.cat([probe_inputs(original.widths[0]), calib])
+        shrunk, prune_report = compress(original, effective, calib, label_data, progress, probes=exact_x)
+        constant = prune_report.pop("constant_directions") if not options.lossy else None
         files, onnx_report = write_outputs(shrunk, stage, options, saved_dtype, probes)
         reloaded = io.load(files["safetensors"]) if "safetensors" in files else shrunk.cast(saved_dtype)
         report = {
@@ -216,7 +236,10 @@ def shrink_file(
             },
             "files": final_paths(files, out),
         }
-        if prune_report is not None:
+        if constant is not None:
+            report["constant_directions"] = constant
+            check_exact(report["probe"]["float64"], constant)
+        else:
             report["pruning"] = prune_report
             if resolved is not None:
                 report["pruning"]["max_error_resolved"] = {**resolved, "scale_inputs": report["probe"]["inputs"]}
@@ -225,6 +248,15 @@ def shrink_file(
         report["seconds"] = round(time.perf_counter() - started, 4)
         write_report(report, stage)
     return report
+
+
+def check_exact(probe: dict, constant: dict) -> None:
+    """An exact run whose own probe error is not tiny fails (exit 1) instead of reporting success (issue 13)."""
+    limit = EXACT_PROBE_RTOL * probe["max_norm_reference"] + 2.0 * constant["bound"]
+    if probe["max_abs"] > limit:
+        raise CheckFailed(f"exact shrinking changed the outputs by up to {probe['max_abs']:.3g} on the probe inputs"
+                          f" (max |y| {probe['max_norm_reference']:.3g}; allowed {limit:.3g}); nothing was written;"
+                          " please report this model")
 
 
 def output_scale(model: IsoMLP, x: torch.Tensor) -> float:
@@ -243,11 +275,13 @@ def resolve_relative_error(options: ShrinkOptions, original: IsoMLP, probes: tor
     return replace(options, max_error=absolute, max_error_relative=None), record
 
 
-def compress(original: IsoMLP, options: ShrinkOptions, calibration, labels, progress: bool):
-    """The model-changing step: exact shrinking, or pruning to a budget (isocompress.prune). Returns (model, report)."""
+def compress(original: IsoMLP, options: ShrinkOptions, calibration, labels, progress: bool, probes=None):
+    """The model-changing step: exact shrinking, or pruning to a budget (isocompress.prune). Returns (model, report):
+    for an exact run the report is {"constant_directions": record} (what was dropped, relative to `probes`)."""
     if not options.lossy:
         with progress_bar(exact_steps(original), "shrink", enabled=progress) as step:
-            return shrink_exact(original, progress=step), None
+            model, record = shrink_exact_accounted(original, progress=step, x=probes)
+            return model, {"constant_directions": record}
     from isocompress import prune  # issue 4 (imported here: prune is heavy and only a budget needs it)
 
     return prune.prune_to_budget(original, options, calibration=calibration, labels=labels, progress=progress)
