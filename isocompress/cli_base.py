@@ -59,7 +59,7 @@ class Group(click.Group):
         except RuntimeError as exc:
             if not is_allocation_failure(exc):
                 raise
-            fail(f"out of memory ({one_line(str(exc))[:160]}); free memory, raise the limit, or use a smaller model", 2)
+            fail(f"out of memory ({allocation_size(str(exc))}); free memory, raise the limit, or use a smaller model", 2)
         except KeyboardInterrupt:
             fail("interrupted; nothing was published (the previous outputs are unchanged)", 130)
         except Terminated as exc:
@@ -85,6 +85,13 @@ def os_error_message(exc: OSError) -> str:
     if exc.filename2 is not None:
         where = f"{exc.filename} -> {exc.filename2}"
     return f"{where}: {what}; {advice}"
+
+
+def allocation_size(text: str) -> str:
+    import re
+
+    found = re.search(r"allocate (\d+) bytes", text)
+    return f"an allocation of {int(found.group(1)):,} bytes failed" if found else "an allocation failed"
 
 
 def is_allocation_failure(exc: RuntimeError) -> bool:

@@ -53,6 +53,10 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str 
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
         raise IsocompressError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .pt, .pth or .safetensors")
+    from isocompress.limits import check_memory
+
+    # the float64 copy alone is at least twice a float32 file: refuse early rather than fail in an allocation
+    check_memory(2 * path.stat().st_size, f"{path}: loading this model", "free memory or raise the limit")
     tensors, config = _read_safetensors(path) if suffix == ".safetensors" else _read_torch(path)
     check_tensor_kinds(tensors, path)
     return tensors, config
@@ -89,6 +93,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except MemoryError:
+        raise
     except Exception as exc:  # SafetensorError, OSError, ValueError, …: whatever a corrupted file makes it raise
         raise IsocompressError(
             f"{path}: not a readable safetensors file ({first_line(exc)}); is it truncated or corrupted?"
@@ -103,6 +109,8 @@ def safe_torch_load(path: Path, what: str, resave: str):
         with warnings.catch_warnings():  # torch warns about pickle protocols on stderr; our one line says enough
             warnings.simplefilter("ignore")
             return torch.load(str(path), map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
     except pickle.UnpicklingError as exc:
         kind = pickle_kind(path) if "GLOBAL" not in str(exc) else "code"
         if kind == "not-pickle":

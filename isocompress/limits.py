@@ -112,3 +112,34 @@ def loads_json(text: str, where: str, what: str, max_bytes: int = MAX_TEXT_BYTES
         return json.loads(text, parse_constant=_bad_constant, parse_float=_finite_float, parse_int=_bounded_int)
     except RecursionError:
         raise IsocompressError(f"{where}: nests too deeply; flatten the {what}") from None
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate, as far as the OS says (MemAvailable, an address-space limit), or None."""
+    import resource
+
+    candidates = []
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    candidates.append(int(line.split()[1]) * 1024)
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft != resource.RLIM_INFINITY:
+            with open("/proc/self/statm") as handle:
+                used = int(handle.read().split()[0]) * resource.getpagesize()
+            candidates.append(max(soft - used, 0))
+    except (OSError, ValueError, IndexError):
+        pass
+    return min(candidates) if candidates else None
+
+
+def check_memory(needed: int, what: str, advice: str) -> None:
+    """IsocompressError if `needed` bytes clearly exceed what is available."""
+    free = available_memory()
+    if free is not None and needed > free:
+        raise IsocompressError(f"{what} needs about {needed / 2**30:.3g} GiB of memory but only {free / 2**30:.3g} GiB"
+                               f" is available; {advice}")
