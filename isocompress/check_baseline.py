@@ -17,7 +17,9 @@ def load_baseline(path: str | os.PathLike) -> list[dict]:
     """Entries {model, recipe, metric, measure, unit, measured} from a `check --json` output (a list) or from a
     shrink report.json (an object)."""
     path = Path(path)
-    if not path.is_file():
+    from isocompress.io import input_exists
+
+    if not input_exists(path) or not path.is_file():
         raise IsocompressError(f"{path}: no such file; --baseline takes a `check --json` output or a report.json")
     from isocompress.limits import MAX_BASELINE_BYTES, loads_json
 

@@ -6,6 +6,13 @@ class IsocompressError(Exception):
 
     exit_code = 2
 
+    def __init__(self, message: str = "", *args):
+        # control characters (a newline in a file name) escaped: a message is always one line (issue 13)
+        text = str(message)
+        if not text.isprintable():
+            text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+        super().__init__(text, *args)
+
 
 class CheckFailed(IsocompressError):
     """A check or verification ran and failed (a limit exceeded, an export that does not match). Exit code 1."""

@@ -44,7 +44,7 @@ REF_KEY = re.compile(r"^(weight_parameters|bias_parameters|psi_parameters)\.(\d+
 def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:
     """The flat tensor dict of a checkpoint and its stored config JSON (or None). Raises IsocompressError."""
     path = Path(path)
-    if not path.exists():
+    if not input_exists(path):
         raise IsocompressError(f"{path}: no such file; check the path")
     if path.is_dir():
         raise IsocompressError(f"{path}: is a directory; pass a model file (.pt, .pth or .safetensors)")
@@ -60,6 +60,24 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str 
     tensors, config = _read_safetensors(path) if suffix == ".safetensors" else _read_torch(path)
     check_tensor_kinds(tensors, path)
     return tensors, config
+
+
+def input_exists(path: Path) -> bool:
+    """Whether an input path exists; an OS error other than "missing" (a name too long, no permission) is one
+    IsocompressError naming the path (issue 13)."""
+    import errno as _errno
+
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        if exc.errno == _errno.ELOOP:
+            raise IsocompressError(f"{path}: too many levels of symbolic links; check the path") from None
+        raise IsocompressError(f"{path}: cannot be read ({exc.strerror}); check the path and its permissions") from None
+    except ValueError:  # an embedded NUL byte
+        raise IsocompressError(f"{path}: is not a valid path (it contains a NUL byte)") from None
+    return True
 
 
 READABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32,

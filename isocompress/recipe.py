@@ -179,7 +179,9 @@ def parse_version(value, where: str) -> str:
 def read_toml(path: str | os.PathLike, what: str) -> dict:
     """A TOML file as a dict; every failure (missing, unreadable, not UTF-8, bad syntax) one line naming the file."""
     path = Path(path)
-    if not path.is_file():
+    from isocompress.io import input_exists
+
+    if not input_exists(path) or not path.is_file():
         hint = "is a directory" if path.is_dir() else "no such file"
         raise IsocompressError(f"{path}: {hint}; expected a {what} (.toml)")
     from isocompress.limits import MAX_TEXT_BYTES
