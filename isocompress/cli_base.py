@@ -60,11 +60,16 @@ class Group(click.Group):
             if not is_allocation_failure(exc):
                 raise
             fail(f"out of memory ({allocation_size(str(exc))}); free memory, raise the limit, or use a smaller model", 2)
-        except KeyboardInterrupt:
-            fail("interrupted; nothing was published (the previous outputs are unchanged)", 130)
+        except KeyboardInterrupt as exc:
+            fail(f"interrupted; {_what_was_published(exc)}", 130)
         except Terminated as exc:
-            fail(f"terminated by signal {exc.signum}; nothing was published (the previous outputs are unchanged)",
-                 128 + exc.signum)
+            fail(f"terminated by signal {exc.signum}; {_what_was_published(exc)}", 128 + exc.signum)
+
+
+def _what_was_published(exc: BaseException) -> str:
+    if getattr(exc, "published", False):
+        return "the signal arrived while the outputs were being published; they are complete"
+    return "nothing was published (the previous outputs are unchanged)"
 
 
 def one_line(text: str) -> str:

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 from contextlib import contextmanager
@@ -201,12 +202,48 @@ def staged(out: str | os.PathLike) -> Iterator[Stage]:
         raise
     try:
         yield stage
-        stage.publish()
-    except BaseException:
+        with signals_deferred():  # a SIGTERM or Ctrl-C mid-publish would leave a set without report.json
+            stage.publish()
+            published = True
+    except BaseException as exc:
         stage.close()
-        _remove_empty(created)
+        if not locals().get("published"):
+            _remove_empty(created)
+        else:
+            exc.published = True  # the signal arrived during the publish, which completed first
         raise
     stage.close()
+
+
+DEFERRED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Defers SIGTERM, SIGINT and SIGHUP during the block (a few renames): a signal that arrives meanwhile is recorded
+    and handed to the previous handler when the block ends. (pthread_sigmask would not do: onnxruntime's and torch's
+    threads would take the signal.)"""
+    pending: list[int] = []
+
+    def record(signum, frame):
+        pending.append(signum)
+
+    try:
+        previous = {sig: signal.signal(sig, record) for sig in DEFERRED_SIGNALS}
+    except ValueError:  # not the main thread: signals cannot be handled here anyway
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if pending:
+            handler = previous[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(pending[0])
 
 
 def _make_parents(out: Path) -> list[Path]:

@@ -335,3 +335,27 @@ def test_onnxruntime_would_write_there_without_the_setting(tmp_path):
     if not written:
         pytest.skip("this onnxruntime build writes nothing under HOME")
     assert "onnxruntime.db" in written or "deviceid" in written
+
+
+SIGTERM_DURING_PUBLISH = """
+import os, signal, sys
+from isocompress import publish
+real = os.replace
+def replace(src, dst):
+    real(src, dst)
+    if str(dst).endswith("model.onnx") and publish.STAGE_PREFIX not in str(dst):  # published, report.json not yet
+        os.kill(os.getpid(), signal.SIGTERM)
+publish.os.replace = replace
+from isocompress.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_sigterm_during_the_publish_is_deferred_until_the_set_is_complete(tmp_path, small):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-c", SIGTERM_DURING_PUBLISH, "shrink", str(small), "--out", str(out),
+                             "--quiet"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "they are complete" in lines[0], result.stderr
+    assert sorted(publish.verify(out)["sha256"]) == ["model.onnx", "model.safetensors"]
