@@ -203,10 +203,7 @@ def shrink_file(
     out = Path(out_dir) if out_dir is not None else default_out_dir(model_path)
     probes = calib if calib is not None else probe_inputs(original.widths[0])
     inputs = [model_path] + [Path(p) for p in (calibration, labels) if p is not None]
-    from isocompress import ranges
-
-    ranges.check_run(original, probe_inputs(original.widths[0]), calib, saved_dtype, "onnx" in options.formats,
-                     str(model_path), None if calibration is None else str(calibration))
+    check_ranges(original, calib, saved_dtype, options, model_path, calibration)
     effective, resolved = resolve_relative_error(options, original, probes)
     with output_dir(out, inputs) as stage:
         exact_x = probe_inputs(original.widths[0]) if calib is None else torch.cat([probe_inputs(original.widths[0]), calib])
@@ -236,18 +233,33 @@ def shrink_file(
             },
             "files": final_paths(files, out),
         }
-        if constant is not None:
-            report["constant_directions"] = constant
-            check_exact(report["probe"]["float64"], constant)
-        else:
-            report["pruning"] = prune_report
-            if resolved is not None:
-                report["pruning"]["max_error_resolved"] = {**resolved, "scale_inputs": report["probe"]["inputs"]}
-        if onnx_report is not None:
-            report["onnx"] = onnx_report
+        add_results(report, constant, prune_report, resolved, onnx_report)
         report["seconds"] = round(time.perf_counter() - started, 4)
         write_report(report, stage)
     return report
+
+
+def add_results(report: dict, constant, prune_report, resolved, onnx_report) -> None:
+    """An exact run's record of dropped directions (and its probe check), or a lossy run's pruning report; the ONNX
+    check's record."""
+    if constant is not None:
+        report["constant_directions"] = constant
+        check_exact(report["probe"]["float64"], constant)
+    else:
+        report["pruning"] = prune_report
+        if resolved is not None:
+            report["pruning"]["max_error_resolved"] = {**resolved, "scale_inputs": report["probe"]["inputs"]}
+    if onnx_report is not None:
+        report["onnx"] = onnx_report
+
+
+def check_ranges(original: IsoMLP, calib, saved_dtype: torch.dtype, options: ShrinkOptions, model_path: Path,
+                 calibration) -> None:
+    """Values that do not fit the dtypes the run computes or saves in are input errors, before any work (issue 13)."""
+    from isocompress import ranges
+
+    ranges.check_run(original, probe_inputs(original.widths[0]), calib, saved_dtype, "onnx" in options.formats,
+                     str(model_path), None if calibration is None else str(calibration))
 
 
 def check_exact(probe: dict, constant: dict) -> None:
