@@ -403,9 +403,9 @@ FLAG_VALUES = {
     "--format": ["safetensors", "", ",", "tflite", "safetensors,safetensors"],
     "--dtype": ["float16", "float64", "bfloat16"],
     "--basis": ["data-free", "data-aware", "auto"],
-    "--calibration": ["calib.npy", "labels.npy", "small.pt", "missing.npy", "exact.toml"],
+    "--calibration": ["calib.npy", "labels.npy", "small.pt", "missing.npy", "exact.toml", "huge.npy", "tiny.npy"],
     "--labels": ["labels.npy", "calib.npy", "small.pt"],
-    "--recipe": ["exact.toml", "missing.toml", "calib.npy"],
+    "--recipe": ["exact.toml", "missing.toml", "calib.npy", "deep.toml", "pct.toml"],
 }
 
 
@@ -425,12 +425,16 @@ def cli_project(seeds, tmp_path):
     x = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
     np.save(tmp_path / "calib.npy", x.numpy())
     np.save(tmp_path / "labels.npy", io.load(tmp_path / "small.pt")(x.double()).argmax(-1).numpy())
+    np.save(tmp_path / "huge.npy", np.full((4, 3), 1e30))  # issue 13: beyond what float32 arithmetic squares
+    np.save(tmp_path / "tiny.npy", np.full((4, 3), 1e-300))
+    (tmp_path / "deep.toml").write_text("budget = " + "[" * 3000 + "]" * 3000 + "\n")
+    (tmp_path / "pct.toml").write_text('budget = "200%"\n')
     return tmp_path
 
 
 def test_cli_on_mutated_checkpoints_and_configs(seeds, layouts, cli_project):
     work = cli_project
-    inputs = [work / name for name in ("small.pt", "exact.toml", "calib.npy", "labels.npy")]
+    inputs = [work / name for name in ("small.pt", "exact.toml", "calib.npy", "labels.npy", "huge.npy", "deep.toml")]
     names = sorted(seeds)
     calls = []
 
