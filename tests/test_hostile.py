@@ -180,23 +180,22 @@ def test_grow_by_a_billion_neurons_is_refused_before_allocating(tmp_path, small)
 
 def test_a_model_beyond_the_memory_limit_is_one_line(tmp_path):
     import resource
-    import subprocess
-    import sys
+
+    from forked import forked_cli
 
     path = tmp_path / "m.safetensors"
     save_file({"layers.0.weight": torch.zeros(4096, 4096), "layers.0.bias": torch.zeros(4096),
                "layers.0.o": torch.zeros(()), "layers.1.weight": torch.zeros(4, 4096),
                "layers.1.bias": torch.zeros(4)}, str(path))  # 64 MiB; its float64 copy needs 128 MiB more
-    probe = "import isocompress.cli, resource; print(int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize())"
-    base = int(subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout)
-    limit = base + (96 << 20)  # the interpreter with its imports, plus less than the model needs
+    with open("/proc/self/statm") as handle:
+        used = int(handle.read().split()[0]) * resource.getpagesize()
+    limit = used + (96 << 20)  # this process with its imports, plus less than the model needs
 
-    result = subprocess.run([sys.executable, "-m", "isocompress.cli", "shrink", str(path), "--out",
-                             str(tmp_path / "o"), "--quiet"], capture_output=True, text=True,
-                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and "memory" in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+    code, err = forked_cli(["shrink", path, "--out", tmp_path / "o", "--quiet"],
+                           lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "memory" in lines[0], err
+    assert "Traceback" not in err
     assert not (tmp_path / "o").exists()
 
 

@@ -10,13 +10,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import cli, one_error_line
+from forked import finish, forked_cli, start
 from isocompress import io, publish
 from isocompress.errors import IsocompressError
 from isocompress.model import random_model
@@ -147,13 +147,13 @@ def test_a_file_size_limit_while_writing(tmp_path):
     out = tmp_path / "out"
     limit = 8192  # bytes: below the ONNX file (~25 kB)
 
-    def preexec():
+    def setup():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    result = run_cli(["shrink", small, "--out", out, "--quiet", "--format", "onnx"], preexec_fn=preexec)
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "File too large" in lines[0] and "ulimit -f" in lines[0], result.stderr
+    code, err = forked_cli(["shrink", small, "--out", out, "--quiet", "--format", "onnx"], setup)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "File too large" in lines[0] and "ulimit -f" in lines[0], err
     assert str(out) in lines[0]
     assert not out.exists() and stages_in(tmp_path) == []
 
@@ -231,17 +231,21 @@ def test_out_in_a_read_only_directory_as_a_non_root_user():
 
 
 # --- signals -------------------------------------------------------------------------------------------------------
-KILL_DURING_STAGING = """
-import os, signal, sys
-from isocompress import api
-real = api.write_report
-def interrupted(report, stage):
-    real(report, stage)  # the stage holds every file; now the signal arrives, before publishing
-    os.kill(os.getpid(), signal.{sig})
-api.write_report = interrupted
-from isocompress.cli import main
-main(sys.argv[1:])
-"""
+def signal_after_staging(sig: int):
+    """A child setup: the signal arrives once the stage holds every file, before publishing."""
+    def setup():
+        from isocompress import api
+
+        real = api.write_report
+
+        def interrupted(report, stage):
+            real(report, stage)
+            os.kill(os.getpid(), sig)
+
+        api.write_report = interrupted
+        if sig == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+    return setup
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
@@ -249,21 +253,19 @@ def test_sigterm_or_ctrl_c_while_staging_publishes_nothing_and_cleans_up(tmp_pat
     out = tmp_path / "out"
     assert cli(["shrink", small, "--out", out, "--quiet"]).exit_code == 0
     before = snapshot(out)
-    script = KILL_DURING_STAGING.format(sig=sig)
-    result = subprocess.run([sys.executable, "-c", script, "shrink", str(small), "--format", "safetensors", "--out",
-                             str(out), "--quiet"], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 128 + getattr(signal, sig), result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "nothing was published" in lines[0], result.stderr
+    number = getattr(signal, sig)
+    code, err = forked_cli(["shrink", small, "--format", "safetensors", "--out", out, "--quiet"],
+                           signal_after_staging(number))
+    assert code == 128 + number, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "nothing was published" in lines[0], err
     assert snapshot(out) == before and stages_in(out) == []
 
 
 def test_sigkill_leaves_only_a_hidden_stage_that_the_next_run_removes(tmp_path, small):
     out = tmp_path / "new"
-    script = KILL_DURING_STAGING.format(sig="SIGKILL")
-    result = subprocess.run([sys.executable, "-c", script, "shrink", str(small), "--out", str(out), "--quiet"],
-                            capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == -signal.SIGKILL
+    code, _ = forked_cli(["shrink", small, "--out", out, "--quiet"], signal_after_staging(signal.SIGKILL))
+    assert code == -signal.SIGKILL
     assert not out.exists()  # --out is created only when a complete set is published
     left = stages_in(tmp_path)
     assert len(left) == 1 and left[0].startswith(".")
@@ -278,10 +280,8 @@ def test_concurrent_runs_into_one_out_each_end_complete_or_with_a_clear_error(tm
     # item 2: a failing run must not remove the directory while another writes; the other must not crash
     out = tmp_path / "out"
     runs = [[], ["--onnx-tol", "1e-300"], ["--format", "safetensors"], ["--onnx-tol", "1e-300"]]
-    procs = [subprocess.Popen([sys.executable, "-m", "isocompress.cli", "shrink", str(small), "--out", str(out),
-                               "--quiet", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-             for flags in runs]
-    results = [(p.wait(), p.stderr.read()) for p in procs]
+    children = [start(["shrink", small, "--out", out, "--quiet", *flags]) for flags in runs]
+    results = [finish(*child) for child in children]
     for (code, err), flags in zip(results, runs):
         assert "Traceback" not in err, err
         expected = 1 if "1e-300" in flags else 0
@@ -337,25 +337,21 @@ def test_onnxruntime_would_write_there_without_the_setting(tmp_path):
     assert "onnxruntime.db" in written or "deviceid" in written
 
 
-SIGTERM_DURING_PUBLISH = """
-import os, signal, sys
-from isocompress import publish
-real = os.replace
-def replace(src, dst):
-    real(src, dst)
-    if str(dst).endswith("model.onnx") and publish.STAGE_PREFIX not in str(dst):  # published, report.json not yet
-        os.kill(os.getpid(), signal.SIGTERM)
-publish.os.replace = replace
-from isocompress.cli import main
-main(sys.argv[1:])
-"""
+def sigterm_during_publish():
+    real = os.replace
+
+    def replace(src, dst):
+        real(src, dst)
+        if str(dst).endswith("model.onnx") and publish.STAGE_PREFIX not in str(dst):  # published, report.json not yet
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    publish.os.replace = replace
 
 
 def test_sigterm_during_the_publish_is_deferred_until_the_set_is_complete(tmp_path, small):
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-c", SIGTERM_DURING_PUBLISH, "shrink", str(small), "--out", str(out),
-                             "--quiet"], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 128 + signal.SIGTERM, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "they are complete" in lines[0], result.stderr
+    code, err = forked_cli(["shrink", small, "--out", out, "--quiet"], sigterm_during_publish)
+    assert code == 128 + signal.SIGTERM, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "they are complete" in lines[0], err
     assert sorted(publish.verify(out)["sha256"]) == ["model.onnx", "model.safetensors"]

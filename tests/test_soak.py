@@ -8,40 +8,16 @@ exactly as between separate commands.
 """
 
 import dataclasses
-import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from forked import finish, start
 
 from isocompress import io, publish
 from isocompress.model import random_model
 
 RUNS, DIRS = 20, 4
-
-
-def child(args: list[str], log: Path) -> None:
-    code = 3
-    try:
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.dup2(fd, 2)
-        os.dup2(fd, 1)
-        sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
-        sys.stdout = os.fdopen(1, "w", buffering=1, closefd=False)
-        from isocompress.cli import main
-
-        main(args)
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 3
-    except BaseException:  # noqa: BLE001
-        import traceback
-
-        traceback.print_exc()
-        code = 4
-    finally:
-        sys.stderr.flush()
-        os._exit(code)
 
 
 @pytest.mark.slow
@@ -65,18 +41,12 @@ def test_twenty_concurrent_shrinks_into_four_directories(tmp_path):
         else:
             model = models["a" if i % 2 else "b"]
             args, expected = [str(model)] + (["--format", "safetensors"] if i % 3 == 0 else []), 0
-        plan.append((["shrink", *args, "--out", str(out), "--quiet"], expected, tmp_path / f"log{i}.txt"))
+        plan.append((["shrink", *args, "--out", str(out), "--quiet"], expected))
 
-    pids = []
-    for args, _, log in plan:
-        pid = os.fork()
-        if pid == 0:
-            child(args, log)
-        pids.append(pid)
-    codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+    children = [start(args) for args, _ in plan]
+    results = [finish(*child) for child in children]
 
-    for (args, expected, log), code in zip(plan, codes):
-        text = log.read_text()
+    for (args, expected), (code, text) in zip(plan, results):
         assert "Traceback" not in text, text
         assert code == expected, (args, code, text)
         if expected:
