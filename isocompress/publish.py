@@ -107,8 +107,10 @@ class Stage:
         location = out if out.is_dir() else Path(os.path.abspath(out)).parent
         remove_stale_stages(location)
         self.dir = Path(tempfile.mkdtemp(prefix=STAGE_PREFIX, dir=location))
-        self._owner_fd = os.open(self.dir / OWNER, os.O_RDWR | os.O_CREAT, 0o600)
+        # lock first, then give the file its name: another run never sees an unlocked .owner of a live stage
+        self._owner_fd = os.open(self.dir / ".owner.tmp", os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self._owner_fd, fcntl.LOCK_EX)
+        os.rename(self.dir / ".owner.tmp", self.dir / OWNER)
 
     def seal(self) -> dict:
         """Makes sure the staged report.json holds {"sha256": {name: hash}} of every staged file."""
