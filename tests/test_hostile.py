@@ -207,11 +207,12 @@ def amplified_2_2_1() -> IsoMLP:
 
 
 def amplified_3_4_4_2() -> IsoMLP:
-    """A direction of hidden space 0 with σ = 1e-16, passed on by W_1 = I and amplified 1e16× only by W_2."""
+    """A direction of hidden space 0 with σ = 1e-16 that W_1 = diag(1, 1, 1e8, 1) and then W_2 amplify by 1e8 each:
+    y_2 = g_1·g_0·x_3, O(1), although the direction is 1e-16 of σ_max in its own layer."""
     w0 = t([[1, 0, 0], [0, 1, 0], [0, 0, 1e-16], [0, 0, 0]])
     return IsoMLP([Layer(weight=w0, bias=t([0.1, 0.0, 0.0, 0.2]), n_in=3, o=t(0.0)),
-                   Layer(weight=torch.eye(4, dtype=F64), bias=torch.zeros(4, dtype=F64), n_in=4, o=t(0.0)),
-                   Layer(weight=t([[0.5, 0, 0, 0], [0, 0, 1e16, 0]]), bias=t([0.0, 0.0]), n_in=4)])
+                   Layer(weight=torch.diag(t([1.0, 1.0, 1e8, 1.0])), bias=torch.zeros(4, dtype=F64), n_in=4, o=t(0.0)),
+                   Layer(weight=t([[0.5, 0, 0, 0], [0, 0, 1e8, 0]]), bias=t([0.0, 0.0]), n_in=4)])
 
 
 def test_the_old_relative_rank_rule_drops_the_amplified_direction():
@@ -255,11 +256,12 @@ def test_what_is_dropped_is_proven_small():
     assert 0 < error <= record["bound"] <= layers.EXACT_RTOL * scale * 1e3 * len(record["dropped"])
 
 
-def test_a_budget_certificate_covers_the_amplified_direction(tmp_path):
+@pytest.mark.parametrize("budget", [1.0, 0.7])
+def test_a_budget_certificate_covers_the_amplified_direction(tmp_path, budget):
     model = amplified_3_4_4_2()
     path = tmp_path / "amp3.safetensors"
     io.save(model, path, dtype=torch.float64)
-    report = api.shrink_file(path, tmp_path / "out", api.ShrinkOptions(budget=0.7, input_radius=3.0,
+    report = api.shrink_file(path, tmp_path / "out", api.ShrinkOptions(budget=budget, input_radius=3.0,
                                                                         formats=("safetensors",)), progress=False)
     pruned = io.load(tmp_path / "out" / "model.safetensors")
     cert = report["pruning"]["certified"]
@@ -270,6 +272,27 @@ def test_a_budget_certificate_covers_the_amplified_direction(tmp_path):
     error = float(torch.linalg.vector_norm(pruned(x) - model(x), dim=-1).max())
     assert error <= cert["max_abs"]
     assert report["pruning"]["adversarial"]["max_abs"] <= cert["max_abs"]
+
+
+def test_with_the_old_rule_the_run_would_fail_loudly(tmp_path, monkeypatch):
+    # the issue's case: the old relative rule drops the direction, the certificate (0 for the dropped part) misses
+    # an O(1) error; the run's own search now catches that and the run fails instead of reporting a bound
+    from isocompress import prune
+
+    real = layers.remove_constant_directions_accounted
+
+    def old_rule(model, rtol=None, progress=None, input_radius=None, output_scale=None):
+        out, record = real(model, rtol=1e-15, progress=progress, input_radius=input_radius, output_scale=output_scale)
+        return out, {**record, "bound": 0.0}
+
+    monkeypatch.setattr(prune, "remove_constant_directions_accounted", old_rule)
+    path = tmp_path / "amp3.safetensors"
+    io.save(amplified_3_4_4_2(), path, dtype=torch.float64)
+    result = cli(["shrink", path, "--budget", "100%", "--input-radius", "3", "--format", "safetensors",
+                  "--out", tmp_path / "o", "--quiet"])
+    assert result.exit_code == 1
+    assert "above the certified bound" in one_error_line(result)
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_search_above_the_certificate_fails_the_run(tmp_path, small, monkeypatch):
