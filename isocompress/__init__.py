@@ -1,5 +1,11 @@
 """isocompress: exact and certified compression of isotropic neural networks."""
 
+import os as _os
+
+# onnxruntime writes a device id and a telemetry database under ~/.cache/Microsoft/DeveloperTools when it is
+# imported unless this is set (issue 13). setdefault: a user who wants telemetry can still set it to 0.
+_os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 from isocompress.api import ShrinkOptions, shrink_exact, shrink_file
 from isocompress.check import run_checks
 from isocompress.config import ModelConfig

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-import shutil
+import os
 from dataclasses import asdict, dataclass, replace
 import time
 from contextlib import contextmanager
@@ -14,18 +14,36 @@ import torch
 
 from isocompress import io
 from isocompress.errors import IsocompressError
+from isocompress.errors import CheckFailed
 from isocompress.layers import (alternate_diagonalise, as_float64, choose_alternating_layers, forward_float64,
-                                remove_all_constant_directions)
+                                remove_all_constant_directions, remove_constant_directions_accounted)  # noqa: F401
 from isocompress.measure import PROBE_SCALES, output_difference, probe_inputs  # noqa: F401  (re-exported)
 from isocompress.model import IsoMLP
 from isocompress.progress import progress_bar
 
 
 # --- pure verbs on models ----------------------------------------------------------------------------------------
+EXACT_PROBE_RTOL = 1e-8  # an exact run whose probe error exceeds this × max |y| fails (the bound is ~1e-10×)
+
+
 def shrink_exact(model: IsoMLP, progress: Callable[[str], None] | None = None) -> IsoMLP:
-    """Remove every constant direction, then store every other layer diagonal. Same function for every input."""
-    model = remove_all_constant_directions(as_float64(model), progress=progress)
-    return alternate_diagonalise(model, progress=progress)
+    """Remove every constant direction, then store every other layer diagonal. The same function up to a proven
+    ≤ EXACT_RTOL-relative change on the default probe domain (see `shrink_exact_accounted`)."""
+    return shrink_exact_accounted(model, progress=progress)[0]
+
+
+def shrink_exact_accounted(model: IsoMLP, progress: Callable[[str], None] | None = None,
+                           x: torch.Tensor | None = None) -> tuple[IsoMLP, dict]:
+    """`shrink_exact` and the record of what it dropped (layers.remove_constant_directions_accounted): the
+    tolerance, the output scale and input radius it is relative to (those of x when given), and the proven bound."""
+    model = as_float64(model)
+    radius = scale = None
+    if x is not None:
+        radius = float(torch.linalg.vector_norm(x.to(torch.float64), dim=-1).max())
+        scale = output_scale(model, x)
+    model, record = remove_constant_directions_accounted(model, progress=progress, input_radius=radius,
+                                                         output_scale=scale)
+    return alternate_diagonalise(model, progress=progress), record
 
 
 def exact_steps(model: IsoMLP) -> int:
@@ -52,25 +70,46 @@ def default_out_dir(model_path: Path) -> Path:
     return Path.cwd() / f"{model_path.stem}.shrunk"
 
 
-@contextmanager
-def output_dir(path: Path, inputs: list[Path]) -> Iterator[Path]:
-    """Creates `path` if needed; on failure removes it again if this call created it. Refuses to write over inputs."""
+OUTPUT_NAMES = ("model.", "report.json")  # what a run may publish into --out (names starting so)
+
+
+def check_out_target(path: Path, inputs: list[Path]) -> None:
+    """Refuses an --out that is a file, or one whose published files would replace an input (also through a
+    symlink named like an output)."""
     if path.exists() and not path.is_dir():
         raise IsocompressError(f"{path}: exists and is not a directory; choose another --out")
-    created = not path.exists()
-    resolved_inputs = {p.resolve() for p in inputs}
-    if path.resolve() in resolved_inputs or any(p.parent == path.resolve() and p.name.startswith("model.") for p in resolved_inputs):
+    out_abs, out_real = Path(os.path.abspath(path)), path.resolve()
+    inputs_abs = {Path(os.path.abspath(p)) for p in inputs}
+    inputs_real = {p.resolve() for p in inputs}
+    if out_real in inputs_real or out_abs in inputs_abs:
         raise IsocompressError(f"{path}: would overwrite the input model; choose another --out")
+    for p in inputs_abs | inputs_real:
+        if p.parent in (out_abs, out_real) and p.name.startswith(OUTPUT_NAMES):
+            raise IsocompressError(f"{path}: would overwrite the input {p.name}; choose another --out")
+    if path.is_dir():
+        for entry in path.iterdir():
+            if entry.name.startswith(OUTPUT_NAMES) and entry.resolve() in inputs_real:
+                raise IsocompressError(f"{entry}: links to an input; publishing would replace it; choose another --out")
+
+
+@contextmanager
+def output_dir(path: Path, inputs: list[Path]) -> Iterator[Path]:
+    """A private stage directory for a run's outputs (isocompress.publish): write every output there, report.json
+    included; when the block ends they are hashed, verified and published into `path` together. On failure nothing is
+    published and the previous contents of `path` stay as they were. Refuses to write over inputs."""
+    from isocompress import publish
+
+    check_out_target(path, inputs)
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        with publish.staged(path) as stage:
+            yield stage.dir
     except OSError as exc:
-        raise IsocompressError(f"{path}: cannot create the output directory ({exc.strerror}); choose another --out") from None
-    try:
-        yield path
-    except BaseException:
-        if created:
-            shutil.rmtree(path, ignore_errors=True)
-        raise
+        raise publish.name_the_target(exc, path) from None
+
+
+def final_paths(files: dict[str, Path], out: Path) -> dict[str, str]:
+    """Where staged files will be once published."""
+    return {name: str(out / Path(p).name) for name, p in files.items()}
 
 
 def parse_dtype(name: str | None, default: torch.dtype) -> torch.dtype:
@@ -194,10 +233,13 @@ def shrink_file(
     out = Path(out_dir) if out_dir is not None else default_out_dir(model_path)
     probes = calib if calib is not None else probe_inputs(original.widths[0])
     inputs = [model_path] + [Path(p) for p in (calibration, labels) if p is not None]
+    check_ranges(original, calib, saved_dtype, options, model_path, calibration)
     effective, resolved = resolve_relative_error(options, original, probes)
-    with output_dir(out, inputs) as out:
-        shrunk, prune_report = compress(original, effective, calib, label_data, progress)
-        files, onnx_report = write_outputs(shrunk, out, options, saved_dtype, probes)
+    with output_dir(out, inputs) as stage:
+        exact_x = probe_inputs(original.widths[0]) if calib is None else torch.cat([probe_inputs(original.widths[0]), calib])
+        shrunk, prune_report = compress(original, effective, calib, label_data, progress, probes=exact_x)
+        constant = prune_report.pop("constant_directions") if not options.lossy else None
+        files, onnx_report = write_outputs(shrunk, stage, options, saved_dtype, probes)
         reloaded = io.load(files["safetensors"]) if "safetensors" in files else shrunk.cast(saved_dtype)
         report = {
             "model": str(model_path),
@@ -219,19 +261,46 @@ def shrink_file(
                 "float64": output_difference(original, shrunk, probes),
                 "saved_file": output_difference(original, reloaded, probes),
             },
-            "files": {name: str(p) for name, p in files.items()},
+            "files": final_paths(files, out),
         }
         if notes:
             report["notes"] = notes
-        if prune_report is not None:
-            report["pruning"] = prune_report
-            if resolved is not None:
-                report["pruning"]["max_error_resolved"] = {**resolved, "scale_inputs": report["probe"]["inputs"]}
-        if onnx_report is not None:
-            report["onnx"] = onnx_report
+        add_results(report, constant, prune_report, resolved, onnx_report)
         report["seconds"] = round(time.perf_counter() - started, 4)
-        write_json(report, out / "report.json")
+        write_report(report, stage)
     return report
+
+
+def add_results(report: dict, constant, prune_report, resolved, onnx_report) -> None:
+    """An exact run's record of dropped directions (and its probe check), or a lossy run's pruning report; the ONNX
+    check's record."""
+    if constant is not None:
+        report["constant_directions"] = constant
+        check_exact(report["probe"]["float64"], constant)
+    else:
+        report["pruning"] = prune_report
+        if resolved is not None:
+            report["pruning"]["max_error_resolved"] = {**resolved, "scale_inputs": report["probe"]["inputs"]}
+    if onnx_report is not None:
+        report["onnx"] = onnx_report
+
+
+def check_ranges(original: IsoMLP, calib, saved_dtype: torch.dtype, options: ShrinkOptions, model_path: Path,
+                 calibration) -> None:
+    """Values that do not fit the dtypes the run computes or saves in are input errors, before any work (issue 13)."""
+    from isocompress import ranges
+
+    ranges.check_run(original, probe_inputs(original.widths[0]), calib, saved_dtype, "onnx" in options.formats,
+                     str(model_path), None if calibration is None else str(calibration))
+
+
+def check_exact(probe: dict, constant: dict) -> None:
+    """An exact run whose own probe error is not tiny fails (exit 1) instead of reporting success (issue 13)."""
+    limit = EXACT_PROBE_RTOL * probe["max_norm_reference"] + 2.0 * constant["bound"]
+    if probe["max_abs"] > limit:
+        raise CheckFailed(f"exact shrinking changed the outputs by up to {probe['max_abs']:.3g} on the probe inputs"
+                          f" (max |y| {probe['max_norm_reference']:.3g}; allowed {limit:.3g}); nothing was written;"
+                          " please report this model")
 
 
 def output_scale(model: IsoMLP, x: torch.Tensor) -> float:
@@ -261,11 +330,13 @@ def refuse_negative_o(model: IsoMLP, where: str) -> None:
         )
 
 
-def compress(original: IsoMLP, options: ShrinkOptions, calibration, labels, progress: bool):
-    """The model-changing step: exact shrinking, or pruning to a budget (isocompress.prune). Returns (model, report)."""
+def compress(original: IsoMLP, options: ShrinkOptions, calibration, labels, progress: bool, probes=None):
+    """The model-changing step: exact shrinking, or pruning to a budget (isocompress.prune). Returns (model, report):
+    for an exact run the report is {"constant_directions": record} (what was dropped, relative to `probes`)."""
     if not options.lossy:
         with progress_bar(exact_steps(original), "shrink", enabled=progress) as step:
-            return shrink_exact(original, progress=step), None
+            model, record = shrink_exact_accounted(original, progress=step, x=probes)
+            return model, {"constant_directions": record}
     refuse_negative_o(original, "model")
     from isocompress import prune  # issue 4 (imported here: prune is heavy and only a budget needs it)
 
@@ -302,6 +373,14 @@ def load_labels(path: str | Path) -> torch.Tensor:
     from isocompress import data
 
     return data.load_array(path, labels=True)
+
+
+def write_report(report: dict, stage: Path) -> None:
+    """report.json into a stage, with the sha256 of every staged output (what `publish.verify` checks)."""
+    from isocompress import publish
+
+    report["sha256"] = publish.stage_hashes(stage)
+    write_json(report, stage / "report.json")
 
 
 def write_json(data: dict, path: Path) -> None:

@@ -6,11 +6,31 @@ User errors (`IsocompressError`) become one line on stderr and exit code 2 (1 fo
 
 from __future__ import annotations
 
+import errno
+import signal
 import sys
+import warnings
+from contextlib import contextmanager
 
 import click
 
-from isocompress.errors import IsocompressError
+from isocompress.errors import IsocompressError, Terminated
+
+OS_ADVICE = {
+    errno.EACCES: "check its permissions, or choose another location",
+    errno.EPERM: "check its permissions, or choose another location",
+    errno.EROFS: "the filesystem is read-only; choose another location",
+    errno.ENAMETOOLONG: "a path component is over the filesystem's limit (255 bytes); shorten it",
+    errno.ENOSPC: "the disk is full; free space or choose another --out",
+    errno.EDQUOT: "the disk quota is exhausted; free space or choose another --out",
+    errno.EFBIG: "the file-size limit (ulimit -f) is too small for this output; raise it or choose a smaller format",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a component of the path is not a directory; check the path",
+    errno.EISDIR: "it is a directory; give a file",
+    errno.ELOOP: "too many symbolic links; check the path",
+    errno.EMFILE: "too many open files; raise the limit (ulimit -n)",
+    errno.EIO: "an I/O error; check the disk",
+}
 
 
 class Group(click.Group):
@@ -24,12 +44,95 @@ class Group(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with quiet_warnings(), signals_raise():
+                return super().invoke(ctx)
         except click.UsageError as exc:
             usage_error(exc)
         except IsocompressError as exc:
-            click.echo(f"isocompress: error: {exc}", err=True)
-            sys.exit(exc.exit_code)
+            fail(str(exc), exc.exit_code)
+        except OSError as exc:
+            fail(os_error_message(exc), 2)
+        except MemoryError:
+            fail("out of memory; free memory, raise the limit, or use a smaller model or input", 2)
+        except RecursionError:
+            fail("an input is nested too deeply to process; simplify it", 2)
+        except RuntimeError as exc:
+            if not is_allocation_failure(exc):
+                raise
+            fail(f"out of memory ({allocation_size(str(exc))}); free memory, raise the limit, or use a smaller model", 2)
+        except KeyboardInterrupt as exc:
+            fail(f"interrupted; {_what_was_published(exc)}", 130)
+        except Terminated as exc:
+            fail(f"terminated by signal {exc.signum}; {_what_was_published(exc)}", 128 + exc.signum)
+
+
+def _what_was_published(exc: BaseException) -> str:
+    if getattr(exc, "published", False):
+        return "the signal arrived while the outputs were being published; they are complete"
+    return "nothing was published (the previous outputs are unchanged)"
+
+
+def one_line(text: str) -> str:
+    """Control characters (a newline in a path) escaped, so a message is always one line."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+
+
+def fail(message: str, code: int) -> None:
+    click.echo(f"isocompress: error: {one_line(message)}", err=True)
+    sys.exit(code)
+
+
+def os_error_message(exc: OSError) -> str:
+    """An operating-system error as 'PATH: what went wrong; what to do'."""
+    what = exc.strerror or type(exc).__name__
+    advice = OS_ADVICE.get(exc.errno, "check the path and the disk")
+    where = exc.filename if exc.filename is not None else "(output)"
+    if exc.filename2 is not None:
+        where = f"{exc.filename} -> {exc.filename2}"
+    return f"{where}: {what}; {advice}"
+
+
+def allocation_size(text: str) -> str:
+    import re
+
+    found = re.search(r"allocate (\d+) bytes", text)
+    return f"an allocation of {int(found.group(1)):,} bytes failed" if found else "an allocation failed"
+
+
+def is_allocation_failure(exc: RuntimeError) -> bool:
+    text = str(exc).lower()
+    return "can't allocate memory" in text or "out of memory" in text or "failed to allocate" in text
+
+
+@contextmanager
+def quiet_warnings():
+    """numpy and torch warnings (overflow, deprecations) never reach the terminal: errors are reported as one line."""
+    import numpy as np
+
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(signum)
+
+
+@contextmanager
+def signals_raise():
+    """SIGTERM (what `timeout` and CI cancellation send) and SIGHUP raise, so that a run's cleanup runs; SIGXFSZ
+    is ignored, so that a file-size limit is an EFBIG error instead of a kill."""
+    wanted = {signal.SIGTERM: _raise_terminated, signal.SIGHUP: _raise_terminated, signal.SIGXFSZ: signal.SIG_IGN}
+    try:
+        previous = {sig: signal.signal(sig, handler) for sig, handler in wanted.items()}
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def usage_error(exc: click.UsageError) -> None:
@@ -37,8 +140,7 @@ def usage_error(exc: click.UsageError) -> None:
     sub = exc.ctx.command_path.split()[1:] if exc.ctx is not None else []
     command = " ".join(["isocompress", *sub])
     message = " ".join(exc.format_message().split()).rstrip(".")
-    click.echo(f"isocompress: error: {command}: {message}; see '{command} --help'", err=True)
-    sys.exit(2)
+    fail(f"{command}: {message}; see '{command} --help'", 2)
 
 
 REF_HELP = ("How a reference IsotropicTanhMLP checkpoint stores activation.N.intrinsic_length: log (log o, its default"

@@ -42,11 +42,15 @@ def export_file(model_path: str | Path, out_dir: str | Path | None, formats=("on
                     notify=lambda text: (notes.append(text), io.print_note(text)))
     calib = api.load_inputs(calibration, model.widths[0]) if calibration is not None else None
     probes = calib if calib is not None else api.probe_inputs(model.widths[0])
+    from isocompress import ranges
+
+    ranges.check_run(model, api.probe_inputs(model.widths[0]), calib, saved_dtype, "onnx" in formats,
+                     str(model_path), None if calibration is None else str(calibration))
     out = Path(out_dir) if out_dir is not None else Path.cwd() / f"{model_path.stem}.export"
     inputs = [model_path] + ([Path(calibration)] if calibration is not None else [])
-    with api.output_dir(out, inputs) as out:
+    with api.output_dir(out, inputs) as stage:
         options = api.ShrinkOptions(formats=formats, onnx_tol=onnx_tol)
-        files, onnx_report = api.write_outputs(model, out, options, saved_dtype, probes)
+        files, onnx_report = api.write_outputs(model, stage, options, saved_dtype, probes)
         report = {
             "model": str(model_path),
             "widths": list(model.widths),
@@ -56,14 +60,14 @@ def export_file(model_path: str | Path, out_dir: str | Path | None, formats=("on
             "dtype_saved": str(saved_dtype).replace("torch.", ""),
             "probe_inputs": "calibration data" if calib is not None else
                             f"{probes.shape[0]} Gaussian inputs at scales {list(api.PROBE_SCALES)}",
-            "files": {name: str(p) for name, p in files.items()},
+            "files": api.final_paths(files, out),
         }
         if notes:
             report["notes"] = notes
         if onnx_report is not None:
             report["onnx"] = onnx_report
         report["seconds"] = round(time.perf_counter() - started, 4)
-        api.write_json(report, out / "report.json")
+        api.write_report(report, stage)
     return report
 
 

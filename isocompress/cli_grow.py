@@ -29,6 +29,12 @@ def check_grow_options(model, layer: int, add: int, scale: float) -> None:
         raise IsocompressError(f"--add {add}: the number of neurons to add must be ≥ 1")
     if not 0 <= scale < float("inf"):
         raise IsocompressError(f"--scale {scale}: must be finite and ≥ 0")
+    from isocompress.limits import check_memory
+
+    producer, consumer = model.layers[layer], model.layers[layer + 1]
+    new_params = add * (producer.n_in + 3 + consumer.n_out)
+    check_memory(4 * 8 * (model.num_params() + new_params), f"--add {add}: the grown model ({new_params:,} new"
+                 " parameters)", "add fewer neurons")
 
 
 def check_out_path(model_path: Path, out: Path) -> None:

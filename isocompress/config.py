@@ -64,8 +64,12 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
+        from isocompress.limits import loads_json
+
+        if not isinstance(text, str):
+            raise IsocompressError("config must be a JSON string; re-save the model with isocompress")
         try:
-            data = json.loads(text)
+            data = loads_json(text, "config", "model config")
         except (TypeError, ValueError) as exc:
             raise IsocompressError(f"config is not valid JSON ({exc}); re-save the model with isocompress") from None
         if not isinstance(data, dict):

@@ -17,7 +17,7 @@ ARRAY_SUFFIXES = (".npy", ".npz", ".safetensors", ".pt", ".pth")
 def load_array(path: str | Path, expect_columns: int | None = None, labels: bool = False) -> torch.Tensor:
     """One array from a file: inputs as float64 (n × expect_columns), or labels as int64 (n,)."""
     path = Path(path)
-    if not path.is_file():
+    if not io.input_exists(path) or not path.is_file():
         raise IsocompressError(f"{path}: no such file; check the path")
     suffix = path.suffix.lower()
     if suffix not in ARRAY_SUFFIXES:

@@ -61,10 +61,12 @@ REF_KEY = re.compile(r"^(weight_parameters|bias_parameters|psi_parameters)\.(\d+
 def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None]:
     """The flat tensor dict of a checkpoint and its stored config JSON (or None). Raises IsocompressError."""
     path = Path(path)
-    if not path.exists():
+    if not input_exists(path):
         raise IsocompressError(f"{path}: no such file; check the path")
     if path.is_dir():
         raise IsocompressError(f"{path}: is a directory; pass a model file (.pt, .pth or .safetensors)")
+    if not path.is_file():  # a FIFO, a socket, a device: reading could block forever
+        raise IsocompressError(f"{path}: is not a regular file (a pipe or device?); pass a model file")
     suffix = path.suffix.lower()
     if suffix in PICKLE_SUFFIXES:
         raise IsocompressError(
@@ -73,9 +75,55 @@ def read_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str 
         )
     if suffix not in SUFFIXES:
         raise IsocompressError(f"{path}: unsupported file type {suffix or '(none)'!r}; use .pt, .pth or .safetensors")
-    if suffix == ".safetensors":
-        return _read_safetensors(path)
-    return _read_torch(path)
+    from isocompress.limits import check_memory
+
+    # the float64 copy alone is at least twice a float32 file: refuse early rather than fail in an allocation
+    check_memory(2 * path.stat().st_size, f"{path}: loading this model", "free memory or raise the limit")
+    tensors, config = _read_safetensors(path) if suffix == ".safetensors" else _read_torch(path)
+    check_tensor_kinds(tensors, path)
+    return tensors, config
+
+
+def input_exists(path: Path) -> bool:
+    """Whether an input path exists; an OS error other than "missing" (a name too long, no permission) is one
+    IsocompressError naming the path (issue 13)."""
+    import errno as _errno
+
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError as exc:
+        if exc.errno == _errno.ELOOP:
+            raise IsocompressError(f"{path}: too many levels of symbolic links; check the path") from None
+        raise IsocompressError(f"{path}: cannot be read ({exc.strerror}); check the path and its permissions") from None
+    except ValueError:  # an embedded NUL byte
+        raise IsocompressError(f"{path}: is not a valid path (it contains a NUL byte)") from None
+    return True
+
+
+READABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.int16, torch.int32,
+                   torch.int64, torch.uint8)
+INDEX_KEY = re.compile(r"(?:^|\.)(\d+)(?:\.|$)")
+
+
+def check_tensor_kinds(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """Dense tensors of ordinary dtypes, no zero-size dimension, no two keys naming one index (layers.0/layers.00)."""
+    for key, t in tensors.items():
+        shown = key if key.isprintable() else repr(key)
+        if t.layout != torch.strided:
+            raise IsocompressError(f"{path}: tensor {shown[:80]!r} is {str(t.layout).replace('torch.', '')}; store it"
+                                   " dense (tensor.to_dense())")
+        if t.dtype not in READABLE_DTYPES:
+            raise IsocompressError(f"{path}: tensor {shown[:80]!r} has dtype {str(t.dtype).replace('torch.', '')};"
+                                   " convert the model to float32, float64, float16 or bfloat16")
+        if t.numel() == 0:
+            raise IsocompressError(f"{path}: tensor {shown[:80]!r} has shape {tuple(t.shape)}: a zero-size layer;"
+                                   " every layer needs at least one neuron")
+        for digits in INDEX_KEY.findall(key):
+            if len(digits) > 1 and digits.startswith("0") or len(digits) > 9:
+                raise IsocompressError(f"{path}: key {shown[:80]!r} writes an index as {digits[:12]!r}; write it"
+                                       " without leading zeros (layers.0, not layers.00)")
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
@@ -85,6 +133,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except MemoryError:
+        raise
     except Exception as exc:  # SafetensorError, OSError, ValueError, …: whatever a corrupted file makes it raise
         raise IsocompressError(
             f"{path}: not a readable safetensors file ({first_line(exc)}); is it truncated or corrupted?"
@@ -99,8 +149,18 @@ def safe_torch_load(path: Path, what: str, resave: str):
         with warnings.catch_warnings():  # torch warns about pickle protocols on stderr; our one line says enough
             warnings.simplefilter("ignore")
             return torch.load(str(path), map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
     except pickle.UnpicklingError as exc:
-        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
+        kind = pickle_kind(path) if "GLOBAL" not in str(exc) else "code"
+        if kind == "not-pickle":
+            raise IsocompressError(
+                f"{path}: not a PyTorch {what} (neither a torch.save zip archive nor a pickle stream); is it the"
+                " right file?") from None
+        if kind == "corrupt":
+            raise IsocompressError(f"{path}: not a readable PyTorch {what} (a malformed pickle stream); is it truncated"
+                                   " or corrupted?") from None
+        if kind == "code" and ("weights only" in str(exc).lower() or "weights_only" in str(exc)):
             raise IsocompressError(
                 f"{path}: refused: the {what} holds Python objects, not just tensors, and unpickling it could run"
                 f" code; {resave}, or {PICKLE_HELP}"
@@ -115,6 +175,33 @@ def safe_torch_load(path: Path, what: str, resave: str):
         raise IsocompressError(
             f"{path}: not a readable PyTorch {what} ({first_line(exc)}); is it truncated or corrupted?"
         ) from None
+
+
+CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"}
+
+
+def pickle_kind(path: Path) -> str:
+    """'code' (the pickle stream calls or builds objects), 'data' (plain containers), 'corrupt' or 'not-pickle',
+    from a static scan of the opcodes (pickletools; nothing is executed). A zip archive's data.pkl is scanned."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                if not names:
+                    return "corrupt"
+                stream = archive.read(names[0])
+        else:
+            with open(path, "rb") as handle:
+                stream = handle.read(64 << 20)
+            if not stream.startswith(b"\x80"):
+                return "not-pickle"
+        ops = {op.name for op, _, _ in pickletools.genops(stream)}
+    except Exception:  # noqa: BLE001 - a malformed stream: whatever the scanner raises
+        return "corrupt"
+    return "code" if ops & CODE_OPCODES else "data"
 
 
 def _read_torch(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:

@@ -7,6 +7,7 @@ it returns a new float64 model and leaves its argument untouched. Paired verbs i
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -132,29 +133,78 @@ def alternate_diagonalise(model: IsoMLP, progress=None) -> IsoMLP:
     return model
 
 
-def varying_basis(layer: Layer, rtol: float | None = None) -> torch.Tensor:
-    """Orthonormal basis (n × r) of range([W, psi]): the directions of a hidden space that vary with the input."""
+# --- which directions are constant (issue 13) ---------------------------------------------------------------------
+EXACT_RTOL = 1e-10  # drop a direction only if its proven effect on the output is ≤ this × the output scale
+GAIN_LIPSCHITZ = 0.34343  # ≥ sup_m |g'(m)| (bounds.SLOPE_MAX): g(m(z)) is this-Lipschitz in z, as |∇_z g| ≤ |g'(m)|
+DEFAULT_PROBE_SCALES = (0.01, 1.0, 10.0, 1000.0)  # the inputs the tolerance is set on when the caller gives none
+
+
+def downstream_lipschitz(model: IsoMLP, start: int) -> float:
+    """A Lipschitz constant of z_{start−1} ↦ y: ∏_{k ≥ start} (‖W_k‖₂ + |psi_k|·G') (docs/bounds.md, "Constant
+    directions"): f is 1-Lipschitz and g is G'-Lipschitz in z."""
+    product = 1.0
+    for layer in model.layers[start:]:
+        w = torch.linalg.matrix_norm(layer.dense_weight(), ord=2).item()
+        psi = 0.0 if layer.psi is None else torch.linalg.vector_norm(layer.psi).item()
+        product *= w + psi * GAIN_LIPSCHITZ
+    return product
+
+
+def input_bound(layer: Layer, i: int, input_radius: float) -> float:
+    """A bound on |[h; g]|, the input of weight layer i (|x| ≤ R for i = 0; |h| < 1 and g ≤ 1 after)."""
+    if i == 0:
+        return float(input_radius)
+    return math.sqrt(2.0) if layer.psi is not None else 1.0
+
+
+@torch.no_grad()
+def default_scales(model: IsoMLP, seed: int = 0) -> tuple[float, float]:
+    """(input radius, output scale) on seeded Gaussian inputs at several scales (measure.probe_inputs' recipe)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.cat([torch.randn(64, model.widths[0], dtype=F64, generator=gen) * s for s in DEFAULT_PROBE_SCALES])
+    y = forward_float64(model, x)
+    return float(torch.linalg.vector_norm(x, dim=-1).max()), float(torch.linalg.vector_norm(y, dim=-1).max())
+
+
+def varying_basis(layer: Layer, rtol: float | None = None, sigma_floor: float | None = None):
+    """Orthonormal basis (n × r) of the directions of range([W, psi]) that vary with the input. With `sigma_floor`:
+    those with singular value above it (and the largest dropped σ is returned too); else those above rtol·σ_max
+    (a numerical rank). At least one direction is kept so no hidden space is empty."""
     w = layer.dense_weight()
     a = w if layer.psi is None else torch.cat([w, layer.psi[:, None]], dim=1)
     u, s, _ = svd64(a, full=False)
-    rank = max(numerical_rank(s, tuple(a.shape), rtol), 1)  # keep ≥ 1 direction so no hidden space is empty
-    return u[:, :rank]
+    if sigma_floor is None:
+        rank = max(numerical_rank(s, tuple(a.shape), rtol), 1)
+    else:
+        rank = max(int((s > sigma_floor).sum()), 1)
+    if sigma_floor is None:
+        return u[:, :rank]
+    return u[:, :rank], float(s[rank]) if rank < s.numel() else 0.0
 
 
-def remove_constant_directions(model: IsoMLP, i: int, rtol: float | None = None) -> IsoMLP:
+def remove_constant_directions(model: IsoMLP, i: int, rtol: float | None = None,
+                               sigma_floor: float | None = None) -> IsoMLP:
     """Exact removal of every constant direction of hidden space i (docs/math.md, "Exact removal").
 
     With Q (n × r) an orthonormal basis of range([W_i, psi_i]), z_i = Q q + b⊥ where b⊥ = b_i − QQᵀb_i is the same
     for every input. So |z_i|² = |q|² + |b⊥|² (absorb o_i += |b⊥|²) and W_{i+1} h_i = W_{i+1}Q (g q) + g·W_{i+1}b⊥
     (absorb psi_{i+1} += W_{i+1} b⊥). Only the r varying directions are kept; no full basis is ever formed.
+    `sigma_floor`: directions with singular value ≤ it count as constant (see `remove_all_constant_directions`).
     """
+    return _remove_constant(model, i, rtol, sigma_floor)[0]
+
+
+def _remove_constant(model: IsoMLP, i: int, rtol, sigma_floor) -> tuple[IsoMLP, float]:
     model = as_float64(model)
     _check_hidden(model, i)
     layers = model.layers
     producer, consumer = layers[i].as_dense(), layers[i + 1].as_dense()
-    q = varying_basis(producer, rtol)
+    if sigma_floor is None:
+        q, dropped_sigma = varying_basis(producer, rtol), 0.0
+    else:
+        q, dropped_sigma = varying_basis(producer, sigma_floor=sigma_floor)
     if q.shape[1] == producer.n_out:
-        return model
+        return model, 0.0
     kept = _left_mul(q.T, producer)
     constant = producer.bias - q @ kept.bias
     kept = replace(kept, o=producer.o + constant @ constant)
@@ -163,15 +213,47 @@ def remove_constant_directions(model: IsoMLP, i: int, rtol: float | None = None)
     if consumer.psi is not None or bool(extra_psi.abs().max() > 0):
         base = torch.zeros_like(extra_psi) if consumer.psi is None else consumer.psi
         new_consumer = replace(new_consumer, psi=base + extra_psi)
-    return model.with_layers({i: kept, i + 1: new_consumer})
+    return model.with_layers({i: kept, i + 1: new_consumer}), dropped_sigma
 
 
-def remove_all_constant_directions(model: IsoMLP, rtol: float | None = None, progress=None) -> IsoMLP:
+def remove_all_constant_directions(model: IsoMLP, rtol: float | None = None, progress=None,
+                                   input_radius: float | None = None, output_scale: float | None = None) -> IsoMLP:
     """Remove constant directions in every hidden space, first to last (each removal can add psi to the next layer,
-    which is why the order matters). The widths become the rank chain r_1 ≤ n_0, r_{l+1} ≤ r_l + 1."""
+    which is why the order matters). The widths become the rank chain r_1 ≤ n_0, r_{l+1} ≤ r_l + 1.
+    What counts as constant: see `remove_constant_directions_accounted` (`rtol` instead: the old numerical rank)."""
+    return remove_constant_directions_accounted(model, rtol, progress, input_radius, output_scale)[0]
+
+
+def remove_constant_directions_accounted(model: IsoMLP, rtol: float | None = None, progress=None,
+                                         input_radius: float | None = None,
+                                         output_scale: float | None = None) -> tuple[IsoMLP, dict]:
+    """`remove_all_constant_directions` and what it dropped (issue 13). A direction of hidden space i with singular
+    value σ in [W_i, psi_i] moves z_i by at most σ·|[h; g]|, and so y by at most σ·B_i·L_{i+1} (B_i = input_bound,
+    L_{i+1} = downstream_lipschitz). It is dropped only if that is ≤ EXACT_RTOL × output_scale (the largest |y| on
+    the inputs; |x| ≤ input_radius). Returns (model, record): record["bound"] = Σ_i σ_i,dropped·B_i·L_{i+1}, a proven
+    bound on |y − y_shrunk| for |x| ≤ input_radius (docs/bounds.md, "Constant directions")."""
     model = as_float64(model)
+    if input_radius is None or output_scale is None:
+        default_r, default_y = default_scales(model)
+        input_radius = default_r if input_radius is None else input_radius
+        output_scale = default_y if output_scale is None else output_scale
+    scale = max(float(output_scale), torch.finfo(F64).tiny)
+    lipschitz = [downstream_lipschitz(model, i + 1) for i in range(len(model.layers) - 1)]
+    record = {"rule": "drop σ_j only if σ_j·|input|·Lipschitz(downstream) ≤ rtol·output_scale",
+              "rtol": EXACT_RTOL if rtol is None else rtol, "output_scale": scale, "input_radius": float(input_radius),
+              "dropped": [], "largest_dropped_sigma": [], "bound": 0.0}
     for i in range(len(model.layers) - 1):
-        model = remove_constant_directions(model, i, rtol)
+        width = model.layers[i].n_out
+        floor = None
+        b = input_bound(model.layers[i], i, input_radius)
+        if rtol is None:
+            floor = EXACT_RTOL * scale / max(b * lipschitz[i], torch.finfo(F64).tiny)
+        model, sigma = _remove_constant(model, i, rtol, floor)
+        record["dropped"].append(width - model.layers[i].n_out)
+        record["largest_dropped_sigma"].append(sigma)
+        record["bound"] += sigma * b * lipschitz[i]
         if progress is not None:
             progress(f"remove constant directions, hidden space {i}")
-    return model
+    if rtol is not None:
+        record["bound"] = None  # the old relative rank rule proves nothing about the output
+    return model, record

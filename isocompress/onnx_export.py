@@ -301,6 +301,7 @@ def export_onnx(model: IsoMLP, path: str | Path, probes: torch.Tensor | None = N
 def ort_session(path: str | Path, threads: int | None = None):
     import onnxruntime as ort
 
+    ort.disable_telemetry_events()  # issue 13; see docs/onnx.md for what onnxruntime still writes under ~/.cache
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = threads

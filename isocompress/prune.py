@@ -19,8 +19,9 @@ from types import SimpleNamespace
 import torch
 
 from isocompress import bounds
-from isocompress.errors import IsocompressError
-from isocompress.layers import alternate_diagonalise, as_float64, choose_alternating_layers, remove_all_constant_directions
+from isocompress.errors import CheckFailed, IsocompressError
+from isocompress.layers import (alternate_diagonalise, as_float64, choose_alternating_layers, forward_float64,
+                                remove_all_constant_directions, remove_constant_directions_accounted)
 from isocompress.measure import probe_inputs
 from isocompress.model import IsoMLP, Layer
 from isocompress.progress import progress_bar
@@ -314,7 +315,9 @@ def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, pr
     x = None if calibration is None else calibration.to(F64)
     probes = x if x is not None else probe_inputs(original.widths[0], per_scale=64)
     radius, radius_source = resolve_radius(options, x, probes)
-    state = State.of(remove_all_constant_directions(original))
+    exact, constant = remove_constant_directions_accounted(original, input_radius=radius,
+                                                           output_scale=_output_scale(original, probes))
+    state = State.of(exact)
     exact_params = current_params(state)
     with progress_bar(None, "prune", enabled=progress) as step:
         if options.budget is not None:
@@ -322,13 +325,36 @@ def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, pr
             state = prune_to_target(state, target, basis, x, radius, step)
         else:
             target = None
-            state = prune_to_error(state, options.max_error, basis, x, radius, step)
+            state = prune_to_error(state, max(options.max_error - constant["bound"], 0.0), basis, x, radius, step)
     pruned = alternate_diagonalise(materialize(state))
     report = build_report(original, pruned, state, basis, radius, radius_source, probes, labels,
                           search_restarts, search_steps, calibrated=x is not None)
+    account_constant_directions(report, constant)
     report.update(params_original=original.num_params(), params_exact=exact_params, target=target,
                   seconds=round(time.perf_counter() - started, 3))
     return pruned, report
+
+
+def _output_scale(model: IsoMLP, x: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(forward_float64(model, x), dim=-1).max())
+
+
+def account_constant_directions(report: dict, constant: dict) -> None:
+    """The certified bound covers the exact step too (issue 13): the bounds above compare the pruned network with the
+    exact-shrunk one, which differs from the original by at most constant["bound"] (layers.
+    remove_constant_directions_accounted; docs/bounds.md, "Constant directions"). By the triangle inequality the sum
+    bounds |y_pruned − y_original|. A search that finds more than the certified value is a failed run, not a report."""
+    cert = report["certified"]
+    cert["constant_directions"] = constant["bound"]
+    cert["max_abs"] += constant["bound"]
+    report["constant_directions"] = constant
+    adversarial = report["adversarial"]["max_abs"]
+    if adversarial > 0 and cert["max_abs"] > 0:
+        report["tightness"] = cert["max_abs"] / adversarial
+    if adversarial > cert["max_abs"]:
+        raise CheckFailed(f"the adversarial search found |Δy| = {adversarial:.6g} above the certified bound"
+                          f" {cert['max_abs']:.6g}; the certificate is not sound for this model — nothing was written;"
+                          " please report this model")
 
 
 def build_report(original, pruned, state, basis, radius, radius_source, probes, labels, restarts, steps,

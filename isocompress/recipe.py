@@ -89,6 +89,8 @@ def parse_budget(value, where: str, key: str | None = "budget") -> float:
     """0.1 or '10%' (fraction of the original parameters) or 20000 (a count) → the ShrinkOptions.budget number."""
     if isinstance(value, str) and value.strip().endswith("%"):
         number = parse_percent(value, where, key)
+        if not 0 < number <= 1:
+            raise fail(where, key, f"is {show(value)}; a percentage budget must be above 0% and at most 100%")
     elif isinstance(value, str):
         try:
             number = float(value.strip().replace("_", ""))
@@ -178,24 +180,37 @@ def parse_version(value, where: str) -> str:
 def read_toml(path: str | os.PathLike, what: str) -> dict:
     """A TOML file as a dict; every failure (missing, unreadable, not UTF-8, bad syntax) one line naming the file."""
     path = Path(path)
-    if not path.is_file():
+    from isocompress.io import input_exists
+
+    if not input_exists(path) or not path.is_file():
         hint = "is a directory" if path.is_dir() else "no such file"
         raise IsocompressError(f"{path}: {hint}; expected a {what} (.toml)")
+    from isocompress.limits import MAX_TEXT_BYTES
+
     try:
-        return tomllib.loads(path.read_bytes().decode("utf-8"))
+        if path.stat().st_size > MAX_TEXT_BYTES:
+            raise IsocompressError(f"{path}: is {path.stat().st_size:,} bytes; a {what} is limited to {MAX_TEXT_BYTES:,}")
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise IsocompressError(f"{path}: cannot read the {what} ({exc.strerror})") from None
     except UnicodeDecodeError:
         raise IsocompressError(f"{path}: is not UTF-8 text; a {what} must be a UTF-8 TOML file") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise IsocompressError(f"{path}: not valid TOML ({one_line(exc)}); fix the {what}") from None
+    return parse_toml_text(text, str(path), what)
 
 
 def parse_toml_text(text: str, where: str, what: str) -> dict:
+    """TOML text as a dict, after the size and nesting limits of isocompress.limits (no RecursionError)."""
+    from isocompress.limits import check_parsed_depth, check_text
+
+    check_text(text, where, what, toml=True)
     try:
-        return tomllib.loads(text)
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise IsocompressError(f"{where}: not valid TOML ({one_line(exc)}); fix the {what}") from None
+    except RecursionError:
+        raise IsocompressError(f"{where}: nests too deeply; flatten the {what}") from None
+    check_parsed_depth(data, where, what)
+    return data
 
 
 def one_line(exc: BaseException) -> str:

@@ -153,5 +153,5 @@ def test_weights_beyond_float32_give_one_clear_error_and_no_output(tmp_path):
     result = CliRunner().invoke(main, ["shrink", str(model_path), "--dtype", "float32", "--out", str(out), "--quiet"])
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "beyond the float32 range" in lines[0] and "model.onnx" in lines[0]
+    assert len(lines) == 1 and "beyond the float32 range" in lines[0] and "big.safetensors" in lines[0]
     assert not out.exists()

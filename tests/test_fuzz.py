@@ -28,7 +28,8 @@ from isocompress.model import random_model
 from isocompress.recipe import RECIPE_KEYS, Recipe, parse_recipe_text
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = {"bytes": 1000, "headers": 800, "state-dicts": 800, "recipes": 500, "configs": 500, "cli": 400}
+CASES = {"bytes": 1000, "headers": 800, "state-dicts": 800, "recipes": 500, "configs": 500, "cli": 400,
+         "nesting": 400, "ranges": 300, "paths": 300}  # the last three: issue 13
 FUZZ_CASES = sum(CASES.values())
 
 
@@ -402,9 +403,9 @@ FLAG_VALUES = {
     "--format": ["safetensors", "", ",", "tflite", "safetensors,safetensors"],
     "--dtype": ["float16", "float64", "bfloat16"],
     "--basis": ["data-free", "data-aware", "auto"],
-    "--calibration": ["calib.npy", "labels.npy", "small.pt", "missing.npy", "exact.toml"],
+    "--calibration": ["calib.npy", "labels.npy", "small.pt", "missing.npy", "exact.toml", "huge.npy", "tiny.npy"],
     "--labels": ["labels.npy", "calib.npy", "small.pt"],
-    "--recipe": ["exact.toml", "missing.toml", "calib.npy"],
+    "--recipe": ["exact.toml", "missing.toml", "calib.npy", "deep.toml", "pct.toml"],
 }
 
 
@@ -424,12 +425,16 @@ def cli_project(seeds, tmp_path):
     x = torch.randn(16, 3, generator=torch.Generator().manual_seed(0))
     np.save(tmp_path / "calib.npy", x.numpy())
     np.save(tmp_path / "labels.npy", io.load(tmp_path / "small.pt")(x.double()).argmax(-1).numpy())
+    np.save(tmp_path / "huge.npy", np.full((4, 3), 1e30))  # issue 13: beyond what float32 arithmetic squares
+    np.save(tmp_path / "tiny.npy", np.full((4, 3), 1e-300))
+    (tmp_path / "deep.toml").write_text("budget = " + "[" * 3000 + "]" * 3000 + "\n")
+    (tmp_path / "pct.toml").write_text('budget = "200%"\n')
     return tmp_path
 
 
 def test_cli_on_mutated_checkpoints_and_configs(seeds, layouts, cli_project):
     work = cli_project
-    inputs = [work / name for name in ("small.pt", "exact.toml", "calib.npy", "labels.npy")]
+    inputs = [work / name for name in ("small.pt", "exact.toml", "calib.npy", "labels.npy", "huge.npy", "deep.toml")]
     names = sorted(seeds)
     calls = []
 
@@ -462,7 +467,138 @@ def test_cli_on_mutated_checkpoints_and_configs(seeds, layouts, cli_project):
 
 
 def test_the_fuzz_budget():
-    assert FUZZ_CASES >= 2000
+    assert FUZZ_CASES >= 5000
+
+
+# --- issue 13: deep nesting, out-of-range values, path edge cases ----------------------------------------------------
+@st.composite
+def nested_text(draw, toml: bool) -> str:
+    """Text nesting arrays/tables/objects 1–3000 deep (sometimes inside strings or comments, which do not count)."""
+    depth = draw(st.sampled_from([1, 2, 30, 64, 65, 100, 1000, 3000]))
+    open_, close = draw(st.sampled_from([("[", "]"), ("{a = " if toml else '{"a": ', "}")]))
+    inner = draw(st.sampled_from(["1", "[]", '"x"', "{}", ""]))
+    body = open_ * depth + inner + close * draw(st.sampled_from([depth, depth - 1, 0]))
+    key = draw(st.sampled_from(["budget", "check", "x", "name", "a.b"]))
+    wrap = draw(st.sampled_from(["plain", "string", "comment", "dotted"]))
+    if not toml:
+        return body if wrap != "string" else json.dumps(body)
+    if wrap == "string":
+        return f'{key} = {json.dumps(body)}\n'
+    if wrap == "comment":
+        return f"# {body}\nbudget = 0.5\n"
+    if wrap == "dotted":
+        return ".".join(["k"] * depth) + " = 1\n"
+    return f"{key} = {body}\n"
+
+
+def test_deeply_nested_recipes_configs_baselines_and_metadata(tmp_path):
+    from isocompress.check_baseline import load_baseline
+    from isocompress.config import ModelConfig
+
+    calls = []
+
+    @fuzz_settings(CASES["nesting"])
+    @given(st.data())
+    def fuzz(data):
+        calls.append(1)
+        kind = data.draw(st.sampled_from(["recipe", "config", "baseline", "metadata"]))
+        if kind in ("recipe", "config"):
+            text = data.draw(nested_text(True))
+            parse = (lambda t: parse_recipe_text(t, "fuzzed.toml")) if kind == "recipe" else \
+                (lambda t: parse_config_text(t, "fuzzed.toml", ROOT))
+            parse_or_fail_cleanly(parse, text)
+        elif kind == "baseline":
+            path = tmp_path / "baseline.json"
+            path.write_text(data.draw(nested_text(False)))
+            parse_or_fail_cleanly(lambda _: load_baseline(path), "")
+        else:
+            parse_or_fail_cleanly(ModelConfig.from_json, data.draw(nested_text(False)))
+
+    run_counted(fuzz, calls, CASES["nesting"])
+
+
+HUGE = [1e4, 1e15, 1e19, 1e30, 1e38, 3e38, 1e100, 1e300, 1.7e308]
+
+
+def test_out_of_range_models_and_calibration(tmp_path):
+    """Values that may not fit the dtypes a run computes or saves in: ranges.check_run either accepts them (and then
+    the float64 reference and, for float32 ONNX, a float32 forward stay finite) or refuses them cleanly."""
+    from isocompress import ranges
+    from isocompress.measure import probe_inputs
+
+    base = random_model([3, 4, 2], psi=True, o=(0.1, 0.5), seed=3)
+    probes = probe_inputs(3, per_scale=8)
+    calls = []
+
+    @fuzz_settings(CASES["ranges"])
+    @given(st.sampled_from(["weight", "bias", "o", "calibration"]), st.sampled_from(HUGE), st.booleans(),
+           st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]), st.floats(0.01, 1.0))
+    def fuzz(where, value, onnx, saved, factor):
+        calls.append(1)
+        value *= factor
+        model, calib = base, None
+        if where == "calibration":
+            calib = torch.full((4, 3), value, dtype=torch.float64)
+        else:
+            i = 0 if where == "o" else 1
+            layer = model.layers[i]
+            name = {"weight": "weight", "bias": "bias", "o": "o"}[where]
+            import dataclasses
+            model = model.with_layers({i: dataclasses.replace(layer, **{name: getattr(layer, name) * 0 + value})})
+        try:
+            ranges.check_run(model, probes, calib, saved, onnx, "m.safetensors", "c.npy")
+        except BaseException as exc:  # noqa: BLE001
+            assert_clean(exc)
+            return
+        x = probes if calib is None else calib
+        with np.errstate(all="raise"):
+            y = model(x)
+        assert bool(torch.isfinite(y).all())
+        if onnx and saved != torch.float64 and calib is None:
+            assert bool(torch.isfinite(model.cast(torch.float32)(x.float())).all())
+
+    run_counted(fuzz, calls, CASES["ranges"])
+
+
+def test_path_edge_cases(tmp_path, seeds):
+    """Names with newlines and control characters, over-long components, FIFOs, directories, symlinks (dangling
+    and not), into the model and array loaders: a model or one clean line, never a hang or a raw OSError."""
+    from isocompress.data import load_array
+
+    (tmp_path / "ok.safetensors").write_bytes(seeds["own.safetensors"])
+    fifo = tmp_path / "fifo.pt"
+    os.mkfifo(fifo)
+    calls = []
+
+    @fuzz_settings(CASES["paths"])
+    @given(st.sampled_from(["newline", "control", "long", "fifo", "dir", "link", "dangling", "deep"]),
+           st.sampled_from([".pt", ".safetensors", ".npy", ".npz"]), st.text(max_size=8))
+    def fuzz(kind, suffix, stem):
+        calls.append(1)
+        clean = "".join(c for c in stem if c.isalnum()) or "x"
+        if kind == "newline":
+            path = tmp_path / f"a\n{clean}{suffix}"
+        elif kind == "control":
+            path = tmp_path / f"a\x1b[31m\r{clean}{suffix}"
+        elif kind == "long":
+            path = tmp_path / ("x" * 300 + suffix)
+        elif kind == "fifo":
+            path = fifo
+        elif kind == "dir":
+            path = tmp_path
+        elif kind == "deep":
+            path = tmp_path.joinpath(*(["d"] * 2000)) / f"m{suffix}"
+        else:
+            path = tmp_path / f"link-{kind}-{clean}{suffix}"
+            if not path.is_symlink():
+                path.symlink_to(tmp_path / ("ok.safetensors" if kind == "link" else "missing"))
+        loader = io.load if suffix in (".pt", ".safetensors") else (lambda p: load_array(p, expect_columns=3))
+        try:
+            loader(path)
+        except BaseException as exc:  # noqa: BLE001
+            assert_clean(exc)
+
+    run_counted(fuzz, calls, CASES["paths"])
 
 
 # --- a checkpoint whose unpickling would run code --------------------------------------------------------------

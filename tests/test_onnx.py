@@ -345,14 +345,15 @@ def test_shrink_onnx_tol_too_tight_exits_1_and_leaves_nothing(tmp_path, wide_mod
     assert not out.exists()
 
 
-def test_failed_check_removes_a_stale_onnx_file_in_an_existing_folder(tmp_path, wide_model):
+def test_failed_check_leaves_an_existing_folder_untouched(tmp_path, wide_model):
+    # issue 13: a failed run publishes nothing and never removes files it did not write
     out = tmp_path / "out"
     out.mkdir()
-    (out / "model.onnx").write_bytes(b"an earlier, now stale export")
+    (out / "model.onnx").write_bytes(b"an earlier export")
     result = cli(["shrink", wide_model, "--out", out, "--onnx-tol", "1e-300", "--format", "onnx", "--quiet"])
     assert result.exit_code == 1
-    assert not (out / "model.onnx").exists()
-    assert not (out / "report.json").exists()
+    assert (out / "model.onnx").read_bytes() == b"an earlier export"
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx"]
 
 
 def test_export_writes_the_unchanged_model(tmp_path, wide_model):
