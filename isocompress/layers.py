@@ -139,22 +139,35 @@ GAIN_LIPSCHITZ = 0.34343  # ≥ sup_m |g'(m)| (bounds.SLOPE_MAX): g(m(z)) is thi
 DEFAULT_PROBE_SCALES = (0.01, 1.0, 10.0, 1000.0)  # the inputs the tolerance is set on when the caller gives none
 
 
+def activation_constants(o: float) -> tuple[float, float, float]:
+    """(Lipschitz constant of f, Lipschitz constant of g, sup |f|) in z for intrinsic length o (docs/bounds.md,
+    "Constant directions"). o ≥ 0: (1, G', 1). o < 0, m = sqrt(|o + |z|²|): the radial slope of f is at most
+    1 + 2|o|/3 and its tangential one g ≤ 1, |∇g| = |g'(m)|·|z|/m ≤ G' + (2/3)·sqrt|o| (|g'(m)|/m ≤ 2/3), and
+    |f| ≤ sqrt(1 + |o|)."""
+    if o >= 0:
+        return 1.0, GAIN_LIPSCHITZ, 1.0
+    return 1.0 + 2.0 * abs(o) / 3.0, GAIN_LIPSCHITZ + (2.0 / 3.0) * math.sqrt(abs(o)), math.sqrt(1.0 + abs(o))
+
+
 def downstream_lipschitz(model: IsoMLP, start: int) -> float:
-    """A Lipschitz constant of z_{start−1} ↦ y: ∏_{k ≥ start} (‖W_k‖₂ + |psi_k|·G') (docs/bounds.md, "Constant
-    directions"): f is 1-Lipschitz and g is G'-Lipschitz in z."""
+    """A Lipschitz constant of z_{start−1} ↦ y: ∏_{k ≥ start} (‖W_k‖₂·L_f + |psi_k|·L_g), with L_f, L_g the
+    constants of the activation after layer k − 1 (`activation_constants`; 1 and G' for o ≥ 0)."""
     product = 1.0
-    for layer in model.layers[start:]:
+    for k in range(start, len(model.layers)):
+        layer = model.layers[k]
+        lip_f, lip_g, _ = activation_constants(float(model.layers[k - 1].o))
         w = torch.linalg.matrix_norm(layer.dense_weight(), ord=2).item()
         psi = 0.0 if layer.psi is None else torch.linalg.vector_norm(layer.psi).item()
-        product *= w + psi * GAIN_LIPSCHITZ
+        product *= w * lip_f + psi * lip_g
     return product
 
 
-def input_bound(layer: Layer, i: int, input_radius: float) -> float:
-    """A bound on |[h; g]|, the input of weight layer i (|x| ≤ R for i = 0; |h| < 1 and g ≤ 1 after)."""
+def input_bound(model: IsoMLP, i: int, input_radius: float) -> float:
+    """A bound on |[h; g]|, the input of weight layer i (|x| ≤ R for i = 0; after, |h| ≤ sup|f| and g ≤ 1)."""
     if i == 0:
         return float(input_radius)
-    return math.sqrt(2.0) if layer.psi is not None else 1.0
+    sup_h = activation_constants(float(model.layers[i - 1].o))[2]
+    return math.hypot(sup_h, 1.0) if model.layers[i].psi is not None else sup_h
 
 
 @torch.no_grad()
@@ -245,7 +258,7 @@ def remove_constant_directions_accounted(model: IsoMLP, rtol: float | None = Non
     for i in range(len(model.layers) - 1):
         width = model.layers[i].n_out
         floor = None
-        b = input_bound(model.layers[i], i, input_radius)
+        b = input_bound(model, i, input_radius)
         if rtol is None:
             floor = EXACT_RTOL * scale / max(b * lipschitz[i], torch.finfo(F64).tiny)
         model, sigma = _remove_constant(model, i, rtol, floor)
