@@ -85,3 +85,10 @@ def _as_labels(path: Path, array: torch.Tensor) -> torch.Tensor:
     if array.numel() == 0 or bool((array < 0).any()):
         raise IsocompressError(f"{path}: labels must be a non-empty vector of class indices ≥ 0")
     return array
+
+
+def check_label_count(labels: torch.Tensor, inputs: torch.Tensor, labels_path, inputs_path) -> None:
+    """Labels must match their inputs one to one (issue 10: a mismatch was silently ignored)."""
+    if len(labels) != len(inputs):
+        raise IsocompressError(f"{labels_path}: has {len(labels)} labels but {inputs_path} has {len(inputs)} inputs;"
+                               " give one label per input row")
