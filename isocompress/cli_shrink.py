@@ -30,7 +30,7 @@ from isocompress.errors import IsocompressError
               help="Certify for all inputs with |x| ≤ R [default: the largest calibration-input norm].")
 @click.option("--certify-radius", type=float, default=None,
               help="Local certificates within |x − x_i| ≤ EPS of each calibration (or --certify-data) point"
-                   " [default: 2% of their median norm].")
+                   " [default: 1% of their median norm].")
 @click.option("--certify-data", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Points to certify around instead of the calibration inputs.")
 @click.option("--min-certified-top1", default=None,

@@ -28,7 +28,7 @@ NORM_POWER_STEPS = 3  # ‖A‖₂ ≤ ‖(AᵀA)^(2^k)‖_F^(1/2^(k+1)): at mos
 NORM_MARGIN = 1.0 + 1e-9  # rounding of the squarings (relative ~1e-13), generously
 SERIES_TERMS = 64  # partial fractions of G''
 ROUNDING = 1e-9  # relative allowance for float64 rounding of the forms (centres are exact forwards to ~1e-15)
-DEFAULT_RADIUS_FRACTION = 0.02  # --certify-radius default: this share of the median calibration-input norm
+DEFAULT_RADIUS_FRACTION = 0.01  # --certify-radius default: this share of the median norm of the certified points
 
 
 # --- scalar functions of μ = m² = o + |z|² (vectorised) -------------------------------------------------------------
@@ -38,10 +38,10 @@ def gain_of_sq(mu: torch.Tensor) -> torch.Tensor:
 
 
 def gain_sq_slope_exact(mu: torch.Tensor) -> torch.Tensor:
-    """G'(μ) (negative): (m sech² m − tanh m)/(2m³), m = √μ; series −1/3 + 4μ/15 below m = 0.05."""
-    m = mu.clamp_min(0.0025).sqrt()
+    """G'(μ) (negative): (m sech² m − tanh m)/(2m³), m = √μ; its series −1/3 + 4μ/15 − 17μ²/105 below μ = 10⁻³."""
+    m = mu.clamp_min(1e-3).sqrt()
     value = (m * sech2(m) - torch.tanh(m)) / (2.0 * m ** 3)
-    return torch.where(mu < 0.0025, -1.0 / 3.0 + 4.0 * mu / 15.0, value)
+    return torch.where(mu < 1e-3, -1.0 / 3.0 + 4.0 * mu / 15.0 - 17.0 * mu * mu / 105.0, value)
 
 
 def gain_sq_slope_sup(mu: torch.Tensor) -> torch.Tensor:
@@ -196,10 +196,42 @@ def activation(z: Form, dz: Form, o: float, eps: float) -> tuple[Form, Scalar, F
     dg = Scalar((grad * dz.c).sum(-1), dgrad_a,
                 torch.minimum(torch.linalg.vector_norm(grad, dim=-1) * dz.r + lg_w * wide * d,
                               torch.minimum(gain_slope_sup(torch.sqrt(o + w_lo * w_lo)) * d, top_w - bot_w) + dg_lin))
+    # exact centre (§7.4): Δh(x) − Δh(x_i) = J(c')(Δz − d) + (J(c') − J(c)) u + R' − R, c' = c + d, u = z − c
+    dh_e, dg_e = exact_centre(z, dz, h, grad_a, gc, slope, grad, lf, lg, rz, o, eps)
+    dh = pick(dh_e.r < dh.r, dh_e, dh)
+    dg = pick(dg_e.r < dg.r, dg_e, dg)
     return h, g, dh, dg
 
 
 # --- one affine layer ---------------------------------------------------------------------------------------------
+def exact_centre(z: Form, dz: Form, h: Form, grad_a, gc, slope, grad, lf, lg, rz, o: float, eps: float):
+    """Δh and Δg as forms centred on their exact values at x_i (docs/bounds.md §7.4): remainders of order ε², not of
+    order |Δz(x_i)|·ε, which wins where the centres of the two networks are far apart."""
+    c = z.c
+    c2 = c + dz.c
+    n2 = torch.linalg.vector_norm(c2, dim=-1)
+    mu2 = o + n2 * n2
+    g2, slope2 = gain_of_sq(mu2), gain_sq_slope_exact(mu2)
+    grad2 = 2.0 * slope2[:, None] * c2
+    ru2 = rz + dz.norm() * eps + dz.r  # sup |z' − c'|
+    lf2, lg2 = second_derivative_sup(o, (n2 - ru2).clamp_min(0.0), n2 + ru2)
+    j2a = jacobian_apply(g2, slope2, c2, z.A)
+    # ‖J(c') − J(c)‖ ≤ L_f on the segment [c, c'] × |d| (Lemma 8), and ≤ the spread of their spectra
+    cn = torch.linalg.vector_norm(c, dim=-1)
+    dn = torch.linalg.vector_norm(dz.c, dim=-1)
+    seg_lf, seg_lg = second_derivative_sup(o, (torch.minimum(cn, n2) - dn).clamp_min(0.0), torch.maximum(cn, n2))
+    top = gain_of_sq(o + (torch.minimum(cn, n2) - dn).clamp_min(0.0) ** 2)
+    low = sech2(torch.sqrt(o + torch.maximum(cn, n2) ** 2))
+    jdiff = torch.minimum(seg_lf * dn, top - low)
+    quad = (lf * rz * rz + lf2 * ru2 * ru2) / 2.0
+    dh = Form(g2[:, None] * c2 - gc[:, None] * c, jacobian_apply(g2, slope2, c2, dz.A) + (j2a - h.A),
+              g2 * dz.r + jdiff * z.r + quad)
+    gdiff = torch.minimum(seg_lg * dn, torch.linalg.vector_norm(grad2 - grad, dim=-1))
+    dg = Scalar(g2 - gc, torch.einsum("pn,pnk->pk", grad2, dz.A) + torch.einsum("pn,pnk->pk", grad2 - grad, z.A),
+                torch.linalg.vector_norm(grad2, dim=-1) * dz.r + gdiff * z.r + (lg * rz * rz + lg2 * ru2 * ru2) / 2.0)
+    return dh, dg
+
+
 def affine(layer: Layer, h: Form, g: Scalar | None, dh: Form, dg: Scalar | None, removed: torch.Tensor,
            consts: torch.Tensor) -> tuple[Form, Form]:
     """z = W h + b + psi g and Δz = P_K(W Δh + psi Δg) − P_S(z − c) (docs/bounds.md, eq. 2)."""
@@ -286,7 +318,9 @@ def local_search(reference, candidate, centres: torch.Tensor, eps: float, starts
         top = reference(x0).argmax(-1)
     d = torch.randn(starts, p, n, dtype=F64, generator=gen)
     d = d / torch.linalg.vector_norm(d, dim=-1, keepdim=True) * eps * torch.rand(starts, p, 1, dtype=F64, generator=gen)
-    d[0] = 0.0
+    if starts >= 4:  # ±ε along the top right singular vector of the Jacobian of y' − y at the centre (first order)
+        top_dir = _top_direction(reference, candidate, x0)
+        d[0], d[1] = eps * top_dir, -eps * top_dir
     best = torch.zeros(p, dtype=F64)
     flipped = torch.zeros(p, dtype=torch.bool)
     delta = d.clone().requires_grad_(True)
@@ -312,6 +346,15 @@ def local_search(reference, candidate, centres: torch.Tensor, eps: float, starts
             norm = torch.linalg.vector_norm(delta, dim=-1, keepdim=True)
             delta.mul_(torch.clamp(eps / norm.clamp_min(1e-300), max=1.0))
     return {"max_abs": best, "flipped": flipped}
+
+
+def _top_direction(reference, candidate, x0: torch.Tensor) -> torch.Tensor:
+    x = x0.clone().requires_grad_(True)
+    diff = candidate(x) - reference(x)
+    rows = [torch.autograd.grad(diff[:, k].sum(), x, retain_graph=k < diff.shape[1] - 1)[0] for k in range(diff.shape[1])]
+    jac = torch.stack(rows, dim=1).detach()  # (P, n_out, n0)
+    _, _, vh = torch.linalg.svd(jac, full_matrices=False)
+    return vh[:, 0]
 
 
 def _margin(y: torch.Tensor, top: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

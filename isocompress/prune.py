@@ -348,11 +348,6 @@ def certified_fraction(state: State, centres: torch.Tensor, eps: float) -> float
 def prune_to_certified(state: State, limit: float, basis: str, x, radius, centres, eps: float, step=None) -> State:
     """As far as possible with the certified top-1 fraction at radius ε ≥ limit (issue 10, --min-certified-top1):
     rounds that overshoot are retried at half the size, as in prune_to_error."""
-    start = certified_fraction(state, centres, eps)
-    if start < limit:
-        raise IsocompressError(
-            f"--min-certified-top1 {limit:.2%} cannot be met: even the exactly shrunk model (nothing pruned) is"
-            f" certified for only {start:.2%} of the points at ε = {eps:.4g}; lower the limit or --certify-radius")
     goal = max(int(ROUND_FRACTION * current_params(state)), 1)
     while goal >= 1 and current_params(state) > smallest_params(state):
         trial = state.copy()
@@ -381,19 +376,28 @@ def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, pr
     eps, eps_source = resolve_certify_radius(options, centres)
     goal_check(options, radius, centres)
     state = State.of(remove_all_constant_directions(original))
+    if options.min_certified_top1 is not None:
+        start = certified_fraction(state, centres, eps)
+        if start < options.min_certified_top1:
+            raise IsocompressError(
+                f"--min-certified-top1 {options.min_certified_top1:.2%} cannot be met: even the exactly shrunk model"
+                f" (nothing pruned) is certified for only {start:.2%} of the points at ε = {eps:.4g}; lower the limit"
+                " or --certify-radius")
     exact_params = current_params(state)
+    target = None
+    if options.budget is not None:
+        target = resolve_target(options.budget, original.num_params(), smallest_params(state))
+    elif options.max_error is not None:
+        reachable = certify(state, radius)
+        if reachable > options.max_error:
+            raise IsocompressError(
+                f"--max-error {options.max_error:.4g} cannot be met: the smallest certified error reachable is"
+                f" {reachable:.4g} (the exactly shrunk model, |x| ≤ {radius:.4g}); give --max-error {reachable:.3g}"
+                " or more")
     with progress_bar(None, "prune", enabled=progress) as step:
-        target = None
         if options.budget is not None:
-            target = resolve_target(options.budget, original.num_params(), smallest_params(state))
             state = prune_to_target(state, target, basis, x, radius, step)
         elif options.max_error is not None:
-            reachable = certify(state, radius)
-            if reachable > options.max_error:
-                raise IsocompressError(
-                    f"--max-error {options.max_error:.4g} cannot be met: the smallest certified error reachable is"
-                    f" {reachable:.4g} (the exactly shrunk model, |x| ≤ {radius:.4g}); give --max-error {reachable:.3g}"
-                    " or more")
             state = prune_to_error(state, options.max_error, basis, x, radius, step)
         else:
             state = prune_to_certified(state, options.min_certified_top1, basis, x, radius, centres, eps, step)
