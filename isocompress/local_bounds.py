@@ -215,7 +215,6 @@ def exact_centre(z: Form, dz: Form, h: Form, grad_a, gc, slope, grad, lf, lg, rz
     grad2 = 2.0 * slope2[:, None] * c2
     ru2 = rz + dz.norm() * eps + dz.r  # sup |z' − c'|
     lf2, lg2 = second_derivative_sup(o, (n2 - ru2).clamp_min(0.0), n2 + ru2)
-    j2a = jacobian_apply(g2, slope2, c2, z.A)
     # ‖J(c') − J(c)‖ ≤ L_f on the segment [c, c'] × |d| (Lemma 8), and ≤ the spread of their spectra
     cn = torch.linalg.vector_norm(c, dim=-1)
     dn = torch.linalg.vector_norm(dz.c, dim=-1)
@@ -224,7 +223,7 @@ def exact_centre(z: Form, dz: Form, h: Form, grad_a, gc, slope, grad, lf, lg, rz
     low = sech2(torch.sqrt(o + torch.maximum(cn, n2) ** 2))
     jdiff = torch.minimum(seg_lf * dn, top - low)
     quad = (lf * rz * rz + lf2 * ru2 * ru2) / 2.0
-    dh = Form(g2[:, None] * c2 - gc[:, None] * c, jacobian_apply(g2, slope2, c2, dz.A) + (j2a - h.A),
+    dh = Form(g2[:, None] * c2 - gc[:, None] * c, jacobian_apply(g2, slope2, c2, z.A + dz.A) - h.A,
               g2 * dz.r + jdiff * z.r + quad)
     gdiff = torch.minimum(seg_lg * dn, torch.linalg.vector_norm(grad2 - grad, dim=-1))
     dg = Scalar(g2 - gc, torch.einsum("pn,pnk->pk", grad2, dz.A) + torch.einsum("pn,pnk->pk", grad2 - grad, z.A),
