@@ -129,3 +129,14 @@ def test_check_min_certified_top1_and_test_accuracy(tmp_path):
     rows = {r["metric"]: r for r in data}
     assert rows["accuracy"]["passed"] and "test inputs" in rows["accuracy"]["note"]
     assert not rows["certified-top1"]["passed"] and result.exit_code == 1
+
+
+def test_check_flags_min_certified_top1(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'budget = "5%"\ncalibration = "{MODELS / "digits.calib.npy"}"\ncertify-radius = 0.01\n'
+                      'formats = ["safetensors"]\n')
+    result = cli(["check", DIGITS, "--recipe", recipe, "--min-certified-top1", "10%", "--json"])
+    data = json.loads(result.output)
+    assert data[0]["metric"] == "certified-top1" and data[0]["measured"] >= 0.1 and result.exit_code == 0
+    result = cli(["check", DIGITS, "--min-certified-top1", "10%"])
+    assert result.exit_code == 2 and "needs a 'recipe'" in one_error_line(result)
