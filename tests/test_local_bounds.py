@@ -75,7 +75,7 @@ def assert_sound(state, centres, eps, starts=12, steps=60):
     return out, found
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(st.lists(st.integers(2, 10), min_size=3, max_size=4), st.booleans(), st.floats(0.0, 2.0),
        st.sampled_from([0.2, 0.6]), st.sampled_from([0.01, 0.1, 0.5, 2.0]), st.integers(0, 50),
        st.sampled_from(["data-free", "data-aware"]))

@@ -80,6 +80,7 @@ def test_wrong_length_labels_are_an_input_error(tmp_path):
     assert "has 10 labels but" in one_error_line(result)
 
 
+@pytest.mark.slow
 def test_report_and_table_have_local_certificates_and_test_data(tmp_path):
     result = cli(["shrink", DIGITS, "--budget", "5%", "--calibration", MODELS / "digits.calib.npy",
                   "--labels", MODELS / "digits.calib.labels.npy", "--test-data", MODELS / "digits.test.npz",
@@ -116,27 +117,38 @@ def test_recipe_keys_round_trip():
         parse_recipe_text('budget = 0.1\ntest-labels = "t.npz"\n')
 
 
-def test_check_min_certified_top1_and_test_accuracy(tmp_path):
+def small_files(tmp_path, radius=0.01):
+    """A small classifier with calibration and labelled test files (a check runs a whole shrink)."""
+    model = random_model([6, 16, 16, 4], psi=True, o=0.5, seed=8, weight_scale=1.0)
+    io.save(model, tmp_path / "m.safetensors")
+    gen = np.random.default_rng(0)
+    np.save(tmp_path / "c.npy", gen.normal(size=(48, 6)))
+    x = gen.normal(size=(40, 6))
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).argmax(-1).numpy()
+    np.savez(tmp_path / "t.npz", x=x, y=y)
     recipe = tmp_path / "r.toml"
-    recipe.write_text(f'budget = "5%"\ncalibration = "{MODELS / "digits.calib.npy"}"\ncertify-radius = 0.02\n'
-                      'formats = ["safetensors"]\n')
+    recipe.write_text(f'budget = 0.5\ncalibration = "c.npy"\ncertify-radius = {radius}\nformats = ["safetensors"]\n')
+    return tmp_path / "m.safetensors", recipe
+
+
+def test_check_min_certified_top1_and_test_accuracy(tmp_path):
+    model, recipe = small_files(tmp_path, radius=0.5)
     config = tmp_path / "isocompress.toml"
-    config.write_text(f'[[check]]\nmodel = "{DIGITS}"\nrecipe = "{recipe}"\nmin-certified-top1 = "99.9%"\n'
-                      f'min-accuracy = 0.9\ntest-data = "{MODELS / "digits.test.npz"}"\n'
-                      f'test-labels = "{MODELS / "digits.test.npz"}"\n')
+    config.write_text(f'[[check]]\nmodel = "{model}"\nrecipe = "{recipe}"\nmin-certified-top1 = "100%"\n'
+                      f'min-accuracy = 0.5\ntest-data = "{tmp_path / "t.npz"}"\ntest-labels = "{tmp_path / "t.npz"}"\n')
     result = cli(["check", "--config", config, "--json"])
     data = json.loads(result.output)
     rows = {r["metric"]: r for r in data}
-    assert rows["accuracy"]["passed"] and "test inputs" in rows["accuracy"]["note"]
+    assert rows["accuracy"]["passed"] and "40 test inputs" in rows["accuracy"]["note"]
+    assert rows["certified-top1"]["measured"] < 1.0
     assert not rows["certified-top1"]["passed"] and result.exit_code == 1
 
 
 def test_check_flags_min_certified_top1(tmp_path):
-    recipe = tmp_path / "r.toml"
-    recipe.write_text(f'budget = "5%"\ncalibration = "{MODELS / "digits.calib.npy"}"\ncertify-radius = 0.01\n'
-                      'formats = ["safetensors"]\n')
-    result = cli(["check", DIGITS, "--recipe", recipe, "--min-certified-top1", "10%", "--json"])
+    model, recipe = small_files(tmp_path)
+    result = cli(["check", model, "--recipe", recipe, "--min-certified-top1", "10%", "--json"])
     data = json.loads(result.output)
     assert data[0]["metric"] == "certified-top1" and data[0]["measured"] >= 0.1 and result.exit_code == 0
-    result = cli(["check", DIGITS, "--min-certified-top1", "10%"])
+    result = cli(["check", model, "--min-certified-top1", "10%"])
     assert result.exit_code == 2 and "needs a 'recipe'" in one_error_line(result)
