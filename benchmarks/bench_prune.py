@@ -6,15 +6,21 @@ Baselines (no fine-tuning for any method; isocompress does none either):
   spectral   the spectral structural-importance criterion (shared/seeds/spectral-structural-pruning-review.txt):
              per hidden layer, graphs over neurons from |correlation| of pre- and post-activations, score = share of
              each neuron in the dominant generalised eigenvectors of (L_in, L_out); delete the lowest, recompute, repeat
+  paper rule the paper's data-free neurodegeneration (the reference code's `neurodegenerate`, applied globally):
+             remove, one at a time, the direction with the globally smallest singular value (left-singular basis of
+             its producing layer), its constant b* = the rotated bias absorbed into o and psi
 Each method's parameter count is that of its own stored form. Errors are measured on the held-out test set.
 
 Needs scipy: pip install -e ".[bench]" (the [test] extra has it too).
 Run: python benchmarks/bench_prune.py [--model models/digits.pt] [--budgets 0.5,0.2,0.1,0.05]
+     python benchmarks/bench_prune.py --nodata        # issue 10: no-data budgets vs the paper's rule
+     python benchmarks/bench_prune.py --local         # issue 10: local certificates (fraction, tightness, speed)
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -167,6 +173,160 @@ def run(model_path: Path, budgets: list[float]) -> list[tuple]:
     return rows
 
 
+def paper_rule(model: IsoMLP, target: int) -> IsoMLP:
+    """The paper's data-free rule (see the module docstring), on isocompress's embedded State; one SVD per step."""
+    from isocompress.layers import alternate_diagonalise, remove_all_constant_directions
+
+    state = prune.State.of(remove_all_constant_directions(model.cast(F64)))
+    while prune.current_params(state) > target:
+        prune.rotate_singular(state)
+        compact = prune.materialize(state)
+        best = None
+        for i in range(len(state.removed)):
+            sigma = torch.linalg.vector_norm(compact.layers[i].weight, dim=1)  # rows are σ_j v_jᵀ
+            if sigma.numel() > 1 and (best is None or float(sigma.min()) < best[0]):
+                best = (float(sigma.min()), i, int(sigma.argmin()))
+        if best is None:
+            break
+        consts = [layer.bias.clone() for layer in compact.layers[:-1]]  # b*: the rotated bias
+        prune.remove(state, [(best[1], best[2], best[0])], consts)
+    return alternate_diagonalise(prune.materialize(state))
+
+
+def test_accuracy(model, x, y) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(-1) == y).double().mean())
+
+
+def reference_layout_models(out_dir: Path) -> list[Path]:
+    """Two small digits classifiers trained with the reference code's parametrisation (trainable psi and o; plain)
+    and saved in the reference IsotropicTanhMLP state-dict layout (weight_parameters.N, bias_parameters.N,
+    psi_parameters.N, activation.N.o_const), read back through isocompress.io's reference loader."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from isocompress.nn import IsotropicMLP
+
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16.0).astype(np.float32)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=0.2, random_state=1, stratify=y)
+    xtr, ytr = torch.from_numpy(xtr), torch.from_numpy(ytr.astype(np.int64))
+    paths = []
+    for name, widths, psi, o in (("ref-psi", (64, 128, 128, 10), True, "trainable"),
+                                 ("ref-plain", (64, 96, 96, 96, 10), False, "none")):
+        torch.manual_seed(0)
+        net = IsotropicMLP(widths, psi=psi, intrinsic_length=o, seed=0)
+        opt = torch.optim.Adam(net.parameters(), lr=2e-3, weight_decay=1e-4)
+        for _ in range(40):
+            for batch in torch.randperm(len(xtr), generator=torch.Generator().manual_seed(_)).split(64):
+                loss = torch.nn.functional.cross_entropy(net(xtr[batch]), ytr[batch])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        model = net.to_isomlp()
+        sd = {}
+        for i, layer in enumerate(model.layers):
+            sd[f"weight_parameters.{i}"] = layer.dense_weight().float()
+            sd[f"bias_parameters.{i}"] = layer.bias.float()
+            if layer.psi is not None:
+                sd[f"psi_parameters.{i - 1}"] = layer.psi.float()
+            if layer.o is not None:
+                sd[f"activation.{i}.o_const"] = layer.o.reshape(1).float()
+        path = out_dir / f"{name}.pt"
+        torch.save(sd, path)
+        np.savez(out_dir / f"{name}.test.npz", x=xte, y=yte.astype(np.int64))
+        paths.append(path)
+    return paths
+
+
+def run_nodata(model_paths: list[Path], budgets: list[float]) -> list[tuple]:
+    """No calibration, no --input-radius: isocompress's data-free ranking against the paper's rule, at the same or
+    fewer parameters (isocompress is run at the parameter count the paper's rule reached)."""
+    rows = []
+    for path in model_paths:
+        model = io.load(path)
+        test = np.load(path.with_suffix("").as_posix() + ".test.npz")
+        x, y = torch.from_numpy(test["x"]).to(F64), torch.from_numpy(test["y"])
+        for budget in budgets:
+            started = time.perf_counter()
+            paper = paper_rule(model, int(budget * model.num_params()))
+            t_paper = time.perf_counter() - started
+            started = time.perf_counter()
+            ours, _ = prune.prune_to_budget(model, ShrinkOptions(budget=float(paper.num_params())))
+            t_ours = time.perf_counter() - started
+            rows.append((path.name, budget, paper.num_params(), test_accuracy(paper, x, y), t_paper,
+                         ours.num_params(), test_accuracy(ours, x, y), t_ours, ours.widths, test_accuracy(model, x, y)))
+    return rows
+
+
+def print_nodata(rows, command: str) -> None:
+    print("no-data budgets (no calibration, no --input-radius): test accuracy at the same or fewer parameters")
+    print(f"{'model':<12} {'budget':>6}  {'orig %':>6}  {'paper params':>12} {'paper %':>7}  {'iso params':>10} "
+          f"{'iso %':>6}  {'Δ pt':>6}  widths")
+    worst = math.inf
+    for name, budget, pp, pa, _, op, oa, _, widths, orig in rows:
+        worst = min(worst, 100 * (oa - pa))
+        print(f"{name:<12} {budget:>6.0%}  {100 * orig:>6.2f}  {pp:>12} {100 * pa:>7.2f}  {op:>10} {100 * oa:>6.2f}  "
+              f"{100 * (oa - pa):>+6.2f}  {'→'.join(map(str, widths))}")
+    print(f"smallest difference isocompress − paper rule: {worst:+.2f} pt (goal ≥ −0.5)")
+    print(f"reproduce: {command}")
+
+
+def run_local(model_path: Path, budgets: list[float], fractions: list[float], n_speed: int = 512) -> dict:
+    """Local certificates with calibration: certified top-1 fraction and tightness (β_i / the largest |Δy| a
+    gradient search finds in the ball) at several radii; and the time of a run with certificates on n_speed points
+    against the same run without them."""
+    from isocompress import local_bounds
+    from isocompress.layers import remove_all_constant_directions
+
+    model, calib, labels, x_test, _ = load(model_path)
+    median = float(calib.norm(dim=-1).median())
+    out = {"median_norm": median, "rows": []}
+    for budget in budgets:
+        state = prune.State.of(remove_all_constant_directions(model.cast(F64)))
+        state = prune.prune_to_target(state, int(budget * model.num_params()), "data-aware", calib,
+                                      float(calib.norm(dim=-1).max()))
+        pruned = prune.materialize(state)
+        for fraction in fractions:
+            eps = fraction * median
+            cert = prune.local_certificates(state, calib, eps)
+            found = local_bounds.local_search(IsoMLP(state.layers), pruned, calib, eps, starts=8, steps=40)
+            ratio = cert["bound"] / found["max_abs"].clamp_min(1e-300)
+            out["rows"].append((budget, fraction, eps, float(cert["top1"].double().mean()),
+                                1.0 - float(found["flipped"].double().mean()), float(ratio.median()),
+                                float(ratio.max()), int((found["max_abs"] > cert["bound"]).sum()),
+                                int((cert["top1"] & found["flipped"]).sum())))
+    # speed: the same shrink call with and without certificates on n_speed points (calibration + test inputs)
+    points = torch.cat([calib, x_test])[:n_speed]
+    timings = {}
+    for label, data in (("without", None), ("with", points)):
+        best = math.inf
+        for _ in range(2):
+            started = time.perf_counter()
+            prune.prune_to_budget(model, ShrinkOptions(budget=0.05), calibration=calib, labels=labels,
+                                  certify_data=data)
+            best = min(best, time.perf_counter() - started)
+        timings[label] = best
+    out["timings"] = timings
+    out["n_speed"] = len(points)
+    return out
+
+
+def print_local(result: dict, model: str, command: str) -> None:
+    print(f"{model}: local certificates with calibration (data-aware basis), median input norm "
+          f"{result['median_norm']:.4g}; the search: Adam in float64, 8 starts × 40 steps per ball, two along the top"
+          " singular vector of the Jacobian of y' − y")
+    print(f"{'budget':>6}  {'ε/median':>8}  {'ε':>7}  {'certified top-1':>15}  {'search: unflipped':>17}  "
+          f"{'β/search median':>15}  {'max':>8}  {'violations':>10}")
+    for budget, fraction, eps, cert, unflipped, med, mx, bad, badflip in result["rows"]:
+        print(f"{budget:>6.0%}  {fraction:>8.1%}  {eps:>7.4f}  {100 * cert:>14.1f}%  {100 * unflipped:>16.1f}%  "
+              f"{med:>15.3g}  {mx:>8.3g}  {bad + badflip:>10}")
+    t = result["timings"]
+    print(f"speed (5% budget, calibration): {t['without']:.2f} s without, {t['with']:.2f} s with local certificates on"
+          f" {result['n_speed']} points: ratio {t['with'] / t['without']:.2f} (goal ≤ 2)")
+    print(f"reproduce: {command}")
+
+
 def fit_spectral(model, calib, target):
     """Bisection on the keep fraction with the cheap magnitude count (same widths), then one spectral run."""
     probe = fit_fraction(lambda f: magnitude(model, f, calib), target)
@@ -177,10 +337,27 @@ def fit_spectral(model, calib, target):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="models/digits.pt")
-    parser.add_argument("--budgets", default="0.5,0.2,0.1,0.05")
+    parser.add_argument("--budgets", default=None)
+    parser.add_argument("--nodata", action="store_true", help="issue 10: no-data budgets against the paper's rule")
+    parser.add_argument("--local", action="store_true", help="issue 10: local certificates")
+    parser.add_argument("--radii", default="0.005,0.01,0.02,0.03,0.07", help="--local: ε as fractions of the median norm")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    budgets = [float(b) for b in args.budgets.split(",")]
+    command = "python benchmarks/bench_prune.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.nodata:
+        budgets = [float(b) for b in (args.budgets or "0.2,0.1,0.05,0.02,0.01").split(",")]
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = [Path("models/digits.pt"), Path("models/mnist1d.pt")] + reference_layout_models(Path(tmp))
+            print_nodata(run_nodata(paths, budgets), command)
+        return
+    if args.local:
+        budgets = [float(b) for b in (args.budgets or "0.05,0.02").split(",")]
+        print_local(run_local(Path(args.model), budgets, [float(r) for r in args.radii.split(",")]), args.model,
+                    command)
+        return
+    budgets = [float(b) for b in (args.budgets or "0.5,0.2,0.1,0.05").split(",")]
     rows = run(Path(args.model), budgets)
     original_acc = rows[0][2].get("accuracy_before", float("nan"))
     print(f"{args.model}: test-set errors at each parameter budget (original test accuracy {100 * original_acc:.2f}%)")
@@ -191,7 +368,7 @@ def main(argv=None) -> None:
         print(f"{budget:>6.0%}  {name:<24} {m['params']:>7}  {m['max_abs']:>9.3g}  {m['mean_abs']:>9.3g}  "
               f"{m['mean_rel_percent']:>8.3g}  {100 * m['accuracy_after']:>6.2f}  {100 * m['top1_agreement']:>7.2f}  "
               f"{cert_text}  {seconds:>5.1f}")
-    print(f"reproduce: python benchmarks/bench_prune.py --model {args.model} --budgets {args.budgets}")
+    print(f"reproduce: python benchmarks/bench_prune.py --model {args.model} --budgets {','.join(map(str, budgets))}")
 
 
 if __name__ == "__main__":

@@ -145,6 +145,8 @@ class ShrinkOptions:
     dtype: str | None = None
     max_error_relative: float | None = None
     ref_intrinsic_length: str | None = None  # how to read a reference checkpoint's intrinsic_length: log | raw
+    certify_radius: float | None = None  # issue 10: ε of the local certificates (default: prune.resolve_certify_radius)
+    min_certified_top1: float | None = None  # issue 10: a goal: the smallest model certified for this share of points
 
     def __post_init__(self) -> None:
         if isinstance(self.formats, str):  # "safetensors,onnx", as the CLI takes it
@@ -165,6 +167,8 @@ class ShrinkOptions:
         if not (_is_number(self.onnx_tol) and 0 < self.onnx_tol < math.inf):
             raise IsocompressError(f"onnx tolerance {self.onnx_tol!r} must be a positive finite number")
         io.check_ref_mode(self.ref_intrinsic_length, "reference intrinsic length")
+        if self.certify_radius is not None and not (_is_number(self.certify_radius) and 0 < self.certify_radius < math.inf):
+            raise IsocompressError(f"certify radius {self.certify_radius!r} must be a positive finite number")
         if self.dtype not in (None, "float32", "float64", "float16", "bfloat16"):
             raise IsocompressError(f"dtype {self.dtype!r}: choose from float32, float64, float16, bfloat16")
 
@@ -175,9 +179,12 @@ class ShrinkOptions:
         from isocompress.recipe import parse_budget, parse_max_error
 
         where = "ShrinkOptions"
-        goals = [self.budget, self.max_error, self.max_error_relative]
+        goals = [self.budget, self.max_error, self.max_error_relative, self.min_certified_top1]
         if sum(g is not None for g in goals) > 1:
-            raise IsocompressError("give either a budget or a max-error, not both")
+            raise IsocompressError("give one goal: a budget, a max-error or a min-certified-top1")
+        if self.min_certified_top1 is not None and not (_is_number(self.min_certified_top1)
+                                                        and 0 <= self.min_certified_top1 <= 1):
+            raise IsocompressError(f"min-certified-top1 {self.min_certified_top1!r} must be a fraction in [0, 1]")
         if self.budget is not None:
             object.__setattr__(self, "budget", parse_budget(self.budget, where, "budget"))
         if self.max_error is not None:
@@ -196,7 +203,8 @@ class ShrinkOptions:
 
     @property
     def lossy(self) -> bool:
-        return self.budget is not None or self.max_error is not None or self.max_error_relative is not None
+        return any(v is not None for v in (self.budget, self.max_error, self.max_error_relative,
+                                            self.min_certified_top1))
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -213,6 +221,9 @@ def shrink_file(
     labels: str | Path | None = None,
     progress: bool = True,
     recipe: dict | None = None,
+    certify_data: str | Path | None = None,
+    test_data: str | Path | None = None,
+    test_labels: str | Path | None = None,
 ) -> dict:
     """`isocompress shrink`: load, shrink, write DIR/model.safetensors (+ DIR/model.onnx) and DIR/report.json.
     All input is read and validated before anything is written; returns the report. `recipe`: provenance (name,
@@ -230,14 +241,17 @@ def shrink_file(
         refuse_negative_o(original, str(model_path))
     calib = load_inputs(calibration, original.widths[0]) if calibration is not None else None
     label_data = load_labels(labels) if labels is not None else None
+    extra = load_extra_data(original.widths[0], calibration, calib, labels, label_data, certify_data, test_data,
+                            test_labels)
     out = Path(out_dir) if out_dir is not None else default_out_dir(model_path)
     probes = calib if calib is not None else probe_inputs(original.widths[0])
-    inputs = [model_path] + [Path(p) for p in (calibration, labels) if p is not None]
+    inputs = [model_path] + [Path(p) for p in (calibration, labels, certify_data, test_data, test_labels)
+                             if p is not None]
     check_ranges(original, calib, saved_dtype, options, model_path, calibration)
     effective, resolved = resolve_relative_error(options, original, probes)
     with output_dir(out, inputs) as stage:
         exact_x = probe_inputs(original.widths[0]) if calib is None else torch.cat([probe_inputs(original.widths[0]), calib])
-        shrunk, prune_report = compress(original, effective, calib, label_data, progress, probes=exact_x)
+        shrunk, prune_report = compress(original, effective, calib, label_data, progress, probes=exact_x, extra=extra)
         constant = prune_report.pop("constant_directions") if not options.lossy else None
         files, onnx_report = write_outputs(shrunk, stage, options, saved_dtype, probes)
         reloaded = io.load(files["safetensors"]) if "safetensors" in files else shrunk.cast(saved_dtype)
@@ -245,7 +259,9 @@ def shrink_file(
             "model": str(model_path),
             "exact": not options.lossy,
             "recipe": {**options.to_dict(), "calibration": None if calibration is None else str(calibration),
-                       "labels": None if labels is None else str(labels), **(recipe or {})},
+                       "labels": None if labels is None else str(labels),
+                       **{k: str(v) for k, v in (("certify_data", certify_data), ("test_data", test_data),
+                                                 ("test_labels", test_labels)) if v is not None}, **(recipe or {})},
             "params_before": original.num_params(),
             "params_after": shrunk.num_params(),
             "widths_before": list(original.widths),
@@ -330,7 +346,27 @@ def refuse_negative_o(model: IsoMLP, where: str) -> None:
         )
 
 
-def compress(original: IsoMLP, options: ShrinkOptions, calibration, labels, progress: bool, probes=None):
+def load_extra_data(n_in: int, calibration, calib, labels, label_data, certify_data, test_data, test_labels) -> dict:
+    """Issue 10: certify points, test data and labels, with label counts checked (a wrong count is an input error,
+    never silently dropped)."""
+    from isocompress import data
+
+    if label_data is not None:
+        if calib is None:
+            raise IsocompressError(f"{labels}: labels need their inputs; give --calibration FILE")
+        data.check_label_count(label_data, calib, labels, calibration)
+    if test_labels is not None and test_data is None:
+        raise IsocompressError(f"{test_labels}: test labels need their inputs; give --test-data FILE")
+    out = {"certify_data": None if certify_data is None else load_inputs(certify_data, n_in),
+           "test_data": None if test_data is None else load_inputs(test_data, n_in),
+           "test_labels": None if test_labels is None else load_labels(test_labels)}
+    if out["test_labels"] is not None:
+        data.check_label_count(out["test_labels"], out["test_data"], test_labels, test_data)
+    return out
+
+
+def compress(original: IsoMLP, options: ShrinkOptions, calibration, labels, progress: bool, probes=None,
+             extra: dict | None = None):
     """The model-changing step: exact shrinking, or pruning to a budget (isocompress.prune). Returns (model, report):
     for an exact run the report is {"constant_directions": record} (what was dropped, relative to `probes`)."""
     if not options.lossy:
@@ -340,7 +376,8 @@ def compress(original: IsoMLP, options: ShrinkOptions, calibration, labels, prog
     refuse_negative_o(original, "model")
     from isocompress import prune  # issue 4 (imported here: prune is heavy and only a budget needs it)
 
-    return prune.prune_to_budget(original, options, calibration=calibration, labels=labels, progress=progress)
+    return prune.prune_to_budget(original, options, calibration=calibration, labels=labels, progress=progress,
+                                 **(extra or {}))
 
 
 def write_outputs(model: IsoMLP, out: Path, options: ShrinkOptions, dtype: torch.dtype, probes: torch.Tensor):

@@ -16,9 +16,9 @@ from isocompress.recipe import (
 
 
 CONFIG_NAME = "isocompress.toml"
-CHECK_KEYS = ("name", "model", "recipe", "calibration", "labels", "max-params", "max-bytes", "max-error",
-              "error-measure", "min-accuracy", "ref-intrinsic-length")
-LIMIT_KEYS = ("max-params", "max-bytes", "max-error", "min-accuracy")
+CHECK_KEYS = ("name", "model", "recipe", "calibration", "labels", "test-data", "test-labels", "max-params",
+              "max-bytes", "max-error", "error-measure", "min-accuracy", "min-certified-top1", "ref-intrinsic-length")
+LIMIT_KEYS = ("max-params", "max-bytes", "max-error", "min-accuracy", "min-certified-top1")
 MEASURES = ("certified", "empirical")
 BYTE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
 BYTES_RE = re.compile(r"^\s*([0-9][0-9_,]*(?:\.[0-9]+)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
@@ -80,15 +80,18 @@ class CheckSpec:
     max_error_percent: float | None = None
     error_measure: str | None = None
     min_accuracy: float | None = None
+    test_data: str | None = None  # issue 10: held-out inputs; min-accuracy is then measured on them
+    test_labels: str | None = None
+    min_certified_top1: float | None = None  # issue 10: report.pruning.local.certified_top1 of the recipe's output
     name: str | None = None
     ref_intrinsic_length: str | None = None  # how a reference checkpoint's intrinsic_length is read: log | raw
     where: str = field(default="check", compare=False)
 
     def __post_init__(self) -> None:
         where = self.where
-        for key in ("model", "recipe", "calibration", "labels"):
+        for key in ("model", "recipe", "calibration", "labels", "test_data", "test_labels"):
             if getattr(self, key) is not None:
-                parse_path(getattr(self, key), where, key, None)
+                parse_path(getattr(self, key), where, key.replace("_", "-"), None)
         if self.name is not None:
             parse_text(self.name, where, "name")
         if not self.limits():
@@ -109,6 +112,9 @@ class CheckSpec:
                 raise fail(where, "max-error", f"is {show(value)}; it must be a finite number ≥ 0")
         if self.min_accuracy is not None:
             object.__setattr__(self, "min_accuracy", parse_fraction(self.min_accuracy, where))
+        if self.min_certified_top1 is not None:
+            object.__setattr__(self, "min_certified_top1",
+                               parse_fraction(self.min_certified_top1, where, "min-certified-top1"))
 
     def _validate_dependencies(self) -> None:
         where = self.where
@@ -123,12 +129,18 @@ class CheckSpec:
             raise fail(where, "max-error", "needs a 'recipe': the error is that of the compression the recipe makes")
         if self.labels is not None and self.calibration is None:
             raise fail(where, "labels", "needs 'calibration' (the inputs the labels belong to)")
-        if self.min_accuracy is not None and self.labels is None:
-            raise fail(where, "min-accuracy", "needs 'calibration' and 'labels' to measure accuracy on")
+        if self.test_labels is not None and self.test_data is None:
+            raise fail(where, "test-labels", "needs 'test-data' (the inputs the labels belong to)")
+        if self.min_accuracy is not None and self.labels is None and self.test_labels is None:
+            raise fail(where, "min-accuracy", "needs 'calibration' and 'labels' (or 'test-data' and 'test-labels') to"
+                       " measure accuracy on")
+        if self.min_certified_top1 is not None and self.recipe is None:
+            raise fail(where, "min-certified-top1", "needs a 'recipe': the certificates are those of its compression")
 
     def limits(self) -> list[str]:
         values = {"max-params": self.max_params, "max-bytes": self.max_bytes, "min-accuracy": self.min_accuracy,
-                  "max-error": self.max_error if self.max_error is not None else self.max_error_percent}
+                  "max-error": self.max_error if self.max_error is not None else self.max_error_percent,
+                  "min-certified-top1": self.min_certified_top1}
         return [key for key in LIMIT_KEYS if values[key] is not None]
 
     def to_dict(self) -> dict:
@@ -136,7 +148,8 @@ class CheckSpec:
         data = {"name": self.name, "model": self.model, "recipe": self.recipe, "calibration": self.calibration,
                 "labels": self.labels, "max-params": self.max_params, "max-bytes": self.max_bytes,
                 "max-error": self.max_error, "error-measure": self.error_measure, "min-accuracy": self.min_accuracy,
-                "ref-intrinsic-length": self.ref_intrinsic_length}
+                "test-data": self.test_data, "test-labels": self.test_labels,
+                "min-certified-top1": self.min_certified_top1, "ref-intrinsic-length": self.ref_intrinsic_length}
         if self.max_error_percent is not None:
             percent = self.max_error_percent
             data["max-error"] = f"{int(percent) if percent == int(percent) and percent < 1e15 else percent!r}%"
@@ -150,7 +163,7 @@ class CheckSpec:
         if "model" not in data:
             raise fail(where, "model", "is missing; name the model file to check")
         kwargs = {key.replace("-", "_"): parse_path(data[key], where, key, base_dir)
-                  for key in ("model", "recipe", "calibration", "labels") if key in data}
+                  for key in ("model", "recipe", "calibration", "labels", "test-data", "test-labels") if key in data}
         kwargs["where"] = where
         if "name" in data:
             kwargs["name"] = parse_text(data["name"], where, "name")
@@ -167,6 +180,8 @@ class CheckSpec:
         if "ref-intrinsic-length" in data:
             kwargs["ref_intrinsic_length"] = parse_choice(data["ref-intrinsic-length"], ("log", "raw"), where,
                                                           "ref-intrinsic-length")
+        if "min-certified-top1" in data:
+            kwargs["min_certified_top1"] = parse_fraction(data["min-certified-top1"], where, "min-certified-top1")
         return cls(**kwargs)
 
 

@@ -58,6 +58,8 @@ class Measurement:
     output_scale: float | None = None
     accuracy: float | None = None
     accuracy_note: str | None = None
+    certified_top1: float | None = None
+    certified_top1_note: str | None = None
 
 
 def limit_result(index: int, spec: CheckSpec, recipe: Recipe | None, metric: str, measured, limit, op: str,
@@ -83,6 +85,9 @@ def advice(metric: str, has_recipe: bool) -> str:
     if metric == "error":
         return ("prune less (a larger budget or max-error in the recipe), give calibration data (a tighter domain and"
                 " the data-aware basis), or raise max-error")
+    if metric == "certified-top1":
+        return ("prune less (a larger budget, or min-certified-top1 as the recipe's goal), a smaller certify-radius,"
+                " or lower min-certified-top1")
     return "prune less (a larger budget in the recipe), or lower min-accuracy"
 
 
@@ -99,11 +104,20 @@ def results_for(index: int, spec: CheckSpec, recipe: Recipe | None, m: Measureme
     if spec.min_accuracy is not None:
         results.append(limit_result(index, spec, recipe, "accuracy", m.accuracy, spec.min_accuracy, ">=",
                                     measure=None, unit="fraction", note=m.accuracy_note))
+    if spec.min_certified_top1 is not None:
+        if m.certified_top1 is None:
+            raise IsocompressError(f"{spec.where}: 'min-certified-top1' needs local certificates: give the check or its"
+                                   " recipe calibration data (points to certify around)")
+        results.append(limit_result(index, spec, recipe, "certified-top1", m.certified_top1, spec.min_certified_top1,
+                                    ">=", measure="certified", unit="fraction", note=m.certified_top1_note))
     return results
 
 
 def error_result(index: int, spec: CheckSpec, recipe: Recipe | None, m: Measurement) -> CheckResult:
     value, note = m.errors[spec.error_measure]
+    if value is None:
+        raise IsocompressError(f"{spec.where}: 'max-error' with the certified measure needs an input domain: give the"
+                               " recipe 'calibration' or 'input-radius' (or use error-measure = \"empirical\")")
     if spec.max_error_percent is None:
         return limit_result(index, spec, recipe, "error", value, spec.max_error, "<=", measure=spec.error_measure,
                             unit="|Δy|", note=note)
@@ -118,7 +132,12 @@ def measure_model(spec: CheckSpec) -> Measurement:
     """No recipe: the model file as it is."""
     model = io.load(spec.model, ref_intrinsic_length=spec.ref_intrinsic_length)
     m = Measurement(params=model.num_params(), bytes=Path(spec.model).stat().st_size, bytes_measure="file")
-    if spec.labels is not None:
+    if spec.test_labels is not None:
+        x, labels = load_labelled(spec.test_data, spec.test_labels, model.widths[0])
+        with torch.no_grad():
+            m.accuracy = accuracy(model(x), labels)
+        m.accuracy_note = f"the model on {len(labels)} test inputs"
+    elif spec.labels is not None:
         x, labels = load_labelled(spec.calibration, spec.labels, model.widths[0])
         with torch.no_grad():
             m.accuracy = accuracy(model(x), labels)
@@ -135,9 +154,18 @@ def measure_recipe(spec: CheckSpec, recipe: Recipe) -> Measurement:
         if spec.ref_intrinsic_length is not None:
             options = replace(options, ref_intrinsic_length=spec.ref_intrinsic_length)
         report = api.shrink_file(spec.model, Path(tmp) / "out", options, calibration=calibration,
-                                 labels=labels, progress=False, recipe=recipe.provenance())
+                                 labels=labels, progress=False, recipe=recipe.provenance(),
+                                 certify_data=recipe.certify_data, test_data=recipe.test_data,
+                                 test_labels=recipe.test_labels)
         m = measurement_of_report(report)
-        if labels is not None:
+        test_data = spec.test_data or recipe.test_data
+        test_labels = spec.test_labels or (recipe.test_labels if spec.test_data is None else None)
+        if test_labels is not None:
+            x, y = load_labelled(test_data, test_labels, report["widths_before"][0])
+            m.accuracy = accuracy(saved_outputs(report, x), y)
+            m.accuracy_note = f"the saved {'safetensors' if 'safetensors' in report['files'] else 'ONNX'} file" \
+                              f" on {len(y)} test inputs"
+        elif labels is not None:
             x, y = load_labelled(calibration, labels, report["widths_before"][0])
             m.accuracy = accuracy(saved_outputs(report, x), y)
             m.accuracy_note = f"the saved {'safetensors' if 'safetensors' in report['files'] else 'ONNX'} file" \
@@ -150,7 +178,13 @@ def measurement_of_report(report: dict) -> Measurement:
     probe = report["probe"]
     saved = float(probe["saved_file"]["max_abs"])
     empirical_note = f"max |Δy| of the saved file on {probe['inputs']}"
-    if "pruning" in report:
+    local = report.get("pruning", {}).get("local") or {}
+    top1 = local.get("certified_top1")
+    top1_note = None if top1 is None else \
+        f"top-1 certified unchanged within ε = {local['radius']:.4g} for {local['n_certified']} of {local['n_points']}"
+    if "pruning" in report and report["pruning"]["certified"]["max_abs"] is None:
+        certified = (None, report["pruning"]["certified"].get("note"))
+    elif "pruning" in report:
         certified = (float(report["pruning"]["certified"]["max_abs"]),
                      f"certified for |x| ≤ {report['pruning']['radius']:.4g} ({report['pruning']['radius_source']})")
     else:
@@ -159,7 +193,8 @@ def measurement_of_report(report: dict) -> Measurement:
     return Measurement(params=int(report["params_after"]), bytes=int(sum(bytes_after.values())),
                        bytes_measure="+".join(bytes_after), errors={"certified": certified,
                                                                    "empirical": (saved, empirical_note)},
-                       output_scale=probe["float64"].get("max_norm_reference"))
+                       output_scale=probe["float64"].get("max_norm_reference"), certified_top1=top1,
+                       certified_top1_note=top1_note)
 
 
 def load_labelled(calibration: str, labels: str, n_in: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -40,7 +40,11 @@ def use_color() -> bool:
 @click.option("--error-measure", default=None, type=click.Choice(checks.MEASURES),
               help="Which error --max-error limits [default: certified].")
 @click.option("--min-accuracy", default=None, metavar="A",
-              help="With MODEL, --calibration and --labels: accuracy ≥ A (0.95 or 95%).")
+              help="With MODEL, --calibration and --labels (or --test-data and --test-labels): accuracy ≥ A.")
+@click.option("--test-data", default=None, metavar="FILE", help="With MODEL: held-out inputs for --min-accuracy.")
+@click.option("--test-labels", default=None, metavar="FILE", help="With MODEL: labels of --test-data.")
+@click.option("--min-certified-top1", default=None, metavar="F",
+              help="With MODEL and --recipe: top-1 certified unchanged for ≥ F of the recipe's points (95%).")
 @click.option("--ref-intrinsic-length", "ref_intrinsic_length", type=click.Choice(["log", "raw"]), default=None, help=REF_HELP)
 def check(model, config_path, baseline, as_json, quiet, **flags):
     """Check size and error limits for CI: exit 0 if all pass, 1 if any fails, 2 for a config or input error.

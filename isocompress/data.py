@@ -22,42 +22,43 @@ def load_array(path: str | Path, expect_columns: int | None = None, labels: bool
     suffix = path.suffix.lower()
     if suffix not in ARRAY_SUFFIXES:
         raise IsocompressError(f"{path}: unsupported array file {suffix or '(none)'!r}; use .npy, .npz, .safetensors or .pt")
-    array = _read(path, suffix)
+    array = _read(path, suffix, labels)
     return _as_labels(path, array) if labels else _as_inputs(path, array, expect_columns)
 
 
-def _read(path: Path, suffix: str) -> torch.Tensor:
+def _read(path: Path, suffix: str, labels: bool = False) -> torch.Tensor:
     try:
         if suffix == ".npy":
             return torch.from_numpy(np.load(path, allow_pickle=False))
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as archive:
-                return torch.from_numpy(_single(path, {k: archive[k] for k in archive.files}))
+                return torch.from_numpy(_single(path, {k: archive[k] for k in archive.files}, labels))
         if suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return _single(path, load_file(str(path)))
+            return _single(path, load_file(str(path)), labels)
     except IsocompressError:
         raise
     except Exception as exc:  # every reader's own failure becomes one clear line
         raise IsocompressError(f"{path}: cannot read an array ({first_line(exc)}); is it truncated?") from None
     obj = io.safe_torch_load(path, "tensor file", "save the array with numpy.save (.npy) or safetensors")
     if isinstance(obj, dict):
-        obj = _single(path, {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)})
+        obj = _single(path, {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}, labels)
     if not isinstance(obj, torch.Tensor):
         raise IsocompressError(f"{path}: holds a {type(obj).__name__}; expected one tensor")
     return obj
 
 
-def _single(path: Path, arrays: dict):
+def _single(path: Path, arrays: dict, labels: bool = False):
     """The one array in a container; with several, the one named x/X/inputs/data (or y/labels for labels)."""
     if len(arrays) == 1:
         return next(iter(arrays.values()))
-    for name in ("x", "X", "inputs", "data", "calibration"):
+    for name in ("y", "Y", "labels", "targets") if labels else ("x", "X", "inputs", "data", "calibration"):
         if name in arrays:
             return arrays[name]
     names = ", ".join(sorted(arrays)) or "none"
-    raise IsocompressError(f"{path}: holds several arrays ({names}); keep one, or name the inputs 'x'")
+    what = "the labels 'y'" if labels else "the inputs 'x'"
+    raise IsocompressError(f"{path}: holds several arrays ({names}); keep one, or name {what}")
 
 
 def _as_inputs(path: Path, array: torch.Tensor, expect_columns: int | None) -> torch.Tensor:
@@ -85,3 +86,10 @@ def _as_labels(path: Path, array: torch.Tensor) -> torch.Tensor:
     if array.numel() == 0 or bool((array < 0).any()):
         raise IsocompressError(f"{path}: labels must be a non-empty vector of class indices ≥ 0")
     return array
+
+
+def check_label_count(labels: torch.Tensor, inputs: torch.Tensor, labels_path, inputs_path) -> None:
+    """Labels must match their inputs one to one (issue 10: a mismatch was silently ignored)."""
+    if len(labels) != len(inputs):
+        raise IsocompressError(f"{labels_path}: has {len(labels)} labels but {inputs_path} has {len(inputs)} inputs;"
+                               " give one label per input row")

@@ -18,10 +18,10 @@ from types import SimpleNamespace
 
 import torch
 
-from isocompress import bounds
+from isocompress import bounds, local_bounds
 from isocompress.errors import CheckFailed, IsocompressError
 from isocompress.layers import (alternate_diagonalise, as_float64, choose_alternating_layers, forward_float64,
-                                remove_all_constant_directions, remove_constant_directions_accounted)
+                                remove_constant_directions_accounted)
 from isocompress.measure import probe_inputs
 from isocompress.model import IsoMLP, Layer
 from isocompress.progress import progress_bar
@@ -39,17 +39,18 @@ class State:
     removed: list[torch.Tensor]  # per hidden space: bool mask of removed coordinates
     consts: list[torch.Tensor]  # per hidden space: the constants replacing the removed coordinates
     scores: list[list[float]]  # per hidden space: score of each removed direction, in removal order
+    constant_bound: float = 0.0  # D: proven bound on what the exact step before pruning dropped (issue 13)
 
     @classmethod
-    def of(cls, model: IsoMLP) -> "State":
+    def of(cls, model: IsoMLP, constant_bound: float = 0.0) -> "State":
         layers = [layer.as_dense() for layer in as_float64(model).layers]
         hidden = [layer.n_out for layer in layers[:-1]]
         return cls(layers, [torch.zeros(n, dtype=torch.bool) for n in hidden],
-                   [torch.zeros(n, dtype=F64) for n in hidden], [[] for _ in hidden])
+                   [torch.zeros(n, dtype=F64) for n in hidden], [[] for _ in hidden], constant_bound)
 
     def copy(self) -> "State":
         return State(list(self.layers), [m.clone() for m in self.removed], [c.clone() for c in self.consts],
-                     [list(s) for s in self.scores])
+                     [list(s) for s in self.scores], self.constant_bound)
 
     def kept(self, i: int) -> torch.Tensor:
         return (~self.removed[i]).nonzero().flatten()
@@ -171,19 +172,33 @@ def rotate_singular(state: State) -> None:
         rotate_kept(state, i, u)
 
 
-def data_free_costs(state: State, radius: float) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def data_free_costs(state: State, radius: float | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """cost_j = (σ_j ρ + |psi_j| δg) × (Π_{l>i} ‖W_l‖₂)^DOWNSTREAM_WEIGHT: the certified bound's introduced error of
     direction j (docs/bounds.md, eq. 3). Weighting by the downstream Lipschitz product (weight 1) over-protected early
     layers on a trained digits model (3% budget: 36% accuracy against 95% unweighted), so it is off by default.
-    Constants: bias + psi·(mid gain) (the paper's rule)."""
+    Constants: bias + psi·(mid gain) (the paper's rule, made psi-aware).
+
+    radius None (no input domain): the scale-free form of the same cost (docs/bounds.md, §7): every hidden output lies
+    in the unit ball (ρ = 1) and g ∈ (0, g(√o)], so δg = g(√o)/2 around the mid gain; the input is taken at unit scale
+    (ρ = 1), as the paper's rule does. No radius enters, so a probe set far outside any data cannot make every layer
+    look saturated (issue 10: widths collapsed to 1 at a 2% budget)."""
     compact = materialize(state)
     layers = compact.layers
-    balls = bounds.reachable_balls(list(layers), radius)
+    if radius is None:
+        balls = None
+    else:
+        balls = bounds.reachable_balls(list(layers), radius)
     norms = [bounds.spectral_norm(layer.weight) for layer in layers]
     costs, consts = [], []
     for i in range(len(state.removed)):
         layer = layers[i]
-        rho, g_mid, g_half = (radius, 0.0, 0.0) if i == 0 else (balls[i - 1].h_radius, balls[i - 1].g_mid, balls[i - 1].g_half)
+        if balls is None:
+            g_top = 0.0 if i == 0 else bounds.gain(math.sqrt(max(float(layers[i - 1].o), 0.0)))
+            rho, g_mid, g_half = 1.0, g_top / 2.0, g_top / 2.0
+        elif i == 0:
+            rho, g_mid, g_half = radius, 0.0, 0.0
+        else:
+            rho, g_mid, g_half = balls[i - 1].h_radius, balls[i - 1].g_mid, balls[i - 1].g_half
         cost = torch.linalg.vector_norm(layer.weight, dim=1) * rho
         const = layer.bias.clone()
         if layer.psi is not None:
@@ -194,7 +209,7 @@ def data_free_costs(state: State, radius: float) -> tuple[list[torch.Tensor], li
     return costs, consts
 
 
-def score_round(state: State, basis: str, x: torch.Tensor | None, radius: float):
+def score_round(state: State, basis: str, x: torch.Tensor | None, radius: float | None):
     if basis == "data-aware":
         rotate_principal(state, x)
         return data_aware_costs(state, x)
@@ -244,7 +259,9 @@ def prune_to_target(state: State, target: int, basis: str, x, radius: float, ste
     total = current_params(state)
     while current_params(state) > target:
         excess = current_params(state) - target
-        goal = excess if excess <= FINAL_ROUND_SHARE * total else max(int(ROUND_FRACTION * excess), 1)
+        # near the target one direction per round, rescored each time: a round's estimated savings drift as widths
+        # shrink, and a batch overshot the budget by up to 20% on small models (issue 10)
+        goal = 1 if excess <= FINAL_ROUND_SHARE * total else max(int(ROUND_FRACTION * excess), 1)
         if prune_round(state, basis, x, radius, goal) == 0:
             break
         if step is not None:
@@ -280,6 +297,10 @@ def rounding_allowance(state: State) -> float:
 
 
 # --- the entry point ----------------------------------------------------------------------------------------------
+NO_DOMAIN = ("no certified bound computed: it needs an input domain (give --input-radius R, or --calibration FILE for"
+             " |x| ≤ its largest norm); --certify-radius with calibration data gives local certificates")
+
+
 def resolve_basis(basis: str, calibration) -> str:
     if basis == "auto":
         return "data-aware" if calibration is not None else "data-free"
@@ -288,12 +309,25 @@ def resolve_basis(basis: str, calibration) -> str:
     return basis
 
 
-def resolve_radius(options, calibration, probes) -> tuple[float, str]:
+def resolve_radius(options, calibration) -> tuple[float | None, str]:
+    """The global bound's domain |x| ≤ R: --input-radius, else the largest calibration norm, else none (issue 10: a
+    radius made up from probe inputs made every layer look saturated and its bound useless)."""
     if options.input_radius is not None:
         return float(options.input_radius), "--input-radius"
-    data = calibration if calibration is not None else probes
-    source = "largest calibration-input norm" if calibration is not None else "largest probe-input norm (give --input-radius or --calibration for a meaningful domain)"
-    return float(torch.linalg.vector_norm(data, dim=-1).max()), source
+    if calibration is not None:
+        return float(torch.linalg.vector_norm(calibration, dim=-1).max()), "largest calibration-input norm"
+    return None, "none"
+
+
+def resolve_certify_radius(options, centres) -> tuple[float | None, str]:
+    """ε of the local certificates: --certify-radius, else DEFAULT_RADIUS_FRACTION of the centres' median norm."""
+    if centres is None:
+        return None, "none"
+    if options.certify_radius is not None:
+        return float(options.certify_radius), "--certify-radius"
+    median = float(torch.linalg.vector_norm(centres, dim=-1).median())
+    fraction = local_bounds.DEFAULT_RADIUS_FRACTION
+    return max(fraction * median, 1e-12), f"{fraction:.0%} of the median input norm of the certified points ({median:.4g})"
 
 
 def resolve_target(budget: float, original_params: int, smallest: int) -> int:
@@ -305,31 +339,88 @@ def resolve_target(budget: float, original_params: int, smallest: int) -> int:
     return target
 
 
+def local_certificates(state: State, centres: torch.Tensor, eps: float) -> dict:
+    """Proven per-point bounds and top-1 certificates (isocompress.local_bounds, docs/bounds.md §8)."""
+    # allowance: rounding, plus D (the exact step's drop, proven over these balls too: exact_step): β grows by it and
+    # each margin shrinks by 2D, so the certificates compare with the original network, not the exact-shrunk one.
+    return local_bounds.local_bounds(state.layers, state.removed, state.consts, centres, eps,
+                                     allowance=rounding_allowance(state) + state.constant_bound)
+
+
+def certified_fraction(state: State, centres: torch.Tensor, eps: float) -> float:
+    return float(local_certificates(state, centres, eps)["top1"].double().mean())
+
+
+def prune_to_certified(state: State, limit: float, basis: str, x, radius, centres, eps: float, step=None) -> State:
+    """As far as possible with the certified top-1 fraction at radius ε ≥ limit (issue 10, --min-certified-top1):
+    rounds that overshoot are retried at half the size, as in prune_to_error."""
+    goal = max(int(ROUND_FRACTION * current_params(state)), 1)
+    while goal >= 1 and current_params(state) > smallest_params(state):
+        trial = state.copy()
+        if prune_round(trial, basis, x, radius, goal) == 0:
+            break
+        if certified_fraction(trial, centres, eps) >= limit:
+            state = trial
+            if step is not None:
+                step(f"{current_params(state):,} parameters")
+        else:
+            goal //= 2
+    return state
+
+
 def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, progress: bool = False,
-                    search_restarts: int = 48, search_steps: int = 150):
-    """Prune to `options.budget` (fraction ≤ 1 or count > 1) or as far as `options.max_error` (certified) allows.
-    Returns (pruned model, report dict for report.json)."""
+                    search_restarts: int = 48, search_steps: int = 150, certify_data=None, test_data=None,
+                    test_labels=None):
+    """Prune to `options.budget` (fraction ≤ 1 or count > 1), as far as `options.max_error` (certified) allows, or
+    as far as `options.min_certified_top1` (local certificates) allows. Returns (pruned model, report dict)."""
     started = time.perf_counter()
     original = as_float64(original)
     basis = resolve_basis(options.basis, calibration)
     x = None if calibration is None else calibration.to(F64)
-    probes = x if x is not None else probe_inputs(original.widths[0], per_scale=64)
-    radius, radius_source = resolve_radius(options, x, probes)
-    exact, constant = remove_constant_directions_accounted(original, input_radius=radius,
-                                                           output_scale=_output_scale(original, probes))
-    state = State.of(exact)
+    radius, radius_source = resolve_radius(options, x)
+    centres = certify_data.to(F64) if certify_data is not None else x
+    eps, eps_source = resolve_certify_radius(options, centres)
+    goal_check(options, radius, centres)
+    exact, constant = exact_step(original, x, radius, centres, eps)
+    state = State.of(exact, constant_bound=constant["bound"] or 0.0)
+    if options.min_certified_top1 is not None:
+        start = certified_fraction(state, centres, eps)
+        if start < options.min_certified_top1:
+            raise IsocompressError(
+                f"--min-certified-top1 {options.min_certified_top1:.2%} cannot be met: even the exactly shrunk model"
+                f" (nothing pruned) is certified for only {start:.2%} of the points at ε = {eps:.4g}; lower the limit"
+                " or --certify-radius")
     exact_params = current_params(state)
+    target = None
+    if options.budget is not None:
+        target = resolve_target(options.budget, original.num_params(), smallest_params(state))
+    elif options.max_error is not None:
+        reachable = certify(state, radius) + state.constant_bound
+        if reachable > options.max_error:
+            raise IsocompressError(
+                f"--max-error {options.max_error:.4g} cannot be met: the smallest certified error reachable is"
+                f" {reachable:.4g} (the exactly shrunk model, |x| ≤ {radius:.4g}); give --max-error {reachable:.3g}"
+                " or more")
     with progress_bar(None, "prune", enabled=progress) as step:
         if options.budget is not None:
-            target = resolve_target(options.budget, original.num_params(), smallest_params(state))
             state = prune_to_target(state, target, basis, x, radius, step)
+        elif options.max_error is not None:
+            state = prune_to_error(state, max(options.max_error - state.constant_bound, 0.0), basis, x, radius, step)
         else:
-            target = None
-            state = prune_to_error(state, max(options.max_error - constant["bound"], 0.0), basis, x, radius, step)
+            state = prune_to_certified(state, options.min_certified_top1, basis, x, radius, centres, eps, step)
     pruned = alternate_diagonalise(materialize(state))
+    probes = x if x is not None else probe_inputs(original.widths[0], per_scale=64)
     report = build_report(original, pruned, state, basis, radius, radius_source, probes, labels,
                           search_restarts, search_steps, calibrated=x is not None)
     account_constant_directions(report, constant)
+    if centres is not None:
+        report["local"] = local_report(state, centres, eps, eps_source,
+                                       "certify data" if certify_data is not None else "calibration data")
+    else:
+        report["local"] = {"computed": False, "note": "no local certificates: give --calibration FILE or"
+                           " --certify-data FILE (points to certify around) and optionally --certify-radius EPS"}
+    if test_data is not None:
+        report["test"] = test_report(original, pruned, test_data, test_labels)
     report.update(params_original=original.num_params(), params_exact=exact_params, target=target,
                   seconds=round(time.perf_counter() - started, 3))
     return pruned, report
@@ -339,15 +430,28 @@ def _output_scale(model: IsoMLP, x: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(forward_float64(model, x), dim=-1).max())
 
 
+def exact_step(original: IsoMLP, x, radius, centres, eps) -> tuple[IsoMLP, dict]:
+    """The exact shrink, with the proven bound D on what it dropped (layers.remove_constant_directions_accounted) over
+    every input a certificate here speaks of: |x| ≤ radius, and the balls |x − c_i| ≤ ε of the local certificates."""
+    probes = x if x is not None else probe_inputs(original.widths[0], per_scale=64)
+    reach = [] if radius is None else [radius]
+    if centres is not None and eps is not None:
+        reach.append(float(torch.linalg.vector_norm(centres, dim=-1).max()) + eps)
+    return remove_constant_directions_accounted(original, input_radius=max(reach) if reach else None,
+                                                output_scale=_output_scale(original, probes))
+
+
 def account_constant_directions(report: dict, constant: dict) -> None:
     """The certified bound covers the exact step too (issue 13): the bounds above compare the pruned network with the
     exact-shrunk one, which differs from the original by at most constant["bound"] (layers.
     remove_constant_directions_accounted; docs/bounds.md, "Constant directions"). By the triangle inequality the sum
     bounds |y_pruned − y_original|. A search that finds more than the certified value is a failed run, not a report."""
+    report["constant_directions"] = constant
     cert = report["certified"]
+    if cert.get("max_abs") is None:  # no domain: nothing certified, nothing to add to
+        return
     cert["constant_directions"] = constant["bound"]
     cert["max_abs"] += constant["bound"]
-    report["constant_directions"] = constant
     adversarial = report["adversarial"]["max_abs"]
     if adversarial > 0 and cert["max_abs"] > 0:
         report["tightness"] = cert["max_abs"] / adversarial
@@ -357,14 +461,64 @@ def account_constant_directions(report: dict, constant: dict) -> None:
                           " please report this model")
 
 
+def goal_check(options, radius, centres) -> None:
+    if options.max_error is not None and radius is None:
+        raise IsocompressError("--max-error needs an input domain for its certified bound: give --calibration FILE"
+                               " (|x| ≤ its largest norm) or --input-radius R")
+    if getattr(options, "min_certified_top1", None) is not None and centres is None:
+        raise IsocompressError("--min-certified-top1 needs points to certify: give --calibration FILE or"
+                               " --certify-data FILE")
+
+
+def local_report(state: State, centres: torch.Tensor, eps: float, eps_source: str, points: str) -> dict:
+    started = time.perf_counter()
+    out = local_certificates(state, centres, eps)
+    bound = out["bound"]
+    classifier = state.layers[-1].n_out >= 2
+    top1 = out["top1"].tolist() if classifier else None
+    return {
+        "radius": eps,
+        "radius_source": eps_source,
+        "points": points,
+        "n_points": int(len(centres)),
+        "certified_top1": float(out["top1"].double().mean()) if classifier else None,
+        "n_certified": int(out["top1"].sum()) if classifier else None,
+        "bounds": [float(b) for b in bound],
+        "top1_certified": top1,
+        "summary": {"bound_max": float(bound.max()), "bound_median": float(bound.median()),
+                    "bound_mean": float(bound.mean())},
+        "method": "per-point forms c + Aδ + w of both networks and of their difference (docs/bounds.md §8)",
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def test_report(original: IsoMLP, pruned: IsoMLP, x: torch.Tensor, labels) -> dict:
+    with torch.no_grad():
+        y, y2 = original(x.to(F64)), pruned(x.to(F64))
+    return {"inputs": "test data (held out: not used for pruning)", **bounds.empirical_errors(y, y2, labels)}
+
+
 def build_report(original, pruned, state, basis, radius, radius_source, probes, labels, restarts, steps,
                  calibrated: bool) -> dict:
     with torch.no_grad():
         y, y2 = original(probes), pruned(probes)
-    empirical = bounds.empirical_errors(y, y2, labels if labels is not None and len(labels) == len(probes) else None)
-    inputs = "calibration data" if calibrated else f"{len(probes)} Gaussian probe inputs"
+    empirical = bounds.empirical_errors(y, y2, labels if calibrated else None)
+    if not calibrated:
+        inputs = f"{len(probes)} Gaussian probe inputs (no data given: not a measure of accuracy)"
+    elif basis == "data-aware":
+        inputs = "calibration data (the data-aware basis was fitted to it: not a held-out measure; give --test-data)"
+    else:
+        inputs = "calibration data"
+    report = {"basis": basis, "radius": radius, "radius_source": radius_source,
+              "empirical": {"inputs": inputs, **empirical}}
+    if radius is None:
+        report.update(certified={"max_abs": None, "computed": False, "note": NO_DOMAIN},
+                      adversarial={"max_abs": None, "computed": False, "note": NO_DOMAIN}, tightness=None,
+                      layers=layer_details(state, None, probes))
+        return report
     errors = torch.linalg.vector_norm(y2 - y, dim=-1)
     inside = torch.linalg.vector_norm(probes, dim=-1) <= radius * (1 + 1e-12)
+    report["empirical"]["inputs_outside_radius"] = int((~inside).sum())
     worst = probes[inside][errors[inside].argsort(descending=True)[:8]]
     # search against the exact-shrunk network (the same function to ~1e-14, much cheaper); the reported value is
     # measured against the original at the winning point
@@ -374,21 +528,16 @@ def build_report(original, pruned, state, basis, radius, radius_source, probes, 
     adversarial = max(search["max_abs"], in_domain_max)
     cert = bounds.certified_bound(state.layers, state.removed, state.consts, radius)
     certified = cert["bound"] + rounding_allowance(state)
-    return {
-        "basis": basis,
-        "radius": radius,
-        "radius_source": radius_source,
-        "certified": {"max_abs": certified, "rounding_allowance": rounding_allowance(state),
-                      "method": cert.get("method", "chain"), "chain_bound": cert.get("chain_bound", cert["bound"])},
-        "empirical": {"inputs": inputs, **empirical,
-                      "inputs_outside_radius": int((~inside).sum())},
-        "adversarial": {**search, "max_abs": adversarial},
-        "tightness": certified / adversarial if cert["bound"] > 0 and adversarial > 0 else None,  # None: nothing lossy
-        "layers": layer_details(state, cert, probes),
-    }
+    report.update(
+        certified={"max_abs": certified, "rounding_allowance": rounding_allowance(state),
+                   "method": cert.get("method", "chain"), "chain_bound": cert.get("chain_bound", cert["bound"])},
+        adversarial={**search, "max_abs": adversarial},
+        tightness=certified / adversarial if cert["bound"] > 0 and adversarial > 0 else None,  # None: nothing lossy
+        layers=layer_details(state, cert, probes))
+    return report
 
 
-def layer_details(state: State, cert: dict, x: torch.Tensor) -> list[dict]:
+def layer_details(state: State, cert: dict | None, x: torch.Tensor) -> list[dict]:
     with torch.no_grad():
         _, zs, _ = IsoMLP(state.layers).forward_with_hidden(x)
     out = []
@@ -400,8 +549,8 @@ def layer_details(state: State, cert: dict, x: torch.Tensor) -> list[dict]:
             "width_after": int((~mask).sum()),
             "removed": int(mask.sum()),
             "scores": [round(s, 6) for s in state.scores[i]],
-            "introduced_certified": cert["introduced"][i],
+            "introduced_certified": None if cert is None else cert["introduced"][i],
             "introduced_empirical_max": float(e.max()),
-            "error_bound_after": cert["after_layer"][i],
+            "error_bound_after": None if cert is None else cert["after_layer"][i],
         })
     return out

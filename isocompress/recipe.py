@@ -31,11 +31,15 @@ from isocompress.errors import IsocompressError
 BASES = ("auto", "data-free", "data-aware")
 FORMATS = ("safetensors", "onnx")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
-RECIPE_KEYS = ("name", "version", "description", "exact", "budget", "max-error", "basis", "calibration", "labels",
-               "input-radius", "formats", "onnx-tol", "dtype", "ref-intrinsic-length")
-GOAL_KEYS = ("exact", "budget", "max-error")
+RECIPE_KEYS = ("name", "version", "description", "exact", "budget", "max-error", "min-certified-top1", "basis",
+               "calibration", "labels", "input-radius", "certify-radius", "certify-data", "test-data", "test-labels",
+               "formats", "onnx-tol", "dtype", "ref-intrinsic-length")
+GOAL_KEYS = ("exact", "budget", "max-error", "min-certified-top1")
+DATA_KEYS = ("calibration", "labels", "certify-data", "test-data", "test-labels")  # paths, relative to the recipe
 FIELD_KEYS = {"max_error": "max-error", "max_error_percent": "max-error", "input_radius": "input-radius",
-              "onnx_tol": "onnx-tol", "ref_intrinsic_length": "ref-intrinsic-length"}
+              "onnx_tol": "onnx-tol", "certify_radius": "certify-radius", "min_certified_top1": "min-certified-top1",
+              "certify_data": "certify-data", "test_data": "test-data", "test_labels": "test-labels",
+              "ref_intrinsic_length": "ref-intrinsic-length"}
 REF_MODES = ("log", "raw")
 
 
@@ -237,6 +241,11 @@ class Recipe:
     onnx_tol: float = 1e-4
     dtype: str | None = None
     ref_intrinsic_length: str | None = None
+    certify_radius: float | None = None
+    min_certified_top1: float | None = None
+    certify_data: str | None = None
+    test_data: str | None = None
+    test_labels: str | None = None
     path: str | None = None
 
     def __post_init__(self) -> None:
@@ -245,12 +254,15 @@ class Recipe:
         object.__setattr__(self, "version", parse_version(self.version, where))
         object.__setattr__(self, "description", parse_text(self.description, where, "description", allow_empty=True))
         object.__setattr__(self, "formats", parse_formats(self.formats, where))
-        for key in ("calibration", "labels"):
+        for key in ("calibration", "labels", "certify_data", "test_data", "test_labels"):
             if getattr(self, key) is not None:
-                object.__setattr__(self, key, parse_path(getattr(self, key), where, key, None))
+                object.__setattr__(self, key, parse_path(getattr(self, key), where, FIELD_KEYS.get(key, key), None))
         if self.labels is not None and self.calibration is None:
             raise fail(where, "labels", "needs 'calibration' (the inputs the labels belong to)")
-        for name in ("budget", "max_error", "max_error_percent", "input_radius", "onnx_tol"):
+        if self.test_labels is not None and self.test_data is None:
+            raise fail(where, "test-labels", "needs 'test-data' (the inputs the labels belong to)")
+        for name in ("budget", "max_error", "max_error_percent", "input_radius", "onnx_tol", "certify_radius",
+                     "min_certified_top1"):
             value = getattr(self, name)
             if value is not None and not is_number(value):
                 raise fail(where, FIELD_KEYS.get(name, name), f"is {show(value)}; it must be a number")
@@ -267,13 +279,14 @@ class Recipe:
 
     @property
     def exact(self) -> bool:
-        return self.budget is None and self.max_error is None and self.max_error_percent is None
+        return all(v is None for v in (self.budget, self.max_error, self.max_error_percent, self.min_certified_top1))
 
     def to_options(self) -> ShrinkOptions:
         relative = None if self.max_error_percent is None else self.max_error_percent / 100.0
         return ShrinkOptions(budget=self.budget, max_error=self.max_error, max_error_relative=relative,
                              basis=self.basis, input_radius=self.input_radius, formats=self.formats,
-                             onnx_tol=self.onnx_tol, dtype=self.dtype,
+                             onnx_tol=self.onnx_tol, dtype=self.dtype, certify_radius=self.certify_radius,
+                             min_certified_top1=self.min_certified_top1,
                              ref_intrinsic_length=self.ref_intrinsic_length)
 
     def to_dict(self) -> dict:
@@ -286,9 +299,13 @@ class Recipe:
         if self.max_error_percent is not None:
             percent = self.max_error_percent
             data["max-error"] = f"{int(percent) if percent == int(percent) and percent < 1e15 else percent!r}%"
+        if self.min_certified_top1 is not None:
+            data["min-certified-top1"] = self.min_certified_top1
         data["basis"] = self.basis
         optional = {"calibration": self.calibration, "labels": self.labels, "input-radius": self.input_radius,
-                    "dtype": self.dtype, "ref-intrinsic-length": self.ref_intrinsic_length}
+                    "dtype": self.dtype, "certify-radius": self.certify_radius, "certify-data": self.certify_data,
+                    "test-data": self.test_data, "test-labels": self.test_labels,
+                    "ref-intrinsic-length": self.ref_intrinsic_length}
         data.update({k: v for k, v in optional.items() if v is not None})
         data.update({"formats": list(self.formats), "onnx-tol": self.onnx_tol})
         return data
@@ -310,11 +327,13 @@ class Recipe:
             kwargs["description"] = parse_text(data["description"], where, "description", allow_empty=True)
         if "basis" in data:
             kwargs["basis"] = parse_choice(data["basis"], BASES, where, "basis")
-        for key in ("calibration", "labels"):
+        for key in DATA_KEYS:
             if key in data:
-                kwargs[key] = parse_path(data[key], where, key, base_dir)
+                kwargs[key.replace("-", "_")] = parse_path(data[key], where, key, base_dir)
         if "input-radius" in data:
             kwargs["input_radius"] = parse_positive(data["input-radius"], where, "input-radius")
+        if "certify-radius" in data:
+            kwargs["certify_radius"] = parse_positive(data["certify-radius"], where, "certify-radius")
         if "formats" in data:
             kwargs["formats"] = parse_formats(data["formats"], where)
         if "onnx-tol" in data:
@@ -330,14 +349,16 @@ class Recipe:
         """Command-line flags over recipe values (None: not given). A goal flag (exact, budget, max_error,
         max_error_percent) replaces the recipe's goal. Returns (effective recipe, names of the overridden keys)."""
         given = {k: v for k, v in flags.items() if v is not None and v is not False}
-        goal_flags = {"exact", "budget", "max_error", "max_error_percent"}
+        goal_flags = {"exact", "budget", "max_error", "max_error_percent", "min_certified_top1"}
         if goal_flags & set(given):
-            base = replace(self, budget=None, max_error=None, max_error_percent=None)
+            base = replace(self, budget=None, max_error=None, max_error_percent=None, min_certified_top1=None)
         else:
             base = self
         given.pop("exact", None)
         if "calibration" in given and "labels" not in given:
             given["labels"] = None  # the recipe's labels belong to the recipe's calibration inputs
+        if "test_data" in given and "test_labels" not in given:
+            given["test_labels"] = None
         names = {f.name for f in fields(self)}
         unknown = set(given) - names
         if unknown:
@@ -362,13 +383,30 @@ def _goal(data: dict, where: str) -> dict:
     if data.get("exact") is True and lossy:
         raise fail(where, lossy[0], "cannot be combined with 'exact = true'; drop one of them")
     if data.get("exact") is False and not lossy:
-        raise fail(where, "exact", "is false but there is no 'budget' or 'max-error'; give one, or drop 'exact'")
+        raise fail(where, "exact", "is false but there is no 'budget', 'max-error' or 'min-certified-top1'; give one,"
+                   " or drop 'exact'")
     if "budget" in data:
         return {"budget": parse_budget(data["budget"], where)}
     if "max-error" in data:
         absolute, percent = parse_max_error(data["max-error"], where)
         return {"max_error": absolute, "max_error_percent": percent}
+    if "min-certified-top1" in data:
+        return {"min_certified_top1": parse_share(data["min-certified-top1"], where, "min-certified-top1")}
     return {}
+
+
+def parse_share(value, where: str, key: str) -> float:
+    """0.95 or "95%" → 0.95 (a fraction in [0, 1])."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        value = parse_percent(value, where, key)
+    elif isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise fail(where, key, f"is {show(value)}; use a fraction (0.95) or a percentage (\"95%\")") from None
+    if not is_number(value) or not (0 <= value <= 1):
+        raise fail(where, key, f"is {show(value)}; use a fraction between 0 and 1 (0.95) or a percentage (\"95%\")")
+    return float(value)
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:

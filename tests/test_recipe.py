@@ -48,7 +48,7 @@ def test_goals():
     ("[extra]\nx = 1", "unknown key 'extra'"),
     ("budget = 0.1\nmax-error = 0.1", "'max-error' cannot be combined with 'budget'"),
     ("exact = true\nbudget = 0.1", "'budget' cannot be combined with 'exact = true'"),
-    ("exact = false", "'exact' is false but there is no 'budget' or 'max-error'"),
+    ("exact = false", "'exact' is false but there is no 'budget', 'max-error'"),
     ('exact = "yes"', "'exact' is 'yes'; use true or false"),
     ("budget = 0", "'budget' is 0; it must be positive"),
     ("budget = 1.5", "'budget' is 1.5; above 1 it is a parameter count"),

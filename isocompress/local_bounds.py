@@ -1,0 +1,363 @@
+"""Local certificates (issue 10): for each centre x_i, a proven bound β_i ≥ max |y'(x) − y(x)| over |x − x_i| ≤ ε and
+whether the top-1 class of both networks is proven constant (hence equal) on that ball. Derivation: docs/bounds.md, §8.
+
+Pure tensor maths, batched over the centres (no Python loop over points or neurons). The pruned network is read in
+its embedded form (docs/bounds.md, §1): the full-width float64 layers in the final bases, the removed-coordinate masks
+and their constants.
+
+Every quantity is kept, per centre, as a *form* v(x) = c + A δ + w(x) with δ = x − x_i, |δ| ≤ ε and an unknown
+remainder |w(x)| ≤ r: the original's pre-activations and gains, and — separately — the *difference* of the two
+networks' pre-activations and gains (they share the input, so the difference is small and its linear part cancels
+exactly where the networks agree).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from isocompress.bounds import SLOPE_MAX, SLOPE_PEAK_M, spectral_norm, vec_norm
+from isocompress.model import Layer
+from isocompress.primitives import isotropic_gain
+
+F64 = torch.float64
+SQRT2 = math.sqrt(2.0)
+NORM_POWER_STEPS = 3  # ‖A‖₂ ≤ ‖(AᵀA)^(2^k)‖_F^(1/2^(k+1)): at most rank^(1/2^(k+2)) above ‖A‖₂ (1.14× for rank 64; ~1.0x for decaying spectra)
+NORM_MARGIN = 1.0 + 1e-9  # rounding of the squarings (relative ~1e-13), generously
+SERIES_TERMS = 64  # partial fractions of G''
+ROUNDING = 1e-9  # relative allowance for float64 rounding of the forms (centres are exact forwards to ~1e-15)
+DEFAULT_RADIUS_FRACTION = 0.01  # --certify-radius default: this share of the median norm of the certified points
+
+
+# --- scalar functions of μ = m² = o + |z|² (vectorised) -------------------------------------------------------------
+def gain_of_sq(mu: torch.Tensor) -> torch.Tensor:
+    """G(μ) = g(√μ) = tanh(√μ)/√μ."""
+    return isotropic_gain(mu)
+
+
+def gain_sq_slope_exact(mu: torch.Tensor) -> torch.Tensor:
+    """G'(μ) (negative): (m sech² m − tanh m)/(2m³), m = √μ; its series −1/3 + 4μ/15 − 17μ²/105 below μ = 10⁻³."""
+    m = mu.clamp_min(1e-3).sqrt()
+    value = (m * sech2(m) - torch.tanh(m)) / (2.0 * m ** 3)
+    return torch.where(mu < 1e-3, -1.0 / 3.0 + 4.0 * mu / 15.0 - 17.0 * mu * mu / 105.0, value)
+
+
+def gain_sq_slope_sup(mu: torch.Tensor) -> torch.Tensor:
+    """sup over μ' ≥ μ of |G'(μ')| = |G'(μ)| (|G'| decreases: Lemma 7), with a rounding margin; 1/3 near 0."""
+    return torch.where(mu < 0.0025, torch.full_like(mu, 1.0 / 3.0), gain_sq_slope_exact(mu).abs() * (1.0 + 1e-9))
+
+
+def gain_sq_curv_sup(mu: torch.Tensor) -> torch.Tensor:
+    """sup over μ' ≥ μ of G''(μ') = G''(μ) = Σ_k 256/((2k+1)²π² + 4μ)³ (decreasing), plus a bound on the tail k ≥ K:
+    Σ_{k≥K} 256/((2k+1)π)⁶ ≤ 256/(10 π⁶ (2K−1)⁵) (docs/bounds.md, Lemma 8)."""
+    k = torch.arange(SERIES_TERMS, dtype=F64)
+    a = ((2 * k + 1) * math.pi) ** 2
+    terms = 256.0 / (a[None, :] + 4.0 * mu.reshape(-1, 1)) ** 3
+    tail = 256.0 / (10.0 * math.pi ** 6 * (2 * SERIES_TERMS - 1) ** 5)
+    return (terms.sum(-1) * (1.0 + 1e-12) + tail).reshape(mu.shape)
+
+
+def sech2(m: torch.Tensor) -> torch.Tensor:
+    e = torch.exp(-2.0 * m)
+    return 4.0 * e / (1.0 + e) ** 2
+
+
+def gain_slope_sup(m: torch.Tensor) -> torch.Tensor:
+    """sup over m' ≥ m of |g'(m')| (bounds.slope_sup, vectorised: Lemma 2)."""
+    safe = m.clamp_min(SLOPE_PEAK_M)
+    slope = (torch.tanh(safe) - safe * sech2(safe)) / safe ** 2
+    return torch.where(m <= SLOPE_PEAK_M, torch.full_like(m, SLOPE_MAX), slope * (1.0 + 1e-12))
+
+
+def second_derivative_sup(o: float, t_lo: torch.Tensor, t_hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_f, L_g): bounds on ‖D²f(u)‖ and ‖∇²g(u)‖ for t_lo ≤ |u| ≤ t_hi (Lemma 8):
+    ‖D²f‖ ≤ 6|G'|t + 4G''t³, ‖∇²g‖ ≤ 2|G'| + 4G''t², each factor at its worst end of the shell."""
+    mu_lo = o + t_lo * t_lo
+    d1, d2 = gain_sq_slope_sup(mu_lo), gain_sq_curv_sup(mu_lo)
+    return 6.0 * d1 * t_hi + 4.0 * d2 * t_hi ** 3, 2.0 * d1 + 4.0 * d2 * t_hi * t_hi
+
+
+# --- batched norms ------------------------------------------------------------------------------------------------
+def op_norm_upper(a: torch.Tensor) -> torch.Tensor:
+    """Upper bounds on the spectral norms of a batch of matrices (…, n, k): ‖A‖₂^(2p) = ‖(AᵀA)^p‖₂ ≤ ‖(AᵀA)^p‖_F with
+    p = 2^NORM_POWER_STEPS, computed by repeated squaring with rescaling (a few batched matmuls instead of an SVD)."""
+    if a.shape[-1] == 0 or a.shape[-2] == 0:
+        return torch.zeros(a.shape[:-2], dtype=a.dtype)
+    gram = a.transpose(-1, -2) @ a if a.shape[-2] >= a.shape[-1] else a @ a.transpose(-1, -2)
+    log_scale = torch.zeros(a.shape[:-2], dtype=a.dtype)
+    power = 1.0
+    for _ in range(NORM_POWER_STEPS):
+        s = torch.linalg.matrix_norm(gram).clamp_min(1e-300)
+        gram = gram / s[..., None, None]
+        log_scale = log_scale + torch.log(s) / power  # ‖A‖² ≤ Π s_j^(1/power_j) · ‖M‖_F^(1/power)
+        gram = gram @ gram
+        power *= 2.0
+    log_norm_sq = log_scale + torch.log(torch.linalg.matrix_norm(gram).clamp_min(1e-300)) / power
+    return torch.exp(0.5 * log_norm_sq) * NORM_MARGIN
+
+
+@dataclass
+class Form:
+    """Per centre (batch axis 0): v(x) = c + A (x − x_i) + w(x), |w(x)| ≤ r, for |x − x_i| ≤ ε."""
+
+    c: torch.Tensor  # (P, n)
+    A: torch.Tensor  # (P, n, n0)
+    r: torch.Tensor  # (P,)
+    a_norm: torch.Tensor | None = None  # (P,) an upper bound on ‖A‖₂, filled in by `norm`
+
+    def norm(self) -> torch.Tensor:
+        if self.a_norm is None:
+            self.a_norm = op_norm_upper(self.A)
+        return self.a_norm
+
+    def spread(self, eps: float) -> torch.Tensor:
+        """sup |v − c| ≤ ‖A‖ε + r."""
+        return self.norm() * eps + self.r
+
+    def sup(self, eps: float) -> torch.Tensor:
+        """sup |v| ≤ sqrt(|c|² + 2ε|Aᵀc| + ε²‖A‖²) + r (expand |c + Aδ|²)."""
+        c2 = (self.c * self.c).sum(-1)
+        atc = torch.linalg.vector_norm(torch.einsum("pn,pnk->pk", self.c, self.A), dim=-1)
+        return torch.sqrt(c2 + 2.0 * eps * atc + (eps * self.norm()) ** 2) + self.r
+
+
+@dataclass
+class Scalar:
+    """Per centre: s(x) = c + a·(x − x_i) + w(x), |w| ≤ r (the gains g and their differences)."""
+
+    c: torch.Tensor  # (P,)
+    a: torch.Tensor  # (P, n0)
+    r: torch.Tensor  # (P,)
+
+    def sup(self, eps: float) -> torch.Tensor:
+        return self.c.abs() + eps * torch.linalg.vector_norm(self.a, dim=-1) + self.r
+
+    def spread(self, eps: float) -> torch.Tensor:
+        return eps * torch.linalg.vector_norm(self.a, dim=-1) + self.r
+
+
+def pick(mask: torch.Tensor, first, second):
+    """Per centre, `first` where mask else `second` (both Forms or both Scalars)."""
+    m1 = mask.reshape(-1, *([1] * (first.c.dim() - 1)))
+    if isinstance(first, Form):
+        return Form(torch.where(m1, first.c, second.c), torch.where(mask[:, None, None], first.A, second.A),
+                    torch.where(mask, first.r, second.r))
+    return Scalar(torch.where(mask, first.c, second.c), torch.where(mask[:, None], first.a, second.a),
+                  torch.where(mask, first.r, second.r))
+
+
+# --- one activation: the original's h, g and the differences Δh, Δg ------------------------------------------------
+def jacobian_apply(gc: torch.Tensor, slope: torch.Tensor, c: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """J_f(c) m for a batch: J = g I + 2G'(μ) c cᵀ (m: (P, n) or (P, n, k))."""
+    if m.dim() == 2:
+        return gc[:, None] * m + (2.0 * slope * (c * m).sum(-1))[:, None] * c
+    return gc[:, None, None] * m + (2.0 * slope)[:, None, None] * c[:, :, None] * torch.einsum("pn,pnk->pk", c, m)[:, None, :]
+
+
+def activation(z: Form, dz: Form, o: float, eps: float) -> tuple[Form, Scalar, Form, Scalar]:
+    """h = f(z), g = g(z) of the original and Δh = f(z + Δz) − f(z), Δg likewise, as forms (docs/bounds.md, §8.3)."""
+    c, n0 = z.c, z.A.shape[-1]
+    cn = torch.linalg.vector_norm(c, dim=-1)
+    rz = z.spread(eps)
+    t_lo, t_hi = (cn - rz).clamp_min(0.0), cn + rz
+    mu_c = o + cn * cn
+    gc, slope = gain_of_sq(mu_c), gain_sq_slope_exact(mu_c)
+    grad = 2.0 * slope[:, None] * c  # ∇g at c
+    lf, lg = second_derivative_sup(o, t_lo, t_hi)
+    g_top, g_bot = gain_of_sq(o + t_lo * t_lo), gain_of_sq(o + t_hi * t_hi)
+    spec_lo = sech2(torch.sqrt(o + t_hi * t_hi))  # every eigenvalue of J_f on the ball lies in [spec_lo, g_top]
+    # h = f(c) + J_c A δ + w: |w| ≤ the Taylor remainder, or ≤ |h − f(c)| + |J_c A δ| (Lemma 1 on the ball)
+    h = Form(gc[:, None] * c, jacobian_apply(gc, slope, c, z.A),
+             torch.minimum(gc * z.r + torch.minimum(lf * rz * rz / 2.0, (g_top - spec_lo) * rz),
+                           g_top * rz + gc * z.norm() * eps))
+    # g = g_c + ∇g_c·A δ + w: Taylor remainder, or the interval [g_bot, g_top] plus the linear part
+    grad_a = torch.einsum("pn,pnk->pk", grad, z.A)
+    lin = eps * torch.linalg.vector_norm(grad_a, dim=-1)
+    g = Scalar(gc, grad_a, torch.minimum(torch.linalg.vector_norm(grad, dim=-1) * z.r + lg * rz * rz / 2.0,
+                                         torch.maximum(g_top - gc, gc - g_bot) + lin))
+    # differences: z and z + Δz lie in B(c, rz + D)
+    d = dz.sup(eps)
+    wide = rz + d
+    w_lo, w_hi = (cn - wide).clamp_min(0.0), cn + wide
+    lf_w, lg_w = second_derivative_sup(o, w_lo, w_hi)
+    top_w, bot_w = gain_of_sq(o + w_lo * w_lo), gain_of_sq(o + w_hi * w_hi)
+    spec_w = sech2(torch.sqrt(o + w_hi * w_hi))
+    omega = torch.minimum(lf_w * wide, top_w - spec_w)  # ‖J̄ − J_f(c)‖
+    lin_dz = torch.linalg.vector_norm(dz.c, dim=-1) + dz.norm() * eps  # ≥ |d + B δ|
+    dh_t = Form(jacobian_apply(gc, slope, c, dz.c), jacobian_apply(gc, slope, c, dz.A),
+                torch.minimum(gc * dz.r + omega * d, torch.clamp(top_w * d, max=2.0) + gc * lin_dz))
+    kappa = (top_w + spec_w) / 2.0
+    dh_m = Form(kappa[:, None] * dz.c, kappa[:, None, None] * dz.A, kappa * dz.r + (top_w - spec_w) / 2.0 * d)
+    dh = pick(dh_t.r <= dh_m.r, dh_t, dh_m)  # both keep a linear part; the smaller remainder wins
+    dgrad_a = torch.einsum("pn,pnk->pk", grad, dz.A)
+    dg_lin = (grad * dz.c).sum(-1).abs() + eps * torch.linalg.vector_norm(dgrad_a, dim=-1)
+    dg = Scalar((grad * dz.c).sum(-1), dgrad_a,
+                torch.minimum(torch.linalg.vector_norm(grad, dim=-1) * dz.r + lg_w * wide * d,
+                              torch.minimum(gain_slope_sup(torch.sqrt(o + w_lo * w_lo)) * d, top_w - bot_w) + dg_lin))
+    # exact centre (§8.4): Δh(x) − Δh(x_i) = J(c')(Δz − d) + (J(c') − J(c)) u + R' − R, c' = c + d, u = z − c
+    dh_e, dg_e = exact_centre(z, dz, h, grad_a, gc, slope, grad, lf, lg, rz, o, eps)
+    dh = pick(dh_e.r < dh.r, dh_e, dh)
+    dg = pick(dg_e.r < dg.r, dg_e, dg)
+    return h, g, dh, dg
+
+
+# --- one affine layer ---------------------------------------------------------------------------------------------
+def exact_centre(z: Form, dz: Form, h: Form, grad_a, gc, slope, grad, lf, lg, rz, o: float, eps: float):
+    """Δh and Δg as forms centred on their exact values at x_i (docs/bounds.md §8.4): remainders of order ε², not of
+    order |Δz(x_i)|·ε, which wins where the centres of the two networks are far apart."""
+    c = z.c
+    c2 = c + dz.c
+    n2 = torch.linalg.vector_norm(c2, dim=-1)
+    mu2 = o + n2 * n2
+    g2, slope2 = gain_of_sq(mu2), gain_sq_slope_exact(mu2)
+    grad2 = 2.0 * slope2[:, None] * c2
+    ru2 = rz + dz.norm() * eps + dz.r  # sup |z' − c'|
+    lf2, lg2 = second_derivative_sup(o, (n2 - ru2).clamp_min(0.0), n2 + ru2)
+    # ‖J(c') − J(c)‖ ≤ L_f on the segment [c, c'] × |d| (Lemma 8), and ≤ the spread of their spectra
+    cn = torch.linalg.vector_norm(c, dim=-1)
+    dn = torch.linalg.vector_norm(dz.c, dim=-1)
+    seg_lf, seg_lg = second_derivative_sup(o, (torch.minimum(cn, n2) - dn).clamp_min(0.0), torch.maximum(cn, n2))
+    top = gain_of_sq(o + (torch.minimum(cn, n2) - dn).clamp_min(0.0) ** 2)
+    low = sech2(torch.sqrt(o + torch.maximum(cn, n2) ** 2))
+    jdiff = torch.minimum(seg_lf * dn, top - low)
+    quad = (lf * rz * rz + lf2 * ru2 * ru2) / 2.0
+    dh = Form(g2[:, None] * c2 - gc[:, None] * c, jacobian_apply(g2, slope2, c2, z.A + dz.A) - h.A,
+              g2 * dz.r + jdiff * z.r + quad)
+    gdiff = torch.minimum(seg_lg * dn, torch.linalg.vector_norm(grad2 - grad, dim=-1))
+    dg = Scalar(g2 - gc, torch.einsum("pn,pnk->pk", grad2, dz.A) + torch.einsum("pn,pnk->pk", grad2 - grad, z.A),
+                torch.linalg.vector_norm(grad2, dim=-1) * dz.r + gdiff * z.r + (lg * rz * rz + lg2 * ru2 * ru2) / 2.0)
+    return dh, dg
+
+
+def affine(layer: Layer, h: Form, g: Scalar | None, dh: Form, dg: Scalar | None, removed: torch.Tensor,
+           consts: torch.Tensor) -> tuple[Form, Form]:
+    """z = W h + b + psi g and Δz = P_K(W Δh + psi Δg) − P_S(z − c) (docs/bounds.md, eq. 2)."""
+    w, psi = layer.dense_weight(), layer.psi
+    zc = h.c @ w.T + layer.bias
+    za = torch.matmul(w, h.A)
+    dc = dh.c @ w.T
+    da = torch.matmul(w, dh.A)
+    keep = ~removed
+    wk, ws = w[keep], w[removed]
+    zr = spectral_norm(w) * h.r
+    kept_r = spectral_norm(wk) * dh.r
+    gone_r = spectral_norm(ws) * h.r
+    if psi is not None:
+        zc = zc + psi[None, :] * g.c[:, None]
+        za = za + psi[None, :, None] * g.a[:, None, :]
+        dc = dc + psi[None, :] * dg.c[:, None]
+        da = da + psi[None, :, None] * dg.a[:, None, :]
+        zr = zr + vec_norm(psi) * g.r
+        kept_r = kept_r + vec_norm(psi[keep]) * dg.r
+        gone_r = gone_r + vec_norm(psi[removed]) * g.r
+    sel = removed.to(F64)
+    dc = keep.to(F64) * dc - sel * (zc - consts)
+    da = keep.to(F64)[None, :, None] * da - sel[None, :, None] * za
+    return Form(zc, za, zr), Form(dc, da, torch.hypot(kept_r, gone_r))
+
+
+# --- the whole network --------------------------------------------------------------------------------------------
+def local_bounds(layers: list[Layer], removed: list[torch.Tensor], consts: list[torch.Tensor], centres: torch.Tensor,
+                 eps: float, allowance: float = 0.0) -> dict:
+    """For every centre x_i (rows of `centres`): β_i ≥ sup |y'(x) − y(x)| over |x − x_i| ≤ ε, and whether the top-1
+    class of the original at x_i is proven to be the top-1 of both networks everywhere in that ball (Theorem 4).
+    `allowance`: an absolute float64 rounding allowance added to β and subtracted from every margin.
+    Returns tensors: bound (P,), top1 (P,) bool, margin_original (P,), margin_pruned (P,) (certified lower bounds on
+    the top-1 margins over the ball), top_class (P,)."""
+    x = centres.to(F64)
+    p = x.shape[0]
+    first = layers[0]
+    w0 = first.dense_weight()
+    n_hidden = len(layers) - 1
+    z = Form(x @ w0.T + first.bias, w0.expand(p, *w0.shape), torch.zeros(p, dtype=F64),
+             torch.full((p,), spectral_norm(w0), dtype=F64))
+    mask0 = removed[0].to(F64)
+    dz = Form(-mask0 * (z.c - consts[0]), -mask0[None, :, None] * z.A, torch.zeros(p, dtype=F64),
+              torch.full((p,), spectral_norm(w0[removed[0]]), dtype=F64))
+    for i in range(1, n_hidden + 1):
+        h, g, dh, dg = activation(z, dz, float(layers[i - 1].o), eps)
+        last = i == n_hidden
+        mask = torch.zeros(layers[i].n_out, dtype=torch.bool) if last else removed[i]
+        const = torch.zeros(layers[i].n_out, dtype=F64) if last else consts[i]
+        z, dz = affine(layers[i], h, g, dh, dg, mask, const)
+    slack = allowance + ROUNDING * (torch.linalg.vector_norm(z.c, dim=-1) + z.spread(eps))
+    beta = dz.sup(eps) + slack
+    top = z.c.argmax(-1)
+    m_orig = margin_lower(z, top, eps) - 2.0 * slack
+    pruned = Form(z.c + dz.c, z.A + dz.A, z.r + dz.r)
+    m_pruned = margin_lower(pruned, top, eps) - 2.0 * slack
+    return {"bound": beta, "top1": (m_orig > 0) & (m_pruned > 0), "margin_original": m_orig,
+            "margin_pruned": m_pruned, "top_class": top}
+
+
+def margin_lower(y: Form, top: torch.Tensor, eps: float) -> torch.Tensor:
+    """min over k ≠ top and |δ| ≤ ε of y_top − y_k ≥ (c_top − c_k) − ε|A_top − A_k| − √2 r (|w_top − w_k| ≤ √2|w|)."""
+    idx = torch.arange(len(top))
+    gap = y.c[idx, top][:, None] - y.c
+    slope = torch.linalg.vector_norm(y.A[idx, top][:, None, :] - y.A, dim=-1)
+    low = gap - eps * slope - SQRT2 * y.r[:, None]
+    low[idx, top] = math.inf
+    if low.shape[1] == 1:
+        return torch.full((len(top),), math.inf, dtype=F64)
+    return low.min(-1).values
+
+
+# --- the attack (tests and benchmarks): projected gradient ascent inside each ball -----------------------------
+def local_search(reference, candidate, centres: torch.Tensor, eps: float, starts: int = 16, steps: int = 100,
+                 seed: int = 0) -> dict:
+    """The largest |y'(x) − y(x)| found per ball (Adam ascent in float64 from `starts` random points per ball, projected
+    onto the ball after every step), and per ball whether some x flips the top-1 of either network away from the
+    original's class at the centre. Lower bounds on the true maxima; batched over centres and starts."""
+    gen = torch.Generator().manual_seed(seed)
+    x0 = centres.to(F64)
+    p, n = x0.shape
+    with torch.no_grad():
+        top = reference(x0).argmax(-1)
+    d = torch.randn(starts, p, n, dtype=F64, generator=gen)
+    d = d / torch.linalg.vector_norm(d, dim=-1, keepdim=True) * eps * torch.rand(starts, p, 1, dtype=F64, generator=gen)
+    if starts >= 4:  # ±ε along the top right singular vector of the Jacobian of y' − y at the centre (first order)
+        top_dir = _top_direction(reference, candidate, x0)
+        d[0], d[1] = eps * top_dir, -eps * top_dir
+    best = torch.zeros(p, dtype=F64)
+    flipped = torch.zeros(p, dtype=torch.bool)
+    delta = d.clone().requires_grad_(True)
+    opt = torch.optim.Adam([delta], lr=0.1 * eps)
+    idx = torch.arange(p)
+    for step in range(steps + 1):
+        xs = (x0[None] + delta).reshape(-1, n)
+        y, y2 = reference(xs).reshape(starts, p, -1), candidate(xs).reshape(starts, p, -1)
+        diff = torch.linalg.vector_norm(y2 - y, dim=-1)
+        with torch.no_grad():
+            best = torch.maximum(best, diff.max(0).values)
+            flipped |= ((y.argmax(-1) != top[None]) | (y2.argmax(-1) != top[None])).any(0)
+        if step == steps:
+            break
+        # half the starts ascend |Δy|, half descend the smaller of the two networks' top-1 margins
+        margin = torch.minimum(_margin(y, top, idx), _margin(y2, top, idx))
+        half = starts // 2
+        loss = -diff[:half].sum() + margin[half:].sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            norm = torch.linalg.vector_norm(delta, dim=-1, keepdim=True)
+            delta.mul_(torch.clamp(eps / norm.clamp_min(1e-300), max=1.0))
+    return {"max_abs": best, "flipped": flipped}
+
+
+def _top_direction(reference, candidate, x0: torch.Tensor) -> torch.Tensor:
+    x = x0.clone().requires_grad_(True)
+    diff = candidate(x) - reference(x)
+    rows = [torch.autograd.grad(diff[:, k].sum(), x, retain_graph=k < diff.shape[1] - 1)[0] for k in range(diff.shape[1])]
+    jac = torch.stack(rows, dim=1).detach()  # (P, n_out, n0)
+    _, _, vh = torch.linalg.svd(jac, full_matrices=False)
+    return vh[:, 0]
+
+
+def _margin(y: torch.Tensor, top: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    ytop = y[:, idx, top]
+    other = y.clone()
+    other[:, idx, top] = -math.inf
+    return ytop - other.max(-1).values

@@ -1,0 +1,113 @@
+"""Local certificates (issue 10): the lemmas' scalar bounds, the batched norm bound, and soundness of β_i and of the
+top-1 certificates against a projected-gradient attack inside every ball (float64), on random and shipped networks."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from isocompress import io, local_bounds as lb, prune
+from isocompress.layers import remove_all_constant_directions
+from isocompress.model import IsoMLP, random_model
+from isocompress.primitives import isotropic_gain
+
+F64 = torch.float64
+MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+def test_gain_derivatives_against_autograd_and_their_sup_bounds():
+    mu = torch.cat([torch.linspace(0.0, 0.01, 50), torch.logspace(-2, 4, 400)]).to(F64).requires_grad_(True)
+    g = isotropic_gain(mu)
+    (d1,) = torch.autograd.grad(g.sum(), mu, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), mu)
+    mu = mu.detach()
+    assert torch.allclose(lb.gain_sq_slope_exact(mu), d1.detach(), rtol=1e-7, atol=1e-10)
+    # sup over μ' ≥ μ: at least the value at every larger μ on the grid (decreasing), and close at μ
+    sup1, sup2 = lb.gain_sq_slope_sup(mu), lb.gain_sq_curv_sup(mu)
+    later1 = torch.flip(torch.cummax(torch.flip(d1.detach().abs(), [0]), 0).values, [0])
+    later2 = torch.flip(torch.cummax(torch.flip(d2.abs(), [0]), 0).values, [0])
+    assert bool((sup1 >= later1 * (1 - 1e-9)).all()) and bool((sup2 >= later2 * (1 - 1e-6) - 1e-12).all())
+    assert float((sup2 - d2.abs()).abs().max()) < 1e-6
+
+
+def test_second_derivative_bound_holds_at_random_points():
+    gen = torch.Generator().manual_seed(1)
+    for o in (0.0, 0.5, 3.0):
+        z = torch.randn(300, 5, dtype=F64, generator=gen) * torch.rand(300, 1, dtype=F64, generator=gen) * 4
+        u = torch.randn(300, 5, dtype=F64, generator=gen)
+        u = u / u.norm(dim=-1, keepdim=True)
+
+        def f(v):
+            return isotropic_gain(o + (v * v).sum(-1, keepdim=True)) * v
+
+        # second directional derivative f''(z)[u, u] by central differences
+        h = 1e-4
+        second = (f(z + h * u) - 2 * f(z) + f(z - h * u)) / h ** 2
+        t = z.norm(dim=-1)
+        bound_f, _ = lb.second_derivative_sup(o, t, t)
+        assert bool((second.norm(dim=-1) <= bound_f * (1 + 1e-4) + 1e-6).all())
+
+
+def test_op_norm_upper_is_an_upper_bound_and_close():
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(50, 30, 20, dtype=F64, generator=gen) * torch.logspace(0, -3, 20, dtype=F64)
+    true = torch.linalg.matrix_norm(a, 2)
+    est = lb.op_norm_upper(a)
+    assert bool((est >= true).all())
+    assert float((est / true).max()) < 1.2
+
+
+def pruned_state(model, x, share, basis="data-aware"):
+    state = prune.State.of(remove_all_constant_directions(model))
+    smallest, exact = prune.smallest_params(state), prune.current_params(state)
+    target = max(int(smallest + share * (exact - smallest)), smallest)
+    radius = float(x.norm(dim=-1).max())
+    return prune.prune_to_target(state, target, basis, x, radius)
+
+
+def assert_sound(state, centres, eps, starts=12, steps=60):
+    out = prune.local_certificates(state, centres, eps)
+    found = lb.local_search(IsoMLP(state.layers), prune.materialize(state), centres, eps, starts=starts, steps=steps)
+    assert bool((found["max_abs"] <= out["bound"]).all()), float((found["max_abs"] - out["bound"]).max())
+    assert not bool((out["top1"] & found["flipped"]).any())
+    return out, found
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.integers(2, 10), min_size=3, max_size=4), st.booleans(), st.floats(0.0, 2.0),
+       st.sampled_from([0.2, 0.6]), st.sampled_from([0.01, 0.1, 0.5, 2.0]), st.integers(0, 50),
+       st.sampled_from(["data-free", "data-aware"]))
+def test_local_bounds_are_sound_on_random_networks(widths, psi, o, share, eps, seed, basis):
+    model = random_model(widths, psi=psi, o=o, seed=seed, weight_scale=1.5)
+    x = torch.randn(24, widths[0], dtype=F64, generator=torch.Generator().manual_seed(seed))
+    state = pruned_state(model, x, share, basis)
+    assert_sound(state, x[:8], eps)
+
+
+def test_near_linear_networks_are_certified_nearly_exactly():
+    """Small weights: both networks are nearly affine, so β must be close to the searched maximum (this catches a
+    dropped or halved linear term, which a loose-only test would not)."""
+    model = random_model([4, 12, 10, 3], psi=True, o=0.3, seed=3, weight_scale=0.3)
+    x = torch.randn(64, 4, dtype=F64, generator=torch.Generator().manual_seed(3))
+    state = pruned_state(model, x, 0.3)
+    out, found = assert_sound(state, x[:16], 0.05, starts=16, steps=80)
+    ratio = out["bound"] / found["max_abs"]
+    assert float(ratio.max()) < 1.2, ratio
+
+
+def digits_state(share_of_params: float = 0.05):
+    model = io.load(MODELS / "digits.pt").cast(F64)
+    x = torch.from_numpy(np.load(MODELS / "digits.calib.npy")).to(F64)
+    state = prune.State.of(remove_all_constant_directions(model))
+    target = int(share_of_params * model.num_params())
+    return prune.prune_to_target(state, target, "data-aware", x, float(x.norm(dim=-1).max())), x
+
+
+@pytest.mark.slow
+def test_digits_certified_points_survive_the_attack():
+    state, x = digits_state(0.05)
+    eps = 0.01 * float(x.norm(dim=-1).median())
+    out, found = assert_sound(state, x[:48], eps, starts=16, steps=60)
+    assert int(out["top1"].sum()) > 0  # something is certified, so the flip check has teeth
