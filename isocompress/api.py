@@ -13,12 +13,12 @@ from typing import Callable, Iterator
 import torch
 
 from isocompress import io
-from isocompress.errors import IsocompressError
-from isocompress.errors import CheckFailed
+from isocompress.errors import CheckFailed, IsocompressError
 from isocompress.layers import (alternate_diagonalise, as_float64, choose_alternating_layers, forward_float64,
                                 remove_all_constant_directions, remove_constant_directions_accounted)  # noqa: F401
 from isocompress.measure import PROBE_SCALES, output_difference, probe_inputs  # noqa: F401  (re-exported)
 from isocompress.model import IsoMLP
+from isocompress.parsing import parse_budget, parse_formats, parse_max_error
 from isocompress.progress import progress_bar
 
 
@@ -150,8 +150,6 @@ class ShrinkOptions:
 
     def __post_init__(self) -> None:
         if isinstance(self.formats, str):  # "safetensors,onnx", as the CLI takes it
-            from isocompress.recipe import parse_formats
-
             object.__setattr__(self, "formats", parse_formats(self.formats, "ShrinkOptions", "formats"))
         if not hasattr(self.formats, "__iter__"):
             raise IsocompressError(f"formats {self.formats!r}: give a list such as ('safetensors', 'onnx')")
@@ -175,9 +173,6 @@ class ShrinkOptions:
     def _validate_goal(self) -> None:
         """budget and max_error as the CLI and recipes take them (5%, 0.05, 7500; 0.01 or "1%"), by the same parsers
         and with the same messages (naming the field, not a flag)."""
-        # The parsers live in recipe.py, which imports this module: import them when an instance is made (no cycle).
-        from isocompress.recipe import parse_budget, parse_max_error
-
         where = "ShrinkOptions"
         goals = [self.budget, self.max_error, self.max_error_relative, self.min_certified_top1]
         if sum(g is not None for g in goals) > 1:
