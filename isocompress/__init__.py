@@ -1,24 +1,35 @@
-"""isocompress: exact and certified compression of isotropic neural networks."""
+"""isocompress: exact and certified compression of isotropic neural networks.
 
-from isocompress.api import ShrinkOptions, shrink_exact, shrink_file
-from isocompress.check import run_checks
-from isocompress.config import ModelConfig
-from isocompress.errors import CheckFailed, IsocompressError
-from isocompress.io import load, save, save_pt, save_safetensors
-from isocompress.layers import (
-    alternate_diagonalise,
-    diagonalise_full,
-    diagonalise_left,
-    remove_all_constant_directions,
-    remove_constant_directions,
-    rotate_hidden,
-)
-from isocompress.model import IsoMLP, Layer, random_model
-from isocompress.recipe import Recipe
+The top-level names are loaded on first use (PEP 562), so that `import isocompress.cli` (and `isocompress --help`)
+does not import torch; `isocompress.shrink_file`, `from isocompress import load`, … work as before.
+"""
 
-__all__ = [
-    "CheckFailed", "IsoMLP", "IsocompressError", "Layer", "ModelConfig", "Recipe", "ShrinkOptions", "alternate_diagonalise",
-    "diagonalise_full", "diagonalise_left", "load", "random_model", "remove_all_constant_directions",
-    "remove_constant_directions", "rotate_hidden", "run_checks", "save", "save_pt", "save_safetensors", "shrink_exact",
-    "shrink_file",
-]
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "ShrinkOptions": "api", "shrink_exact": "api", "shrink_file": "api",
+    "run_checks": "check",
+    "ModelConfig": "config",
+    "CheckFailed": "errors", "IsocompressError": "errors",
+    "load": "io", "save": "io", "save_pt": "io", "save_safetensors": "io",
+    "alternate_diagonalise": "layers", "diagonalise_full": "layers", "diagonalise_left": "layers",
+    "remove_all_constant_directions": "layers", "remove_constant_directions": "layers", "rotate_hidden": "layers",
+    "IsoMLP": "model", "Layer": "model", "random_model": "model",
+    "Recipe": "recipe",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'isocompress' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"isocompress.{_WHERE[name]}"), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))

@@ -8,10 +8,10 @@ import sys
 
 import click
 
-from isocompress import check as checks
 from isocompress.cli_base import main
 from isocompress.errors import IsocompressError
 
+ERROR_MEASURES = ("certified", "empirical")  # = check_config.MEASURES (not imported: it imports torch)
 SINGLE_MODEL_FLAGS = ("recipe", "calibration", "labels", "max_params", "max_bytes", "max_error", "error_measure",
                       "min_accuracy")
 
@@ -37,7 +37,7 @@ def use_color() -> bool:
               help="With MODEL: at most SIZE bytes (60000, '60 kB' = 60,000, '1.5 MiB' = 1.5 × 1024²).")
 @click.option("--max-error", default=None, metavar="E",
               help="With MODEL and --recipe: |Δy| ≤ E (a number, or a percentage of the largest |y|: 1%).")
-@click.option("--error-measure", default=None, type=click.Choice(checks.MEASURES),
+@click.option("--error-measure", default=None, type=click.Choice(ERROR_MEASURES),
               help="Which error --max-error limits [default: certified].")
 @click.option("--min-accuracy", default=None, metavar="A",
               help="With MODEL, --calibration and --labels: accuracy ≥ A (0.95 or 95%).")
@@ -45,6 +45,8 @@ def check(model, config_path, baseline, as_json, quiet, **flags):
     """Check size and error limits for CI: exit 0 if all pass, 1 if any fails, 2 for a config or input error.
 
     Without MODEL the limits come from the config; with MODEL from the flags."""
+    from isocompress import check as checks  # here, not at the top: --help and usage errors skip torch
+
     given = {k: v for k, v in flags.items() if v is not None}
     if model is not None and config_path is not None:
         raise IsocompressError("give either MODEL with limit flags or --config FILE, not both")

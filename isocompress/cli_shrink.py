@@ -6,7 +6,6 @@ import json
 
 import click
 
-from isocompress import api
 from isocompress.cli_base import main
 from isocompress.errors import IsocompressError
 
@@ -39,7 +38,7 @@ from isocompress.errors import IsocompressError
 def shrink(model, recipe_path, exact, budget, max_error, basis, calibration, labels, input_radius, formats, onnx_tol,
            out_dir, dtype, quiet, as_json):
     """Shrink MODEL (.pt, .pth or .safetensors); write model.safetensors, model.onnx and report.json."""
-    from isocompress import recipe as recipes
+    from isocompress import api, recipe as recipes  # here, not at the top: --help and usage errors skip torch
 
     max_abs, max_percent = recipes.parse_max_error(max_error, "--max-error", None) if max_error is not None \
         else (None, None)
