@@ -509,9 +509,8 @@ def symbolic_bound(layers: list[Layer], removed: list[torch.Tensor], consts: lis
         return None
     if work_limit is None:
         work_limit = max(SYMBOLIC_WORK_FLOOR, SYMBOLIC_WORK_FACTOR * exact_work(layers))
-    walker = _CaseSplit(layers, removed, consts, radius, first, ratio, max_cases, Work(work_limit))
     try:
-        return walker.run()
+        return _CaseSplit(layers, removed, consts, radius, first, ratio, max_cases, Work(work_limit)).run()
     except WorkLimitExceeded:
         return None
 

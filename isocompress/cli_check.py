@@ -10,6 +10,7 @@ import click
 
 from isocompress.cli_base import main
 from isocompress.errors import IsocompressError
+from isocompress.progress import line_printer
 
 ERROR_MEASURES = ("certified", "empirical")  # = check_config.MEASURES (not imported: it imports torch)
 SINGLE_MODEL_FLAGS = ("recipe", "calibration", "labels", "max_params", "max_bytes", "max_error", "error_measure",
@@ -28,7 +29,7 @@ def use_color() -> bool:
 @click.option("--baseline", default=None, metavar="FILE",
               help="An earlier `check --json` output or a shrink report.json; each row shows the change against it.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of result objects (docs/ci.md) on stdout.")
-@click.option("--quiet", is_flag=True, help="No progress lines on stderr (there are none unless it is a terminal).")
+@click.option("--quiet", is_flag=True, help="No progress lines on stderr (one plain line per model checked).")
 @click.option("--recipe", default=None, metavar="FILE", help="With MODEL: shrink with this recipe, then check the result.")
 @click.option("--calibration", default=None, metavar="FILE", help="With MODEL: calibration inputs.")
 @click.option("--labels", default=None, metavar="FILE", help="With MODEL: labels of the calibration inputs.")
@@ -55,8 +56,8 @@ def check(model, config_path, baseline, as_json, quiet, **flags):
         raise IsocompressError(f"{flag} needs MODEL (isocompress check MODEL {flag} …); limits for several models"
                                " belong in isocompress.toml")
     specs = [checks.spec_from_flags(model, **given)] if model is not None else None
-    # Progress only on a terminal: in CI logs stderr then holds nothing but a one-line error, if any.
-    progress = None if quiet or not sys.stderr.isatty() else (lambda line: click.echo(line, err=True))
+    # One plain line per model on stderr (what, how far, elapsed), terminal or CI log alike; none with --quiet.
+    progress = None if quiet else line_printer()
     results = checks.run_checks(config_path, checks=specs, baseline=baseline, progress=progress)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=2, ensure_ascii=False))

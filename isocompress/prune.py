@@ -247,7 +247,7 @@ def prune_to_target(state: State, target: int, basis: str, x, radius: float, ste
         if prune_round(state, basis, x, radius, goal) == 0:
             break
         if step is not None:
-            step(f"{current_params(state):,} parameters")
+            step(f"{current_params(state):,} parameters", current_params(state))
     return state
 
 
@@ -261,7 +261,7 @@ def prune_to_error(state: State, limit: float, basis: str, x, radius: float, ste
         if certify(trial, radius) <= limit:
             state = trial
             if step is not None:
-                step(f"{current_params(state):,} parameters")
+                step(f"{current_params(state):,} parameters", current_params(state))
         else:
             goal //= 2
     return state
@@ -316,12 +316,14 @@ def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, pr
     radius, radius_source = resolve_radius(options, x, probes)
     state = State.of(remove_all_constant_directions(original))
     exact_params = current_params(state)
-    with progress_bar(None, "prune", enabled=progress) as step:
-        if options.budget is not None:
-            target = resolve_target(options.budget, original.num_params(), smallest_params(state))
+    budget = options.budget is not None
+    target = resolve_target(options.budget, original.num_params(), smallest_params(state)) if budget else None
+    floor = target if budget else smallest_params(state)  # the bar's total: parameters that can go
+    with progress_bar(max(exact_params - floor, 0), "prune", enabled=progress, unit="parameter") as bar:
+        step = lambda name, left: bar(name, exact_params - left)  # noqa: E731  (removed so far)
+        if budget:
             state = prune_to_target(state, target, basis, x, radius, step)
         else:
-            target = None
             state = prune_to_error(state, options.max_error, basis, x, radius, step)
     pruned = alternate_diagonalise(materialize(state))
     report = build_report(original, pruned, state, basis, radius, radius_source, probes, labels,
