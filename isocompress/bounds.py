@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from isocompress import threads
 from isocompress.model import Layer
 from isocompress.primitives import isotropic_tanh
 
@@ -47,9 +48,11 @@ def spectral_norm(matrix: torch.Tensor) -> float:
     m = matrix.to(F64)
     if min(m.shape) == 1:
         return float(torch.linalg.vector_norm(m))
-    gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
-    # largest eigenvalue of the Gram matrix (half the cost of an SVD), with a margin for its rounding
-    return math.sqrt(max(float(torch.linalg.eigvalsh(gram)[-1]), 0.0)) * (1.0 + 1e-12)
+    with threads.for_matrix(*m.shape):
+        gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
+        # largest eigenvalue of the Gram matrix (half the cost of an SVD), with a margin for its rounding
+        top = float(torch.linalg.eigvalsh(gram)[-1])
+    return math.sqrt(max(top, 0.0)) * (1.0 + 1e-12)
 
 
 def vec_norm(v: torch.Tensor | None) -> float:

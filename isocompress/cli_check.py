@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from isocompress.cli_base import main
+from isocompress.cli_base import main, start_threads, threads_option
 from isocompress.errors import IsocompressError
 from isocompress.progress import line_printer
 
@@ -42,7 +42,8 @@ def use_color() -> bool:
               help="Which error --max-error limits [default: certified].")
 @click.option("--min-accuracy", default=None, metavar="A",
               help="With MODEL, --calibration and --labels: accuracy ≥ A (0.95 or 95%).")
-def check(model, config_path, baseline, as_json, quiet, **flags):
+@threads_option
+def check(model, config_path, baseline, as_json, quiet, n_threads, **flags):
     """Check size and error limits for CI: exit 0 if all pass, 1 if any fails, 2 for a config or input error.
 
     Without MODEL the limits come from the config; with MODEL from the flags."""
@@ -58,6 +59,7 @@ def check(model, config_path, baseline, as_json, quiet, **flags):
     specs = [checks.spec_from_flags(model, **given)] if model is not None else None
     # One plain line per model on stderr (what, how far, elapsed), terminal or CI log alike; none with --quiet.
     progress = None if quiet else line_printer()
+    start_threads(n_threads)
     results = checks.run_checks(config_path, checks=specs, baseline=baseline, progress=progress)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=2, ensure_ascii=False))

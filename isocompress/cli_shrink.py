@@ -6,7 +6,7 @@ import json
 
 import click
 
-from isocompress.cli_base import main
+from isocompress.cli_base import main, start_threads, threads_option
 from isocompress.errors import IsocompressError
 
 
@@ -35,8 +35,9 @@ from isocompress.errors import IsocompressError
               help="dtype of the written weights [default: the input's].")
 @click.option("--quiet", is_flag=True, help="No progress bar and no table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@threads_option
 def shrink(model, recipe_path, exact, budget, max_error, basis, calibration, labels, input_radius, formats, onnx_tol,
-           out_dir, dtype, quiet, as_json):
+           out_dir, dtype, quiet, as_json, n_threads):
     """Shrink MODEL (.pt, .pth or .safetensors); write model.safetensors, model.onnx and report.json."""
     from isocompress import api, recipe as recipes  # here, not at the top: --help and usage errors skip torch
 
@@ -61,6 +62,7 @@ def shrink(model, recipe_path, exact, budget, max_error, basis, calibration, lab
     base = recipes.load_recipe(recipe_path) if recipe_path is not None else recipes.Recipe(name=recipes.FLAGS_ONLY)
     effective, overridden = base.with_overrides(**flags)
     provenance = effective.provenance(overridden if recipe_path is not None else None)
+    start_threads(n_threads)
     report = api.shrink_file(model, out_dir, effective.to_options(), calibration=effective.calibration,
                              labels=effective.labels, progress=not (quiet or as_json), recipe=provenance)
     if as_json:

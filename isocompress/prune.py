@@ -23,6 +23,7 @@ from isocompress.errors import IsocompressError
 from isocompress.layers import alternate_diagonalise, as_float64, choose_alternating_layers, remove_all_constant_directions
 from isocompress.measure import probe_inputs
 from isocompress.model import IsoMLP, Layer
+from isocompress import threads
 from isocompress.progress import progress_bar
 
 F64 = torch.float64
@@ -140,7 +141,8 @@ def rotate_principal(state: State, x: torch.Tensor) -> None:
         _, zs, _ = materialize(state).forward_with_hidden(x)
     for i, z in enumerate(zs):
         centred = z - z.mean(0)
-        _, vecs = torch.linalg.eigh(centred.T @ centred)
+        with threads.for_matrix(*centred.shape):
+            _, vecs = torch.linalg.eigh(centred.T @ centred)
         rotate_kept(state, i, vecs.flip(-1))
 
 
@@ -166,7 +168,8 @@ def rotate_singular(state: State) -> None:
     """Data-free basis: left singular vectors of each hidden space's producing layer (the paper's rule)."""
     compact = materialize(state)
     for i in range(len(state.removed)):
-        u, _, _ = torch.linalg.svd(compact.layers[i].weight, full_matrices=True)
+        with threads.for_matrix(*compact.layers[i].weight.shape):
+            u, _, _ = torch.linalg.svd(compact.layers[i].weight, full_matrices=True)
         rotate_kept(state, i, u)
 
 
