@@ -151,10 +151,17 @@ def remove_constant_directions(model: IsoMLP, i: int, rtol: float | None = None)
     model = as_float64(model)
     _check_hidden(model, i)
     layers = model.layers
-    producer, consumer = layers[i].as_dense(), layers[i + 1].as_dense()
+    pair = remove_constant_pair(layers[i], layers[i + 1], rtol)
+    return model if pair is None else model.with_layers({i: pair[0], i + 1: pair[1]})
+
+
+def remove_constant_pair(producer: Layer, consumer: Layer, rtol: float | None = None) -> tuple[Layer, Layer] | None:
+    """remove_constant_directions on one (producer, consumer) pair of float64 layers: the new pair, or None when the
+    hidden space between them has no constant direction."""
+    producer, consumer = producer.as_dense(), consumer.as_dense()
     q = varying_basis(producer, rtol)
     if q.shape[1] == producer.n_out:
-        return model
+        return None
     kept = _left_mul(q.T, producer)
     constant = producer.bias - q @ kept.bias
     kept = replace(kept, o=producer.o + constant @ constant)
@@ -163,7 +170,7 @@ def remove_constant_directions(model: IsoMLP, i: int, rtol: float | None = None)
     if consumer.psi is not None or bool(extra_psi.abs().max() > 0):
         base = torch.zeros_like(extra_psi) if consumer.psi is None else consumer.psi
         new_consumer = replace(new_consumer, psi=base + extra_psi)
-    return model.with_layers({i: kept, i + 1: new_consumer})
+    return kept, new_consumer
 
 
 def remove_all_constant_directions(model: IsoMLP, rtol: float | None = None, progress=None) -> IsoMLP:
