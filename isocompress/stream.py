@@ -46,15 +46,20 @@ class LayerSource:
     def _get(self, names: list[str]) -> dict[str, torch.Tensor]:
         if self._mapped is not None:
             return {k: self._mapped[k] for k in names}
-        from safetensors.torch import safe_open
-
-        with safe_open(str(self.path), framework="pt") as handle:  # opened per layer: nothing stays mapped
-            return {k: handle.get_tensor(k) for k in names}
+        return read_safetensors(self.path, names)
 
     def layer(self, i: int) -> Layer:
+        """Layer i in float64; for a memory-mapped .pt the layer's file pages are dropped again afterwards."""
+        raw = self._get([f"layers.{i}.{n}" for n in ("weight", "bias", "psi", "o") if f"layers.{i}.{n}" in self.keys])
+        try:
+            return self._layer(i, raw)
+        finally:
+            if self._mapped is not None:
+                for t in raw.values():
+                    drop_pages(t, self.path)
+
+    def _layer(self, i: int, raw: dict[str, torch.Tensor]) -> Layer:
         where, c = str(self.path), self.config
-        names = [f"layers.{i}.{n}" for n in ("weight", "bias", "psi", "o") if f"layers.{i}.{n}" in self.keys]
-        raw = self._get(names)
         get = lambda n: io._float64(raw, f"layers.{i}.{n}", where) if f"layers.{i}.{n}" in raw else None  # noqa: E731
         weight, bias, psi, o = get("weight"), get("bias"), get("psi"), get("o")
         n_in, n_out = c.widths[i], c.widths[i + 1]
@@ -65,6 +70,73 @@ class LayerSource:
                 or (o is None) == hidden or (o is not None and o.numel() != 1):
             raise IsocompressError(f"{where}: layer {i}'s tensors do not match the stored config; re-save the model")
         return Layer(weight=weight, bias=bias, n_in=n_in, psi=psi, o=None if o is None else o.reshape(()))
+
+
+def read_safetensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file read with plain reads (no mapping: only what is asked for becomes resident)."""
+    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32}
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+        out = {}
+        for name in names:
+            entry = header[name]
+            dtype, (start, end) = table[entry["dtype"]], entry["data_offsets"]
+            handle.seek(8 + length + start)
+            out[name] = _read_as_float64(handle, dtype, end - start, path, name).reshape(entry["shape"])
+    return out
+
+
+def _read_as_float64(handle, dtype: torch.dtype, size: int, path: Path, name: str, chunk: int = 1 << 22):
+    """`size` bytes of `dtype` values from the file's position, as float64 (floating dtypes; others as stored),
+    read `chunk` bytes at a time so that the stored copy never exists whole beside the float64 one."""
+    count = size // dtype.itemsize
+    out = torch.empty(count, dtype=torch.float64 if dtype.is_floating_point else dtype)
+    buffer = torch.empty(chunk - chunk % dtype.itemsize, dtype=torch.uint8)
+    done = 0
+    while done < count:
+        n = min(count - done, buffer.numel() // dtype.itemsize)
+        view = buffer[: n * dtype.itemsize]
+        if handle.readinto(view.numpy()) != view.numel():
+            raise IsocompressError(f"{path}: tensor {name!r} is cut short; is the file truncated?")
+        out[done:done + n] = view.view(dtype)
+        done += n
+    return out
+
+
+def _file_mapped(first: int, last: int, path: Path) -> bool:
+    """Whether [first, last) lies inside one mapping of `path` (/proc/self/maps): only then may its pages be dropped
+    (on anonymous memory MADV_DONTNEED would zero them)."""
+    target = str(Path(path).resolve())
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                lo, hi = (int(v, 16) for v in fields[0].split("-"))
+                if lo <= first and last <= hi:
+                    return len(fields) == 6 and fields[5].strip() == target
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def drop_pages(tensor: torch.Tensor, path: Path) -> None:
+    """madvise(MADV_DONTNEED) on the whole pages of a memory-mapped tensor's bytes: the kernel drops them (clean file
+    pages: read again if ever touched), so a .pt read layer by layer does not stay resident. Best effort."""
+    import ctypes
+    import mmap
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        page = mmap.PAGESIZE
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        first, last = (start + page - 1) // page * page, end // page * page  # pages wholly inside the tensor
+        if last > first and _file_mapped(first, last, path):
+            libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
+    except (OSError, AttributeError):
+        pass
 
 
 def open_source(path: str | Path) -> LayerSource | None:
@@ -161,15 +233,25 @@ class Forward:
     y: torch.Tensor | None = None
 
     @torch.no_grad()
-    def feed(self, layer: Layer) -> None:
+    def feed(self, layer: Layer, chunk: int = 128) -> None:
+        """One layer, `chunk` rows at a time (the temporaries of a wide layer stay small)."""
         layer = layer.cast(F64)
-        z = layer.apply_weight(self.h) + layer.bias
-        if layer.psi is not None:
-            z = z + layer.psi * self.g
-        if layer.is_output:
-            self.y = z
+        n = self.h.shape[0]
+        out = torch.empty(n, layer.n_out, dtype=F64)
+        gains = None if layer.is_output else torch.empty(n, 1, dtype=F64)
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            z = layer.apply_weight(self.h[rows]) + layer.bias
+            if layer.psi is not None:
+                z = z + layer.psi * self.g[rows]
+            if gains is None:
+                out[rows] = z
+            else:
+                out[rows], gains[rows] = isotropic_tanh(z, layer.o)
+        if gains is None:
+            self.y = out
         else:
-            self.h, self.g = isotropic_tanh(z, layer.o)
+            self.h, self.g = out, gains
 
 
 def summary(i: int, layer: Layer) -> dict:
@@ -179,6 +261,21 @@ def summary(i: int, layer: Layer) -> dict:
 
 
 # --- the two passes ---------------------------------------------------------------------------------------------------
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def return_freed_memory_to_the_system() -> None:
+    """Fix glibc's mmap threshold at 1 MiB (it otherwise rises to 32 MiB after the first large free, so every freed
+    layer-sized buffer stays in the heap and the process's memory grows like the model instead of one layer). A
+    process-wide allocator setting, harmless elsewhere; ignored where there is no glibc."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
 def _save_layer(layer: Layer, path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -257,6 +354,7 @@ def shrink_exact_to_file(src: LayerSource, out_path: Path, dtype: torch.dtype, p
     """shrink_exact of src's model written to out_path (safetensors, `dtype`), one layer in memory at a time.
     Returns layer summaries before/after and the probe outputs of the original, the float64 result and the saved
     file."""
+    return_freed_memory_to_the_system()
     fwd, fwd64, fwd_saved, after = Forward(probes.to(F64)), Forward(probes.to(F64)), Forward(probes.to(F64)), []
     with tempfile.TemporaryDirectory(prefix=".isocompress-stream-", dir=out_path.parent) as tmp_name:
         before, shapes = remove_constants_pass(src, Path(tmp_name), fwd, step, rtol)
