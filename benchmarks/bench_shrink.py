@@ -205,7 +205,7 @@ def main() -> None:
     parser.add_argument("--budget", action="store_true")
     parser.add_argument("--large", action="store_true")
     parser.add_argument("--large-width", type=int, default=8192)
-    parser.add_argument("--large-layers", type=int, default=48)
+    parser.add_argument("--large-layers", type=int, default=50)
     parser.add_argument("--large-dir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()

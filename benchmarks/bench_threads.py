@@ -3,6 +3,7 @@ while a busy-loop process keeps one core busy, and without it.
 
     python benchmarks/bench_threads.py               # the two commands below, busy and not busy
     python benchmarks/bench_threads.py --threshold   # 1 vs 2 threads for SVD / eigvalsh by size (LARGE_MATRIX)
+    python benchmarks/bench_threads.py --startup     # isocompress --help and a usage error, against import torch
 
 commands (in the repository root, output into a temporary directory):
     isocompress check                                               (this repository's isocompress.toml)
@@ -107,17 +108,36 @@ def threshold(sizes: list[int], repeats: int) -> None:
         print(f"n = {n:5d}: " + "; ".join(row), flush=True)
 
 
+def startup(repeats: int) -> None:
+    """Wall time of `isocompress --help` and of a usage error (neither imports torch), against `import torch`."""
+    exe = [sys.executable, "-m", "isocompress.cli"]
+    for name, cmd in (("isocompress --help", [*exe, "--help"]), ("isocompress shrink (usage error)", [*exe, "shrink"]),
+                      ("python -c 'import torch' (floor)", [sys.executable, "-c", "import torch"])):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run(cmd, cwd=ROOT, capture_output=True)
+            times.append(time.perf_counter() - start)
+        times.sort()
+        target = "" if "floor" in name else " (target ≤ 0.5 s)"
+        print(f"{name:<34} best {times[0]:.3f} s, median {times[len(times) // 2]:.3f} s over {repeats}{target};"
+              f" load {load()}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threshold", action="store_true")
+    parser.add_argument("--startup", action="store_true", help="time isocompress --help and a usage error")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--only", default=None, help="run only the commands whose name contains this")
     args = parser.parse_args()
-    if args.threshold:
+    if args.startup:
+        startup(max(args.repeats, 7))
+    elif args.threshold:
         threshold([64, 128, 256, 384, 512, 768, 1024, 2048], max(args.repeats, 3))
     else:
         run_commands(args.repeats, args.only)
-    print(f"command            python benchmarks/bench_threads.py{' --threshold' if args.threshold else ''}")
+    print(f"command            python benchmarks/bench_threads.py {' '.join(sys.argv[1:])}".rstrip())
 
 
 if __name__ == "__main__":
