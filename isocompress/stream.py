@@ -82,10 +82,20 @@ def read_safetensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
         out = {}
         for name in names:
             entry = header[name]
-            dtype, (start, end) = table[entry["dtype"]], entry["data_offsets"]
+            dtype, (start, end) = table.get(entry["dtype"]), entry["data_offsets"]
+            if dtype is None:  # int8, bool, …: read as stored by safetensors; the layer's check then names the problem
+                out[name] = _read_as_stored(path, name)
+                continue
             handle.seek(8 + length + start)
             out[name] = _read_as_float64(handle, dtype, end - start, path, name).reshape(entry["shape"])
     return out
+
+
+def _read_as_stored(path: Path, name: str) -> torch.Tensor:
+    from safetensors.torch import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.get_tensor(name)
 
 
 def _read_as_float64(handle, dtype: torch.dtype, size: int, path: Path, name: str, chunk: int = 1 << 22):

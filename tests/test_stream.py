@@ -100,3 +100,16 @@ def test_a_file_that_disagrees_with_its_config_is_refused(tmp_path):
         api.shrink_file(tmp_path / "bad.safetensors", tmp_path / "o", api.ShrinkOptions(formats=("safetensors",)),
                         progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_non_float_tensor_is_refused_in_one_line(tmp_path):
+    """Found by the fuzz test: an int8 bias in a safetensors file must give the loader's message, not a KeyError."""
+    from safetensors.torch import save_file
+
+    model = random_model([3, 5, 2], seed=0)
+    tensors = io.model_tensors(model, torch.float32)
+    tensors["layers.0.bias"] = torch.zeros(5, dtype=torch.int8)
+    save_file(tensors, str(tmp_path / "int8.safetensors"), metadata={io.CONFIG_KEY: model.config.to_json()})
+    with pytest.raises(IsocompressError, match=r"int8\.safetensors: tensor 'layers\.0\.bias' has dtype torch\.int8"):
+        api.shrink_file(tmp_path / "int8.safetensors", tmp_path / "o", api.ShrinkOptions(formats=("safetensors",)),
+                        progress=False)
