@@ -19,7 +19,9 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
-LARGE_MATRIX = 512  # smallest side from which 2 threads beat 1 on an idle 2-core machine (bench_threads --threshold)
+# Smallest side from which 2 threads beat 1 on a nearly idle 2-core machine (bench_threads --threshold, load 0.9):
+# n = 128: SVD 1.15× slower with 2 threads (eigvalsh 0.84×); n = 256: SVD 0.93×, eigvalsh 0.73×; n = 512: 0.70×, 0.74×.
+LARGE_MATRIX = 256
 ENV = "ISOCOMPRESS_THREADS"  # how `configure` hands --threads to the code below it
 
 
