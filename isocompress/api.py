@@ -15,8 +15,8 @@ import torch
 from isocompress import io
 from isocompress.errors import CheckFailed, IsocompressError
 from isocompress.layers import (alternate_diagonalise, as_float64, choose_alternating_layers, forward_float64,
-                                remove_all_constant_directions, remove_constant_directions_accounted)  # noqa: F401
-from isocompress.measure import PROBE_SCALES, output_difference, probe_inputs  # noqa: F401  (re-exported)
+                                remove_constant_directions_accounted)  # noqa: F401
+from isocompress.measure import PROBE_SCALES, difference, output_difference, probe_inputs  # noqa: F401  (re-exported)
 from isocompress.model import IsoMLP
 from isocompress.parsing import parse_budget, parse_formats, parse_max_error
 from isocompress.progress import progress_bar
@@ -220,11 +220,11 @@ def shrink_file(
     test_data: str | Path | None = None,
     test_labels: str | Path | None = None,
 ) -> dict:
-    """`isocompress shrink`: load, shrink, write DIR/model.safetensors (+ DIR/model.onnx) and DIR/report.json.
-    All input is read and validated before anything is written; returns the report. `recipe`: provenance (name,
-    version, path of a recipe file, flags that overrode it) recorded in report["recipe"] beside the options."""
-    options = options or ShrinkOptions()
-    started = time.perf_counter()
+    """`isocompress shrink`: load, shrink, write DIR/model.safetensors (+ DIR/model.onnx) and DIR/report.json; returns
+    the report. `recipe`: provenance (name, version, path of a recipe file, overriding flags) for report["recipe"]."""
+    options, started = options or ShrinkOptions(), time.perf_counter()
+    if (streamed := shrink_streaming(model_path, out_dir, options, calibration, progress, recipe)) is not None:
+        return streamed  # issue 12: exact, safetensors only: one layer in memory at a time
     model_path = Path(model_path)
     tensors, config_json = io.read_tensors(model_path)
     saved_dtype = parse_dtype(options.dtype, _first_float_dtype(tensors))
@@ -312,6 +312,52 @@ def check_exact(probe: dict, constant: dict) -> None:
         raise CheckFailed(f"exact shrinking changed the outputs by up to {probe['max_abs']:.3g} on the probe inputs"
                           f" (max |y| {probe['max_norm_reference']:.3g}; allowed {limit:.3g}); nothing was written;"
                           " please report this model")
+
+
+def shrink_streaming(model_path, out_dir, options: ShrinkOptions, calibration, progress: bool, recipe) -> dict | None:
+    """shrink_file's exact path through isocompress.stream (the same report), or None where it does not apply: a
+    lossy shrink, ONNX output, or a file not in isocompress's own layout with its config."""
+    from isocompress import stream
+
+    if options.lossy or options.formats != ("safetensors",):
+        return None
+    started, model_path = time.perf_counter(), Path(model_path)
+    source = stream.open_source(model_path)
+    if source is None:
+        return None
+    saved_dtype = parse_dtype(options.dtype, source.dtype)
+    calib = load_inputs(calibration, source.config.widths[0]) if calibration is not None else None
+    probes = calib if calib is not None else probe_inputs(source.config.widths[0])
+    out = Path(out_dir) if out_dir is not None else default_out_dir(model_path)
+    inputs = [model_path] + ([Path(calibration)] if calibration is not None else [])
+    rule_x = probe_inputs(source.config.widths[0]) if calib is None else torch.cat([probe_inputs(source.config.widths[0]), calib])
+    with output_dir(out, inputs) as stage:
+        with progress_bar(source.n_layers - 1 + (source.n_layers - 1) // 2, "shrink", enabled=progress) as step:
+            done = stream.shrink_exact_to_file(source, stage / "model.safetensors", saved_dtype, probes, step, rule_x)
+        report = {
+            "model": str(model_path), "exact": True,
+            "recipe": {**options.to_dict(), "calibration": None if calibration is None else str(calibration),
+                       "labels": None, **(recipe or {})},
+            "params_before": sum(r["params"] for r in done["layers_before"]),
+            "params_after": sum(r["params"] for r in done["layers"]),
+            "widths_before": done["widths_before"], "widths_after": done["widths_after"],
+            "bytes_before": model_path.stat().st_size,
+            "bytes_after": {"safetensors": (stage / "model.safetensors").stat().st_size},
+            "dtype_saved": str(saved_dtype).replace("torch.", ""),
+            "layers_before": done["layers_before"], "layers": done["layers"],
+            "probe": {
+                "inputs": "calibration data" if calib is not None else
+                          f"{probes.shape[0]} Gaussian inputs at scales {list(PROBE_SCALES)}",
+                "float64": difference(done["y"], done["y_float64"]),
+                "saved_file": difference(done["y"], done["y_saved"]),
+            },
+            "files": final_paths({"safetensors": stage / "model.safetensors"}, out),
+            "streamed": True,
+        }
+        add_results(report, done["constant_directions"], None, None, None)
+        report["seconds"] = round(time.perf_counter() - started, 4)
+        write_report(report, stage)
+    return report
 
 
 def output_scale(model: IsoMLP, x: torch.Tensor) -> float:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from isocompress import threads
 from isocompress.model import Layer
 from isocompress.primitives import isotropic_tanh
 
@@ -47,9 +48,11 @@ def spectral_norm(matrix: torch.Tensor) -> float:
     m = matrix.to(F64)
     if min(m.shape) == 1:
         return float(torch.linalg.vector_norm(m))
-    gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
-    # largest eigenvalue of the Gram matrix (half the cost of an SVD), with a margin for its rounding
-    return math.sqrt(max(float(torch.linalg.eigvalsh(gram)[-1]), 0.0)) * (1.0 + 1e-12)
+    with threads.for_matrix(*m.shape):
+        gram = m.T @ m if m.shape[0] >= m.shape[1] else m @ m.T
+        # largest eigenvalue of the Gram matrix (half the cost of an SVD), with a margin for its rounding
+        top = float(torch.linalg.eigvalsh(gram)[-1])
+    return math.sqrt(max(top, 0.0)) * (1.0 + 1e-12)
 
 
 def vec_norm(v: torch.Tensor | None) -> float:
@@ -214,16 +217,49 @@ def empirical_errors(y: torch.Tensor, y_pruned: torch.Tensor, labels: torch.Tens
 
 
 SCREEN_PER_RESTART = 32  # random points evaluated (forward only) per restart to pick the screened starts
+# The search's effort is capped in flops (issue 12): one Adam step costs ≈ 6 flops per parameter of both networks per
+# point (forward and backward), so on a big network the asked-for restarts × steps are cut, steps first (down to
+# SEARCH_MIN_STEPS), then restarts (down to SEARCH_MIN_RESTARTS). The cap keeps every shipped model's default effort.
+SEARCH_WORK = 4e10
+SEARCH_MIN_STEPS, SEARCH_MIN_RESTARTS = 50, 8
+
+
+def network_params(net) -> int:
+    return sum(l.num_params() for l in net.layers) if hasattr(net, "layers") else 0
+
+
+def search_effort(params: int, restarts: int, steps: int, extra_starts: int, max_work: float = SEARCH_WORK):
+    """(restarts, steps) with cost(restarts, steps) ≤ max_work where possible, cutting steps first, then restarts;
+    cost = params·(6·steps·(2·restarts + extra_starts) + 2·SCREEN_PER_RESTART·restarts)."""
+    def cost(r: int, s: int) -> float:
+        return params * (6.0 * s * (2 * r + extra_starts) + 2.0 * SCREEN_PER_RESTART * r)
+
+    if cost(restarts, steps) <= max_work:
+        return restarts, steps
+    min_steps = min(steps, SEARCH_MIN_STEPS)
+    per_step = cost(restarts, 1) - cost(restarts, 0)
+    steps_fit = int((max_work - cost(restarts, 0)) // per_step) if per_step > 0 else steps
+    if steps_fit >= min_steps:
+        return restarts, steps_fit
+    per_restart = params * (12.0 * min_steps + 2.0 * SCREEN_PER_RESTART)
+    fit = int((max_work - params * 6.0 * min_steps * extra_starts) // per_restart) if per_restart > 0 else restarts
+    return max(min(restarts, fit), min(restarts, SEARCH_MIN_RESTARTS)), min_steps
 
 
 def adversarial_search(reference, candidate, radius: float, starts: torch.Tensor | None = None, restarts: int = 64,
-                       steps: int = 200, seed: int = 0, lr: float = 0.05, verify=None) -> dict:
+                       steps: int = 200, seed: int = 0, lr: float = 0.05, verify=None,
+                       max_work: float = SEARCH_WORK) -> dict:
     """The largest |y' − y| found inside |x| ≤ radius: Adam ascent (float64, step lr·R with cosine decay, projected
     onto the ball after every step) from the given starts, the point where the first layer's pre-activation is
     smallest (both networks nearly linear there, where gains are largest), ± R times the first layer's top right
     singular vectors, and random points on and inside the sphere. Every value reported was evaluated by the torch
     forward at a point of the domain; it is a lower bound on the true maximum. `verify`: the network the reported
-    value is measured against at the winning point (when `reference` is a cheaper exact equivalent of it)."""
+    value is measured against at the winning point (when `reference` is a cheaper exact equivalent of it). The effort
+    is cut to about max_work flops on big networks (search_effort; the result says "effort_cut")."""
+    extra = 9 + (0 if starts is None else len(starts))
+    asked = (restarts, steps)
+    restarts, steps = search_effort(network_params(reference) + network_params(candidate), restarts, steps, extra,
+                                    max_work)
     gen = torch.Generator().manual_seed(seed)
     first = reference.layers[0]
     rand = _random_in_ball(gen, restarts, first.n_in, radius)
@@ -260,7 +296,8 @@ def adversarial_search(reference, candidate, radius: float, starts: torch.Tensor
     i = int(best.argmax())
     # re-evaluate the winner on its own, so the number reported is exactly the forward at that point
     value = float(_difference(verify if verify is not None else reference, candidate, best_x[i:i + 1])[0])
-    return {"max_abs": value, "x_norm": float(best_x[i].norm()), "starts": int(x0.shape[0]), "steps": steps}
+    return {"max_abs": value, "x_norm": float(best_x[i].norm()), "starts": int(x0.shape[0]), "steps": steps,
+            "effort_cut": (restarts, steps) != asked}
 
 
 def _random_in_ball(gen: torch.Generator, n: int, n_in: int, radius: float, min_fraction: float = 0.5) -> torch.Tensor:
@@ -407,127 +444,220 @@ def bin_edges(t_lo: float, t_hi: float, first: float, ratio: float) -> list[floa
     return edges
 
 
+# Work control (issue 12): the case split multiplies cases by the shells of every hidden space and doubles a form's
+# groups at every activation, so its cost grows exponentially with depth and as width³. Every operation is charged
+# (in flops, from the operands' shapes) *before* it runs; when the total would pass the limit the symbolic bound is
+# abandoned and certified_bound keeps the chain and split chain (proven on their own: skipping a bound is sound).
+SYMBOLIC_WORK_FACTOR = 4.0  # × exact_work(layers): about the flops of the exact shrink's SVDs
+SYMBOLIC_WORK_FLOOR = 6e9  # flops always allowed (the shipped models use ≤ 2.9e9 in their recipes)
+
+
+class WorkLimitExceeded(Exception):
+    """Raised by Work.charge when an operation would pass the limit."""
+
+
+@dataclass
+class Work:
+    """A flop counter with a limit."""
+
+    limit: float
+    used: float = 0.0
+
+    def charge(self, flops: float) -> None:
+        if self.used + flops > self.limit:
+            raise WorkLimitExceeded
+        self.used += flops
+
+
+def exact_work(layers: list[Layer]) -> float:
+    """Σ n_out·n_in·min(n_out, n_in) over the weight layers: the scale of one SVD of every weight (what an exact
+    shrink costs), the unit of the work limits of the symbolic bound and the adversarial search."""
+    return float(sum(l.n_out * l.n_in * min(l.n_out, l.n_in) for l in layers))
+
+
+def _spec_cost(rows: int, cols: int) -> float:
+    k = min(rows, cols)
+    return float(rows * cols * k + k ** 3)
+
+
+def _affines(form: Form) -> list[Affine]:
+    return [form.base, *form.groups.values()]
+
+
+def _map_cost(form: Form, out_rows: int) -> float:
+    rows = form.base.A.shape[0]
+    return float(out_rows * rows * sum(f.A.shape[1] + 1 + sum(v.shape[1] for v in f.N.values()) for f in _affines(form)))
+
+
+def _bound_cost(form: Form, dom: Domain) -> float:
+    rows, (n0, n_in) = form.base.A.shape[0], dom.w.shape
+    per = rows * n0 * n_in + _spec_cost(rows, n_in) + _spec_cost(rows, n0)
+    return float(sum(per + sum(_spec_cost(rows, v.shape[1]) for v in f.N.values()) for f in _affines(form)))
+
+
+def _mask_rows(form: Form, mask: torch.Tensor) -> Form:
+    """diag(mask)·v for every v of the form (rows outside the mask set to zero; the same numbers as the product)."""
+    keep = mask.to(F64)
+    return form._each(lambda f: Affine(keep[:, None] * f.A, keep * f.a, {k: keep[:, None] * v for k, v in f.N.items()}))
+
+
 def symbolic_bound(layers: list[Layer], removed: list[torch.Tensor], consts: list[torch.Tensor], radius: float,
-                   first: float = 0.5, ratio: float = 2.0, max_cases: int = 1500) -> dict | None:
+                   first: float = 0.5, ratio: float = 2.0, max_cases: int = 1500,
+                   work_limit: float | None = None) -> dict | None:
     """Case-split symbolic bound on |y' − y| for |x| ≤ radius (docs/bounds.md, §4). Returns {"bound",
-    "introduced", "after_layer", "cases"} (maxima over the cases) or None when there would be more than max_cases."""
-    n0 = layers[0].n_out  # forms are affine in u = z_1 (Domain)
-    n_hidden = len(layers) - 1
-    best = {"bound": 0.0, "introduced": [0.0] * n_hidden, "after_layer": [0.0] * (n_hidden + 1), "cases": 0}
-    counter = [0]
+    "introduced", "after_layer", "cases", "work"} (maxima over the cases) or None when there would be more than
+    max_cases cases or more than work_limit flops [default: max(SYMBOLIC_WORK_FLOOR, SYMBOLIC_WORK_FACTOR ×
+    exact_work(layers))]."""
+    if len(layers) < 2:
+        return None
+    if work_limit is None:
+        work_limit = max(SYMBOLIC_WORK_FLOOR, SYMBOLIC_WORK_FACTOR * exact_work(layers))
+    try:
+        return _CaseSplit(layers, removed, consts, radius, first, ratio, max_cases, Work(work_limit)).run()
+    except WorkLimitExceeded:
+        return None
 
-    def key():
-        counter[0] += 1
-        return counter[0]
 
-    def iso(n: int, size: float) -> Form:
-        f = Form.zero(n, n0)
+class _CaseSplit:
+    """The recursion of symbolic_bound: one hidden space per level, one shell of |z_l| per branch."""
+
+    def __init__(self, layers, removed, consts, radius, first, ratio, max_cases, work: Work):
+        self.layers, self.removed, self.consts = layers, removed, consts
+        self.first, self.ratio, self.max_cases, self.work = first, ratio, max_cases, work
+        self.n0 = layers[0].n_out  # forms are affine in u = z_1 (Domain)
+        self.n_hidden = len(layers) - 1
+        self.best = {"bound": 0.0, "introduced": [0.0] * self.n_hidden, "after_layer": [0.0] * (self.n_hidden + 1),
+                     "cases": 0}
+        self.counter = 0
+        self.cases = 0
+        masks = [removed[i] if i < self.n_hidden else torch.zeros(l.n_out, dtype=torch.bool)
+                 for i, l in enumerate(layers)]
+        for l, m in zip(layers, masks):
+            work.charge(2 * _spec_cost(l.n_out, l.n_in))
+        self.masks = masks
+        self.norms = [spectral_norm(l.dense_weight()) for l in layers]
+        self.kept_norms = [spectral_norm(l.dense_weight()[~m]) for l, m in zip(layers, masks)]
+        self.kept_psi = [0.0 if l.psi is None else vec_norm(l.psi[~m]) for l, m in zip(layers, masks)]
+        self.full = Domain(layers[0].dense_weight(), layers[0].bias, float(radius))
+
+    def key(self) -> int:
+        self.counter += 1
+        return self.counter
+
+    def bound(self, form: Form, dom: Domain) -> float:
+        self.work.charge(_bound_cost(form, dom))
+        return form.bound(dom)
+
+    def iso(self, n: int, size: float) -> Form:
+        f = Form.zero(n, self.n0)
         if size > 0:
-            f.base.N[key()] = size * torch.eye(n, dtype=F64)
+            f.base.N[self.key()] = size * torch.eye(n, dtype=F64)
         return f
 
-    def forward(i: int, h: Form, g_mid: float, g_half: float) -> Form:
+    def forward(self, i: int, h: Form, g_mid: float, g_half: float) -> Form:
         """z_i = W h + b + psi g, with g ∈ [g_mid ± g_half]."""
-        layer = layers[i]
+        layer = self.layers[i]
+        self.work.charge(_map_cost(h, layer.n_out))
         z = h.map(layer.dense_weight())
         z.base.a = z.base.a + layer.bias
         if layer.psi is not None:
             z.base.a = z.base.a + layer.psi * g_mid
             if g_half > 0:
-                z.base.N[key()] = (layer.psi * g_half)[:, None]
+                z.base.N[self.key()] = (layer.psi * g_half)[:, None]
         return z
 
-    def introduced(i: int, z: Form) -> Form | None:
+    def introduced(self, i: int, z: Form) -> Form | None:
         """P_S z_i − c (rows S only), or None when nothing is removed there."""
-        if i == n_hidden or not bool(removed[i].any()):
+        if i == self.n_hidden or not bool(self.removed[i].any()):
             return None
-        idx = removed[i].nonzero().flatten()
+        idx = self.removed[i].nonzero().flatten()
         e = z.rows(idx)
-        e.base.a = e.base.a - consts[i][idx]
+        e.base.a = e.base.a - self.consts[i][idx]
         return e
 
-    def error(i: int, z: Form, dh: Form | None, dg: float) -> Form:
+    def error(self, i: int, z: Form, dh: Form | None, dg: float) -> Form:
         """Δz_i = P_K(W Δh + psi Δg) − P_S(z_i − c) (docs/bounds.md, eq. 2)."""
-        layer = layers[i]
-        mask = removed[i] if i < n_hidden else torch.zeros(layer.n_out, dtype=torch.bool)
+        layer, mask = self.layers[i], self.masks[i]
         keep = (~mask).to(F64)
-        d = Form.zero(layer.n_out, n0) if dh is None else dh.map(keep[:, None] * layer.dense_weight())
+        if dh is None:
+            d = Form.zero(layer.n_out, self.n0)
+        else:
+            self.work.charge(_map_cost(dh, layer.n_out))
+            d = dh.map(keep[:, None] * layer.dense_weight())
         if dh is not None and layer.psi is not None and dg > 0:
-            d.base.N[key()] = (keep * layer.psi * dg)[:, None]
+            d.base.N[self.key()] = (keep * layer.psi * dg)[:, None]
         if bool(mask.any()):
-            sel = torch.diag(mask.to(F64))
-            e = z.map(sel)
-            e.base.a = e.base.a - sel @ consts[i]
+            e = _mask_rows(z, mask)
+            e.base.a = e.base.a - mask.to(F64) * self.consts[i]
             d = d.plus(e, -1.0)
         return d
 
-    cases = [0]
-    masks = [removed[i] if i < n_hidden else torch.zeros(l.n_out, dtype=torch.bool) for i, l in enumerate(layers)]
-    norms = [spectral_norm(l.dense_weight()) for l in layers]
-    kept_norms = [spectral_norm(l.dense_weight()[~m]) for l, m in zip(layers, masks)]
-    kept_psi = [0.0 if l.psi is None else vec_norm(l.psi[~m]) for l, m in zip(layers, masks)]
-    w0 = layers[0].dense_weight()
-    full = Domain(w0, layers[0].bias, float(radius))
+    def run(self) -> dict | None:
+        z0 = Form(Affine(torch.eye(self.n0, dtype=F64), torch.zeros(self.n0, dtype=F64), {}), {})  # z_1 = u
+        e0 = self.introduced(0, z0)
+        e0b = 0.0 if e0 is None else self.bound(e0, self.full)
+        if not self.walk(0, z0, self.error(0, z0, None, 0.0), [e0b], [], self.full, math.inf, e0b):
+            return None
+        self.best["cases"] = self.cases
+        self.best["work"] = self.work.used
+        return self.best
 
-    def walk(i: int, z: Form, dz: Form, intro: list[float], after: list[float], dom: Domain, z_cap: float,
+    def walk(self, i: int, z: Form, dz: Form, intro: list[float], after: list[float], dom: Domain, z_cap: float,
              err_cap: float) -> bool:
-        # z_cap, err_cap: case-wise ball bounds on |z_i| and |Δz_i| (the chain of §3 restricted to the case)
-        layer = layers[i]
-        o = float(layer.o)
-        n = layer.n_out
+        """z_cap, err_cap: case-wise ball bounds on |z_i| and |Δz_i| (the chain of §3 restricted to the case).
+        False when the cases ran out."""
+        self.work.charge(2 * _bound_cost(z, dom))
         t_lo, t_hi = z.norm_range(dom)
-        t_hi = min(t_hi, z_cap)
-        for lo, hi in zip(*(lambda e: (e[:-1], e[1:]))(bin_edges(t_lo, t_hi, first, ratio))):
-            # case: lo ≤ |z_i| ≤ hi. In the first hidden space that bounds u = z_1 itself.
-            cdom = replace(dom, u_max=hi) if i == 0 else dom
-            b_err = min(dz.bound(cdom), err_cap)
-            # forward: h = s z with s = g(m) ∈ [g(m_hi), g(m_lo)] (Lemma 5)
-            g_a, g_b = gain(_m(o, lo)), gain(_m(o, hi))
-            h = z.times((g_a + g_b) / 2.0, (g_a - g_b) / 2.0, key())
-            # error: Δh = J̄ Δz with J̄ = γ I − Q, γ ∈ [g(m_hi'), g(m_lo')], Q ⪰ 0, ‖Q‖ ≤ q on the widened shell
-            lo_w, hi_w = max(0.0, lo - b_err), hi + b_err
-            ga_w, gb_w = gain(_m(o, lo_w)), gain(_m(o, hi_w))
-            if ga_w * b_err >= 2.0:
-                dh = iso(n, 2.0)
-            else:
-                dh = dz.times((ga_w + gb_w) / 2.0, (ga_w - gb_w) / 2.0, key())
-                dh = dh.plus(iso(n, radial_deficit(o, lo_w, hi_w) * b_err))
-            dg = min(slope_sup(_m(o, lo_w)) * b_err, ga_w - gb_w)
-            z_next = forward(i + 1, h, (g_a + g_b) / 2.0, (g_a - g_b) / 2.0)
-            e = introduced(i + 1, z_next)
-            last = i + 1 == n_hidden
-            intro_next = intro + ([] if last else [0.0 if e is None else e.bound(cdom)])
-            dz_next = error(i + 1, z_next, dh, dg)
-            nxt = layers[i + 1]
-            h_max = min(gain(_m(o, hi)) * hi, 1.0)  # |h| = φ(|z|) is increasing in |z| (Lemma 5)
-            psi_n = vec_norm(nxt.psi)
-            const = nxt.bias if nxt.psi is None else nxt.bias + nxt.psi * (g_a + g_b) / 2.0
-            z_cap_next = norms[i + 1] * h_max + vec_norm(const) + psi_n * (g_a - g_b) / 2.0
-            dh_cap = min(ga_w * b_err, 2.0)
-            a_cap = kept_norms[i + 1] * dh_cap + kept_psi[i + 1] * dg
-            err_cap_next = math.hypot(a_cap, 0.0 if e is None else e.bound(cdom))
-            if last:
-                cases[0] += 1
-                if cases[0] > max_cases:
-                    return False
-                bound = min(dz_next.bound(cdom), err_cap_next)
-                best["bound"] = max(best["bound"], bound)
-                best["introduced"] = [max(p, q) for p, q in zip(best["introduced"], intro_next)]
-                best["after_layer"] = [max(p, q) for p, q in zip(best["after_layer"], after + [b_err, bound])]
-            elif not walk(i + 1, z_next, dz_next, intro_next, after + [b_err], cdom, z_cap_next, err_cap_next):
+        edges = bin_edges(t_lo, min(t_hi, z_cap), self.first, self.ratio)
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            if not self.case(i, lo, hi, z, dz, intro, after, dom, err_cap):
                 return False
         return True
 
-    if n_hidden == 0:
-        return None
-    u = Form(Affine(torch.eye(w0.shape[0], dtype=F64), torch.zeros(w0.shape[0], dtype=F64), {}), {})
-    z0 = u  # the first hidden pre-activation is the variable itself
-    e0 = introduced(0, z0)
-    e0b = 0.0 if e0 is None else e0.bound(full)
-    if not walk(0, z0, error(0, z0, None, 0.0), [e0b], [], full, math.inf, e0b):
-        return None
-    best["cases"] = cases[0]
-    return best
+    def case(self, i: int, lo: float, hi: float, z: Form, dz: Form, intro, after, dom: Domain, err_cap: float) -> bool:
+        """One shell lo ≤ |z_i| ≤ hi. In the first hidden space that bounds u = z_1 itself."""
+        o, n = float(self.layers[i].o), self.layers[i].n_out
+        cdom = replace(dom, u_max=hi) if i == 0 else dom
+        b_err = min(self.bound(dz, cdom), err_cap)
+        # forward: h = s z with s = g(m) ∈ [g(m_hi), g(m_lo)] (Lemma 5)
+        g_a, g_b = gain(_m(o, lo)), gain(_m(o, hi))
+        self.work.charge(2 * _map_cost(z, 1) + 2 * _map_cost(dz, 1))
+        h = z.times((g_a + g_b) / 2.0, (g_a - g_b) / 2.0, self.key())
+        # error: Δh = J̄ Δz with J̄ = γ I − Q, γ ∈ [g(m_hi'), g(m_lo')], Q ⪰ 0, ‖Q‖ ≤ q on the widened shell
+        lo_w, hi_w = max(0.0, lo - b_err), hi + b_err
+        ga_w, gb_w = gain(_m(o, lo_w)), gain(_m(o, hi_w))
+        if ga_w * b_err >= 2.0:
+            dh = self.iso(n, 2.0)
+        else:
+            dh = dz.times((ga_w + gb_w) / 2.0, (ga_w - gb_w) / 2.0, self.key())
+            dh = dh.plus(self.iso(n, radial_deficit(o, lo_w, hi_w) * b_err))
+        dg = min(slope_sup(_m(o, lo_w)) * b_err, ga_w - gb_w)
+        z_next = self.forward(i + 1, h, (g_a + g_b) / 2.0, (g_a - g_b) / 2.0)
+        e = self.introduced(i + 1, z_next)
+        e_bound = 0.0 if e is None else self.bound(e, cdom)
+        last = i + 1 == self.n_hidden
+        intro_next = intro + ([] if last else [e_bound])
+        dz_next = self.error(i + 1, z_next, dh, dg)
+        nxt = self.layers[i + 1]
+        h_max = min(gain(_m(o, hi)) * hi, 1.0)  # |h| = φ(|z|) is increasing in |z| (Lemma 5)
+        const = nxt.bias if nxt.psi is None else nxt.bias + nxt.psi * (g_a + g_b) / 2.0
+        z_cap_next = self.norms[i + 1] * h_max + vec_norm(const) + vec_norm(nxt.psi) * (g_a - g_b) / 2.0
+        a_cap = self.kept_norms[i + 1] * min(ga_w * b_err, 2.0) + self.kept_psi[i + 1] * dg
+        err_cap_next = math.hypot(a_cap, e_bound)
+        if last:
+            return self.leaf(cdom, dz_next, err_cap_next, intro_next, after + [b_err])
+        return self.walk(i + 1, z_next, dz_next, intro_next, after + [b_err], cdom, z_cap_next, err_cap_next)
+
+    def leaf(self, cdom: Domain, dz_out: Form, err_cap: float, intro: list[float], after: list[float]) -> bool:
+        self.cases += 1
+        if self.cases > self.max_cases:
+            return False
+        bound = min(self.bound(dz_out, cdom), err_cap)
+        best = self.best
+        best["bound"] = max(best["bound"], bound)
+        best["introduced"] = [max(p, q) for p, q in zip(best["introduced"], intro)]
+        best["after_layer"] = [max(p, q) for p, q in zip(best["after_layer"], after + [bound])]
+        return True
 
 
 # --- split chain (docs/bounds.md, §4c) ----------------------------------------------------------------------------

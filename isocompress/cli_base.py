@@ -148,6 +148,20 @@ REF_HELP = ("How a reference IsotropicTanhMLP checkpoint stores activation.N.int
             " note on stderr].")
 
 
+def threads_option(command):
+    """--threads N on a command that computes (isocompress.threads: 1 thread for small work, up to N idle cores for
+    large factorisations)."""
+    return click.option("--threads", "n_threads", type=click.IntRange(min=1), default=None, metavar="N",
+                        help="Most threads for large matrix work [default: $OMP_NUM_THREADS, else the available"
+                             " cores]; small work always uses 1.")(command)
+
+
+def start_threads(n_threads: int | None) -> None:
+    from isocompress import threads
+
+    threads.configure(n_threads)
+
+
 @click.group(cls=Group)
 @click.version_option(package_name="isocompress")
 def main() -> None:

@@ -8,10 +8,11 @@ import sys
 
 import click
 
-from isocompress import check as checks
-from isocompress.cli_base import REF_HELP, main
+from isocompress.cli_base import REF_HELP, main, start_threads, threads_option
 from isocompress.errors import IsocompressError
+from isocompress.progress import line_printer
 
+ERROR_MEASURES = ("certified", "empirical")  # = check_config.MEASURES (not imported: it imports torch)
 SINGLE_MODEL_FLAGS = ("recipe", "calibration", "labels", "max_params", "max_bytes", "max_error", "error_measure",
                       "min_accuracy")
 
@@ -28,7 +29,7 @@ def use_color() -> bool:
 @click.option("--baseline", default=None, metavar="FILE",
               help="An earlier `check --json` output or a shrink report.json; each row shows the change against it.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of result objects (docs/ci.md) on stdout.")
-@click.option("--quiet", is_flag=True, help="No progress lines on stderr (there are none unless it is a terminal).")
+@click.option("--quiet", is_flag=True, help="No progress lines on stderr (one plain line per model checked).")
 @click.option("--recipe", default=None, metavar="FILE", help="With MODEL: shrink with this recipe, then check the result.")
 @click.option("--calibration", default=None, metavar="FILE", help="With MODEL: calibration inputs.")
 @click.option("--labels", default=None, metavar="FILE", help="With MODEL: labels of the calibration inputs.")
@@ -37,7 +38,7 @@ def use_color() -> bool:
               help="With MODEL: at most SIZE bytes (60000, '60 kB' = 60,000, '1.5 MiB' = 1.5 × 1024²).")
 @click.option("--max-error", default=None, metavar="E",
               help="With MODEL and --recipe: |Δy| ≤ E (a number, or a percentage of the largest |y|: 1%).")
-@click.option("--error-measure", default=None, type=click.Choice(checks.MEASURES),
+@click.option("--error-measure", default=None, type=click.Choice(ERROR_MEASURES),
               help="Which error --max-error limits [default: certified].")
 @click.option("--min-accuracy", default=None, metavar="A",
               help="With MODEL, --calibration and --labels (or --test-data and --test-labels): accuracy ≥ A.")
@@ -46,10 +47,13 @@ def use_color() -> bool:
 @click.option("--min-certified-top1", default=None, metavar="F",
               help="With MODEL and --recipe: top-1 certified unchanged for ≥ F of the recipe's points (95%).")
 @click.option("--ref-intrinsic-length", "ref_intrinsic_length", type=click.Choice(["log", "raw"]), default=None, help=REF_HELP)
-def check(model, config_path, baseline, as_json, quiet, **flags):
+@threads_option
+def check(model, config_path, baseline, as_json, quiet, n_threads, **flags):
     """Check size and error limits for CI: exit 0 if all pass, 1 if any fails, 2 for a config or input error.
 
     Without MODEL the limits come from the config; with MODEL from the flags."""
+    from isocompress import check as checks  # here, not at the top: --help and usage errors skip torch
+
     given = {k: v for k, v in flags.items() if v is not None}
     if model is not None and config_path is not None:
         raise IsocompressError("give either MODEL with limit flags or --config FILE, not both")
@@ -58,8 +62,9 @@ def check(model, config_path, baseline, as_json, quiet, **flags):
         raise IsocompressError(f"{flag} needs MODEL (isocompress check MODEL {flag} …); limits for several models"
                                " belong in isocompress.toml")
     specs = [checks.spec_from_flags(model, **given)] if model is not None else None
-    # Progress only on a terminal: in CI logs stderr then holds nothing but a one-line error, if any.
-    progress = None if quiet or not sys.stderr.isatty() else (lambda line: click.echo(line, err=True))
+    # One plain line per model on stderr (what, how far, elapsed), terminal or CI log alike; none with --quiet.
+    progress = None if quiet else line_printer()
+    start_threads(n_threads)
     results = checks.run_checks(config_path, checks=specs, baseline=baseline, progress=progress)
     if as_json:
         click.echo(json.dumps([r.to_dict() for r in results], indent=2, ensure_ascii=False))

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import click
 
-from isocompress import api, io
 from isocompress.cli_base import REF_HELP, main
 from isocompress.errors import IsocompressError
 
@@ -32,6 +31,8 @@ def export_file(model_path: str | Path, out_dir: str | Path | None, formats=("on
                 calibration: str | Path | None = None, ref_intrinsic_length: str | None = None) -> dict:
     """`isocompress export`: the model unchanged, as DIR/model.onnx (verified in onnxruntime) and/or
     DIR/model.safetensors, plus DIR/report.json. Everything is read and validated before anything is written."""
+    from isocompress import api, io  # here, not at the top: --help and usage errors skip torch
+
     started = time.perf_counter()
     if not 0 < onnx_tol < math.inf:
         raise IsocompressError(f"--onnx-tol {onnx_tol!r} must be a positive finite number")
@@ -117,7 +118,7 @@ def export(model, formats, out_dir, onnx_tol, calibration, quiet, as_json, ref_m
 @click.option("--ref-intrinsic-length", "ref_mode", type=click.Choice(["log", "raw"]), default=None, help=REF_HELP)
 def inspect(model, threshold, plot_path, as_json, ref_mode):
     """Per layer: kind, shape, singular values, varying rank, o, |psi|; and what --exact would reach."""
-    from isocompress import inspection
+    from isocompress import inspection, io
 
     threshold = inspection.DEFAULT_THRESHOLD if threshold is None else threshold
     if plot_path is not None:  # a bad --plot path or a missing matplotlib fails before the (slow) inspection

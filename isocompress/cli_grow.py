@@ -7,11 +7,8 @@ from pathlib import Path
 
 import click
 
-from isocompress import io
-from isocompress.measure import output_difference, probe_inputs
 from isocompress.cli_base import REF_HELP, main
 from isocompress.errors import IsocompressError
-from isocompress.grow import grow as grow_model
 
 
 def default_grown_path(model_path: Path) -> Path:
@@ -65,6 +62,10 @@ def grow(model: Path, layer: int, add: int, scale: float, seed: int, out: Path |
          as_json: bool, ref_mode: str | None) -> None:
     """Add scaffold neurons to a hidden space of MODEL: zero incoming weights and bias, small random outgoing
     weights. The function is unchanged exactly; training then moves the new neurons."""
+    from isocompress import io  # here, not at the top: --help and usage errors skip torch
+    from isocompress.grow import grow as grow_model
+    from isocompress.measure import output_difference, probe_inputs
+
     original = io.load(model, ref_intrinsic_length=ref_mode)
     check_grow_options(original, layer, add, scale)
     out = out if out is not None else default_grown_path(model)

@@ -6,8 +6,7 @@ import json
 
 import click
 
-from isocompress import api
-from isocompress.cli_base import REF_HELP, main
+from isocompress.cli_base import REF_HELP, main, start_threads, threads_option
 from isocompress.errors import IsocompressError
 
 
@@ -49,11 +48,12 @@ from isocompress.errors import IsocompressError
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--ref-intrinsic-length", "ref_mode", type=click.Choice(["log", "raw"]), default=None,
               help=REF_HELP)
+@threads_option
 def shrink(model, recipe_path, exact, budget, max_error, basis, calibration, labels, input_radius, certify_radius,
            certify_data, min_certified_top1, test_data, test_labels, formats, onnx_tol, out_dir, dtype, quiet, as_json,
-           ref_mode):
+           ref_mode, n_threads):
     """Shrink MODEL (.pt, .pth or .safetensors); write model.safetensors, model.onnx and report.json."""
-    from isocompress import recipe as recipes
+    from isocompress import api, recipe as recipes  # here, not at the top: --help and usage errors skip torch
 
     max_abs, max_percent = recipes.parse_max_error(max_error, "--max-error", None) if max_error is not None \
         else (None, None)
@@ -87,6 +87,7 @@ def shrink(model, recipe_path, exact, budget, max_error, basis, calibration, lab
     base = recipes.load_recipe(recipe_path) if recipe_path is not None else recipes.Recipe(name=recipes.FLAGS_ONLY)
     effective, overridden = base.with_overrides(**flags)
     provenance = effective.provenance(overridden if recipe_path is not None else None)
+    start_threads(n_threads)
     report = api.shrink_file(model, out_dir, effective.to_options(), calibration=effective.calibration,
                              labels=effective.labels, progress=not (quiet or as_json), recipe=provenance,
                              certify_data=effective.certify_data, test_data=effective.test_data,

@@ -154,20 +154,46 @@ def downstream_lipschitz(model: IsoMLP, start: int) -> float:
     constants of the activation after layer k − 1 (`activation_constants`; 1 and G' for o ≥ 0)."""
     product = 1.0
     for k in range(start, len(model.layers)):
-        layer = model.layers[k]
-        lip_f, lip_g, _ = activation_constants(float(model.layers[k - 1].o))
-        w = torch.linalg.matrix_norm(layer.dense_weight(), ord=2).item()
-        psi = 0.0 if layer.psi is None else torch.linalg.vector_norm(layer.psi).item()
-        product *= w * lip_f + psi * lip_g
+        product *= chain_factor(layer_norms(model.layers[k]), float(model.layers[k - 1].o))
     return product
+
+
+def layer_norms(layer: Layer) -> tuple[float, float]:
+    """(‖W‖₂, |psi|) of one layer: what its factor in the Lipschitz chain needs."""
+    w = torch.linalg.matrix_norm(layer.dense_weight(), ord=2).item()
+    return w, 0.0 if layer.psi is None else torch.linalg.vector_norm(layer.psi).item()
+
+
+def chain_factor(norms: tuple[float, float], o_before: float) -> float:
+    """‖W_k‖₂·L_f + |psi_k|·L_g: how much weight layer k can amplify a change of the pre-activation before it (whose
+    activation has intrinsic length `o_before`)."""
+    lip_f, lip_g, _ = activation_constants(o_before)
+    return norms[0] * lip_f + norms[1] * lip_g
 
 
 def input_bound(model: IsoMLP, i: int, input_radius: float) -> float:
     """A bound on |[h; g]|, the input of weight layer i (|x| ≤ R for i = 0; after, |h| ≤ sup|f| and g ≤ 1)."""
+    o_before = None if i == 0 else float(model.layers[i - 1].o)
+    return layer_input_bound(i, input_radius, o_before, model.layers[i].psi is not None)
+
+
+def layer_input_bound(i: int, input_radius: float, o_before: float | None, has_psi: bool) -> float:
     if i == 0:
         return float(input_radius)
-    sup_h = activation_constants(float(model.layers[i - 1].o))[2]
-    return math.hypot(sup_h, 1.0) if model.layers[i].psi is not None else sup_h
+    sup_h = activation_constants(o_before)[2]
+    return math.hypot(sup_h, 1.0) if has_psi else sup_h
+
+
+def constant_record(rtol: float | None, output_scale: float, input_radius: float) -> dict:
+    """The report.json record of the constant-direction rule, before any hidden space is visited."""
+    return {"rule": "drop σ_j only if σ_j·|input|·Lipschitz(downstream) ≤ rtol·output_scale",
+            "rtol": EXACT_RTOL if rtol is None else rtol, "output_scale": output_scale,
+            "input_radius": float(input_radius), "dropped": [], "largest_dropped_sigma": [], "bound": 0.0}
+
+
+def constant_floor(input_bound_i: float, lipschitz_after: float, output_scale: float) -> float:
+    """The largest singular value that may be dropped in a hidden space: σ·B_i·L_{i+1} ≤ EXACT_RTOL·Y."""
+    return EXACT_RTOL * output_scale / max(input_bound_i * lipschitz_after, torch.finfo(F64).tiny)
 
 
 @torch.no_grad()
@@ -211,13 +237,21 @@ def _remove_constant(model: IsoMLP, i: int, rtol, sigma_floor) -> tuple[IsoMLP, 
     model = as_float64(model)
     _check_hidden(model, i)
     layers = model.layers
-    producer, consumer = layers[i].as_dense(), layers[i + 1].as_dense()
+    pair, dropped_sigma = remove_constant_pair(layers[i], layers[i + 1], rtol, sigma_floor)
+    return (model if pair is None else model.with_layers({i: pair[0], i + 1: pair[1]})), dropped_sigma
+
+
+def remove_constant_pair(producer: Layer, consumer: Layer, rtol: float | None = None,
+                         sigma_floor: float | None = None) -> tuple[tuple[Layer, Layer] | None, float]:
+    """remove_constant_directions on one (producer, consumer) pair of float64 layers: (the new pair, or None when the
+    hidden space between them has no constant direction; the largest dropped singular value, 0 for the rtol rule)."""
+    producer, consumer = producer.as_dense(), consumer.as_dense()
     if sigma_floor is None:
         q, dropped_sigma = varying_basis(producer, rtol), 0.0
     else:
         q, dropped_sigma = varying_basis(producer, sigma_floor=sigma_floor)
     if q.shape[1] == producer.n_out:
-        return model, 0.0
+        return None, 0.0
     kept = _left_mul(q.T, producer)
     constant = producer.bias - q @ kept.bias
     kept = replace(kept, o=producer.o + constant @ constant)
@@ -226,7 +260,7 @@ def _remove_constant(model: IsoMLP, i: int, rtol, sigma_floor) -> tuple[IsoMLP, 
     if consumer.psi is not None or bool(extra_psi.abs().max() > 0):
         base = torch.zeros_like(extra_psi) if consumer.psi is None else consumer.psi
         new_consumer = replace(new_consumer, psi=base + extra_psi)
-    return model.with_layers({i: kept, i + 1: new_consumer}), dropped_sigma
+    return (kept, new_consumer), dropped_sigma
 
 
 def remove_all_constant_directions(model: IsoMLP, rtol: float | None = None, progress=None,
@@ -252,15 +286,13 @@ def remove_constant_directions_accounted(model: IsoMLP, rtol: float | None = Non
         output_scale = default_y if output_scale is None else output_scale
     scale = max(float(output_scale), torch.finfo(F64).tiny)
     lipschitz = [downstream_lipschitz(model, i + 1) for i in range(len(model.layers) - 1)]
-    record = {"rule": "drop σ_j only if σ_j·|input|·Lipschitz(downstream) ≤ rtol·output_scale",
-              "rtol": EXACT_RTOL if rtol is None else rtol, "output_scale": scale, "input_radius": float(input_radius),
-              "dropped": [], "largest_dropped_sigma": [], "bound": 0.0}
+    record = constant_record(rtol, scale, input_radius)
     for i in range(len(model.layers) - 1):
         width = model.layers[i].n_out
         floor = None
         b = input_bound(model, i, input_radius)
         if rtol is None:
-            floor = EXACT_RTOL * scale / max(b * lipschitz[i], torch.finfo(F64).tiny)
+            floor = constant_floor(b, lipschitz[i], scale)
         model, sigma = _remove_constant(model, i, rtol, floor)
         record["dropped"].append(width - model.layers[i].n_out)
         record["largest_dropped_sigma"].append(sigma)

@@ -20,8 +20,12 @@ def probe_inputs(n_in: int, per_scale: int = 256, scales=PROBE_SCALES, seed: int
 @torch.no_grad()
 def output_difference(reference: IsoMLP, candidate: IsoMLP, x: torch.Tensor) -> dict:
     """max |Δy| (L2 over the output, worst input) and the same relative to max |y|, both in float64."""
-    y, y2 = forward_float64(reference, x), forward_float64(candidate, x)
+    return difference(forward_float64(reference, x), forward_float64(candidate, x))
+
+
+def difference(y: torch.Tensor, y2: torch.Tensor) -> dict:
+    """output_difference from the two networks' outputs (float64) on the same inputs."""
     diff = torch.linalg.vector_norm(y2 - y, dim=-1)
     scale = torch.linalg.vector_norm(y, dim=-1).max().clamp_min(torch.finfo(torch.float64).tiny)
-    return {"max_abs": float(diff.max()), "max_rel": float(diff.max() / scale), "n_inputs": int(x.shape[0]),
+    return {"max_abs": float(diff.max()), "max_rel": float(diff.max() / scale), "n_inputs": int(y.shape[0]),
             "max_norm_reference": float(scale)}

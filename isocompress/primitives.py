@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from isocompress import threads
+
 # Below this value of m² = o + |z|², g = tanh(m)/m is evaluated by its series (docs/math.md, "Forward pass").
 SMALL_M2 = 1e-8
 
@@ -45,8 +47,9 @@ def _may_be_negative(o: torch.Tensor | float) -> bool:
 
 
 def svd64(matrix: torch.Tensor, full: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SVD in float64: matrix = U diag(S) Vh, S descending. `full` gives square U and Vh."""
-    return torch.linalg.svd(matrix.to(torch.float64), full_matrices=full)
+    """SVD in float64: matrix = U diag(S) Vh, S descending. `full` gives square U and Vh. Threads: threads.for_matrix."""
+    with threads.for_matrix(*matrix.shape):
+        return torch.linalg.svd(matrix.to(torch.float64), full_matrices=full)
 
 
 def numerical_rank(singular_values: torch.Tensor, shape: tuple[int, int], rtol: float | None = None) -> int:

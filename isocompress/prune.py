@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import torch
 
-from isocompress import bounds, local_bounds
+from isocompress import bounds, local_bounds, threads
 from isocompress.errors import CheckFailed, IsocompressError
 from isocompress.layers import (alternate_diagonalise, as_float64, choose_alternating_layers, forward_float64,
                                 remove_constant_directions_accounted)
@@ -142,7 +142,8 @@ def rotate_principal(state: State, x: torch.Tensor) -> None:
         _, zs, _ = materialize(state).forward_with_hidden(x)
     for i, z in enumerate(zs):
         centred = z - z.mean(0)
-        _, vecs = torch.linalg.eigh(centred.T @ centred)
+        with threads.for_matrix(*centred.shape):
+            _, vecs = torch.linalg.eigh(centred.T @ centred)
         rotate_kept(state, i, vecs.flip(-1))
 
 
@@ -168,7 +169,8 @@ def rotate_singular(state: State) -> None:
     """Data-free basis: left singular vectors of each hidden space's producing layer (the paper's rule)."""
     compact = materialize(state)
     for i in range(len(state.removed)):
-        u, _, _ = torch.linalg.svd(compact.layers[i].weight, full_matrices=True)
+        with threads.for_matrix(*compact.layers[i].weight.shape):
+            u, _, _ = torch.linalg.svd(compact.layers[i].weight, full_matrices=True)
         rotate_kept(state, i, u)
 
 
@@ -265,7 +267,7 @@ def prune_to_target(state: State, target: int, basis: str, x, radius: float, ste
         if prune_round(state, basis, x, radius, goal) == 0:
             break
         if step is not None:
-            step(f"{current_params(state):,} parameters")
+            step(f"{current_params(state):,} parameters", current_params(state))
     return state
 
 
@@ -279,7 +281,7 @@ def prune_to_error(state: State, limit: float, basis: str, x, radius: float, ste
         if certify(trial, radius) <= limit:
             state = trial
             if step is not None:
-                step(f"{current_params(state):,} parameters")
+                step(f"{current_params(state):,} parameters", current_params(state))
         else:
             goal //= 2
     return state
@@ -401,7 +403,9 @@ def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, pr
                 f"--max-error {options.max_error:.4g} cannot be met: the smallest certified error reachable is"
                 f" {reachable:.4g} (the exactly shrunk model, |x| ≤ {radius:.4g}); give --max-error {reachable:.3g}"
                 " or more")
-    with progress_bar(None, "prune", enabled=progress) as step:
+    floor = target if target is not None else smallest_params(state)  # the bar's total: parameters that can go
+    with progress_bar(max(exact_params - floor, 0), "prune", enabled=progress, unit="parameter") as bar:
+        step = lambda name, left: bar(name, exact_params - left)  # noqa: E731  (removed so far)
         if options.budget is not None:
             state = prune_to_target(state, target, basis, x, radius, step)
         elif options.max_error is not None:

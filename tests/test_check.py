@@ -342,7 +342,9 @@ def test_every_shipped_recipe_runs_on_digits(digits_run):
     failed = [r for r in results if not r["passed"]]
     assert [(f["name"], f["metric"], f["measured"], f["excess"]) for f in failed] == \
            [("too-small-limit", "params", 151319, 1319)]
-    assert proc.stderr == ""  # no progress lines when stderr is not a terminal
+    progress = proc.stderr.splitlines()  # one plain line per model (no carriage-return bar) when not a terminal
+    assert len(progress) == 4 and "\r" not in proc.stderr, proc.stderr
+    assert all(re.fullmatch(r"check \d/4: .*digits\.pt: (shrinking with .*|loading), \d+\.\d s", p) for p in progress)
     assert list(work.iterdir()) == [work / "ci.toml"]  # nothing written beside the config
 
 
@@ -353,7 +355,7 @@ def test_text_output_baseline_and_config_errors_in_a_real_process(project):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ok = subprocess.run([*isocompress_command(), "check", "--baseline", "base.json"], cwd=project, env=env,
                         capture_output=True, text=True, timeout=120)
-    assert ok.returncode == 0 and ok.stderr == "", ok.stderr
+    assert ok.returncode == 0 and re.fullmatch(r"check 1/1: small\.pt: loading, \d+\.\d s\n", ok.stderr), ok.stderr
     size = (project / "small.pt").stat().st_size
     rows = ok.stdout.splitlines()
     assert rows[0].startswith("PASS  small.pt  params") and rows[0].endswith("baseline: none")

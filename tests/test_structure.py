@@ -53,3 +53,94 @@ def test_package_has_no_import_cycles():
     graph = import_graph()
     assert "api" in graph and "prune" in graph  # the graph was really read
     assert find_cycle(graph) is None, f"import cycle: {' → '.join(find_cycle(graph))}"
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def long_functions(path: Path, limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """'file:line name (n lines)' for every function (methods and nested ones too) longer than `limit` lines, counted
+    from the `def` line to the last line of its body (decorators not counted)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines = node.end_lineno - node.lineno + 1
+            if lines > limit:
+                found.append(f"{path.name}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_long_functions_are_found(tmp_path):
+    body = "\n".join(f"        x{i} = {i}" for i in range(70))
+    src = tmp_path / "m.py"
+    src.write_text(f"def short():\n    return 1\n\n\nclass C:\n    def long(self):\n{body}\n")
+    assert long_functions(src) == ["m.py:6 long (71 lines)"]
+    assert long_functions(src, limit=80) == []
+
+
+def test_no_function_is_over_60_lines():
+    found = [f for path in sorted(PACKAGE.glob("*.py")) for f in long_functions(path)]
+    assert found == [], "functions over 60 lines (split them): " + "; ".join(found)
+
+
+# --- start-up: --help and usage errors do not import torch (issue 12) ------------------------------------------------
+RUN_CLI = """
+import sys
+from isocompress.cli import main
+sys.argv = ["isocompress", *sys.argv[1:]]
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code
+print("torch imported" if "torch" in sys.modules else "torch not imported", code, file=sys.stderr)
+"""
+
+
+def _cli_in_subprocess(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", RUN_CLI, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_importing_the_cli_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, isocompress.cli, isocompress; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_help_and_usage_errors_do_not_import_torch():
+    for args, code in [(("--help",), 0), (("shrink", "--help"), 0), (("check", "--help"), 0), (("shrink",), 2),
+                       (("shrink", "m.pt", "--budget"), 2), (("check", "--error-measure", "nope"), 2)]:
+        out = _cli_in_subprocess(*args)
+        assert out.stderr.strip().splitlines()[-1] == f"torch not imported {code}", (args, out.stderr)
+
+
+def test_a_command_that_computes_does_import_torch(tmp_path):
+    """The other side of the test above: the probe notices torch when a command really loads it."""
+    out = _cli_in_subprocess("inspect", str(tmp_path / "missing.pt"))
+    assert out.stderr.strip().splitlines()[-1] == "torch imported 2", out.stderr
+
+
+def test_lazy_package_names_still_resolve():
+    import isocompress.api
+    import isocompress.model
+
+    assert isocompress.shrink_file is isocompress.api.shrink_file
+    assert isocompress.Layer is isocompress.model.Layer
+    assert set(isocompress.__all__) <= set(dir(isocompress))
+    try:
+        isocompress.no_such_name  # noqa: B018
+    except AttributeError as exc:
+        assert "no_such_name" in str(exc)
+    else:
+        raise AssertionError("an unknown name must raise AttributeError")
+
+
+def test_the_check_commands_error_measures_are_the_configs():
+    from isocompress import check_config, cli_check
+
+    assert cli_check.ERROR_MEASURES == check_config.MEASURES

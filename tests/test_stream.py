@@ -1,0 +1,115 @@
+"""The streamed exact shrink (issue 12) computes what the in-memory one does, one layer at a time."""
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from isocompress import api, io, stream
+from isocompress.errors import IsocompressError
+from isocompress.model import random_model
+
+F64 = torch.float64
+
+
+def _streamed(tmp_path, model, suffix=".safetensors", dtype=F64, name="m"):
+    path = tmp_path / f"{name}{suffix}"
+    io.save(model, path, dtype=dtype)
+    report = api.shrink_file(path, tmp_path / f"{name}.out", api.ShrinkOptions(formats=("safetensors",)),
+                             progress=False)
+    return path, report, io.load(tmp_path / f"{name}.out" / "model.safetensors")
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.integers(1, 9), min_size=2, max_size=6), st.booleans(), st.floats(0.0, 2.0),
+       st.sampled_from([".safetensors", ".pt"]), st.integers(0, 1000))
+def test_streamed_equals_in_memory(tmp_path_factory, widths, psi, o, suffix, seed):
+    tmp_path = tmp_path_factory.mktemp("s")
+    model = random_model(widths, psi=psi, o=o, seed=seed)
+    path, report, got = _streamed(tmp_path, model, suffix)
+    assert report["streamed"] is True
+    expected = api.shrink_exact(io.load(path))
+    assert got.widths == expected.widths and [l.kind for l in got.layers] == [l.kind for l in expected.layers]
+    for a, b in zip(expected.layers, got.layers):
+        for name in ("weight", "bias", "psi", "o"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert (x is None) == (y is None)
+            if x is not None:
+                torch.testing.assert_close(y, x, rtol=1e-12, atol=1e-13)
+    x = torch.randn(64, widths[0], dtype=F64, generator=torch.Generator().manual_seed(seed)) * 3
+    with torch.no_grad():
+        y, y2 = model(x), got(x)
+    assert float((y2 - y).norm(dim=-1).max()) <= 1e-10 * max(1.0, float(y.norm(dim=-1).max()))
+    assert report["probe"]["float64"]["max_rel"] < 1e-10
+
+
+def test_streamed_report_matches_the_in_memory_report(tmp_path):
+    model = random_model([5, 12, 12, 12, 3], psi=True, o=(0.0, 1.0), seed=2)
+    path, report, _ = _streamed(tmp_path, model, ".pt", torch.float32)
+    in_memory = api.shrink_file(path, tmp_path / "mem", api.ShrinkOptions(formats=("safetensors", "onnx")),
+                                progress=False)
+    assert "streamed" not in in_memory
+    for key in ("params_before", "params_after", "widths_before", "widths_after", "layers_before", "layers",
+                "dtype_saved", "bytes_before", "exact"):
+        assert report[key] == in_memory[key], key
+    assert report["probe"]["saved_file"]["max_rel"] < 1e-5  # a float32 file
+    assert report["bytes_after"]["safetensors"] == (tmp_path / "mem" / "model.safetensors").stat().st_size
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, F64])
+def test_incremental_writer_round_trips(tmp_path, dtype):
+    from safetensors.torch import load_file
+
+    tensors = {"a": torch.randn(3, 4, dtype=F64), "b": torch.randn(5, dtype=F64), "c": torch.tensor(2.5, dtype=F64)}
+    writer = stream.TensorWriter(tmp_path / "t.safetensors", [(k, dtype, tuple(v.shape)) for k, v in tensors.items()],
+                                 {"note": "x"})
+    for k, v in tensors.items():
+        writer.write(k, v)
+    writer.close()
+    back = load_file(str(tmp_path / "t.safetensors"))
+    for k, v in tensors.items():
+        assert back[k].dtype == dtype and torch.equal(back[k], v.to(dtype)), k
+    with pytest.raises(AssertionError):
+        out_of_order = stream.TensorWriter(tmp_path / "u.safetensors", [("a", dtype, (1,)), ("b", dtype, (1,))], {})
+        out_of_order.write("b", torch.zeros(1))
+
+
+def test_other_layouts_and_onnx_use_the_in_memory_path(tmp_path):
+    model = random_model([4, 6, 3], seed=0)
+    ref = {"weight_parameters.0": model.layers[0].weight, "bias_parameters.0": model.layers[0].bias,
+           "weight_parameters.1": model.layers[1].weight, "bias_parameters.1": model.layers[1].bias,
+           "activation.0.o_const": torch.tensor(0.5, dtype=F64)}
+    torch.save(ref, tmp_path / "ref.pt")
+    assert stream.open_source(tmp_path / "ref.pt") is None
+    report = api.shrink_file(tmp_path / "ref.pt", tmp_path / "o1", api.ShrinkOptions(formats=("safetensors",)),
+                             progress=False)
+    assert "streamed" not in report
+    io.save(model, tmp_path / "own.safetensors")
+    assert stream.open_source(tmp_path / "own.safetensors") is not None
+    both = api.shrink_file(tmp_path / "own.safetensors", tmp_path / "o2", progress=False)  # default: + onnx
+    assert "streamed" not in both
+
+
+def test_a_file_that_disagrees_with_its_config_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    model = random_model([4, 6, 3], seed=0)
+    tensors = io.model_tensors(model)
+    tensors["layers.1.bias"] = torch.zeros(5, dtype=F64)  # the config says 3 outputs
+    save_file(tensors, str(tmp_path / "bad.safetensors"), metadata={io.CONFIG_KEY: model.config.to_json()})
+    with pytest.raises(IsocompressError, match="bad.safetensors"):
+        api.shrink_file(tmp_path / "bad.safetensors", tmp_path / "o", api.ShrinkOptions(formats=("safetensors",)),
+                        progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_non_float_tensor_is_refused_in_one_line(tmp_path):
+    """Found by the fuzz test: an int8 bias in a safetensors file must give the loader's message, not a KeyError."""
+    from safetensors.torch import save_file
+
+    model = random_model([3, 5, 2], seed=0)
+    tensors = io.model_tensors(model, torch.float32)
+    tensors["layers.0.bias"] = torch.zeros(5, dtype=torch.int8)
+    save_file(tensors, str(tmp_path / "int8.safetensors"), metadata={io.CONFIG_KEY: model.config.to_json()})
+    with pytest.raises(IsocompressError, match=r"int8\.safetensors: tensor 'layers\.0\.bias' has dtype torch\.int8"):
+        api.shrink_file(tmp_path / "int8.safetensors", tmp_path / "o", api.ShrinkOptions(formats=("safetensors",)),
+                        progress=False)
