@@ -226,22 +226,14 @@ def shrink_file(
     if (streamed := shrink_streaming(model_path, out_dir, options, calibration, progress, recipe)) is not None:
         return streamed  # issue 12: exact, safetensors only: one layer in memory at a time
     model_path = Path(model_path)
-    tensors, config_json = io.read_tensors(model_path)
-    saved_dtype = parse_dtype(options.dtype, _first_float_dtype(tensors))
-    notes: list[str] = []
-    original = io.model_from_tensors(io.consume_as_float64(tensors), config_json, where=str(model_path),
-                                     ref_intrinsic_length=options.ref_intrinsic_length,
-                                     notify=lambda text: (notes.append(text), io.print_note(text)))
-    if options.lossy:
-        refuse_negative_o(original, str(model_path))
+    original, saved_dtype, notes = load_model(model_path, options)
     calib = load_inputs(calibration, original.widths[0]) if calibration is not None else None
     label_data = load_labels(labels) if labels is not None else None
     extra = load_extra_data(original.widths[0], calibration, calib, labels, label_data, certify_data, test_data,
                             test_labels)
     out = Path(out_dir) if out_dir is not None else default_out_dir(model_path)
     probes = calib if calib is not None else probe_inputs(original.widths[0])
-    inputs = [model_path] + [Path(p) for p in (calibration, labels, certify_data, test_data, test_labels)
-                             if p is not None]
+    inputs = [model_path] + [Path(p) for p in (calibration, labels, certify_data, test_data, test_labels) if p]
     check_ranges(original, calib, saved_dtype, options, model_path, calibration)
     effective, resolved = resolve_relative_error(options, original, probes)
     with output_dir(out, inputs) as stage:
@@ -253,19 +245,9 @@ def shrink_file(
         report = {
             "model": str(model_path),
             "exact": not options.lossy,
-            "recipe": {**options.to_dict(), "calibration": None if calibration is None else str(calibration),
-                       "labels": None if labels is None else str(labels),
-                       **{k: str(v) for k, v in (("certify_data", certify_data), ("test_data", test_data),
-                                                 ("test_labels", test_labels)) if v is not None}, **(recipe or {})},
-            "params_before": original.num_params(),
-            "params_after": shrunk.num_params(),
-            "widths_before": list(original.widths),
-            "widths_after": list(shrunk.widths),
-            "bytes_before": model_path.stat().st_size,
-            "bytes_after": {name: Path(p).stat().st_size for name, p in files.items()},
-            "dtype_saved": str(saved_dtype).replace("torch.", ""),
-            "layers_before": layer_summary(original),
-            "layers": layer_summary(shrunk),
+            "recipe": recipe_record(options, recipe, calibration=calibration, labels=labels, certify_data=certify_data,
+                                    test_data=test_data, test_labels=test_labels),
+            **shape_record(original, shrunk, model_path, files, saved_dtype),
             "probe": {
                 "inputs": "calibration data" if calib is not None else
                           f"{probes.shape[0]} Gaussian inputs at scales {list(PROBE_SCALES)}",
@@ -312,6 +294,38 @@ def check_exact(probe: dict, constant: dict) -> None:
         raise CheckFailed(f"exact shrinking changed the outputs by up to {probe['max_abs']:.3g} on the probe inputs"
                           f" (max |y| {probe['max_norm_reference']:.3g}; allowed {limit:.3g}); nothing was written;"
                           " please report this model")
+
+
+def shape_record(original: IsoMLP, shrunk: IsoMLP, model_path: Path, files: dict, saved_dtype: torch.dtype) -> dict:
+    """report.json's sizes before and after: parameters, widths, bytes, layers."""
+    return {"params_before": original.num_params(), "params_after": shrunk.num_params(),
+            "widths_before": list(original.widths), "widths_after": list(shrunk.widths),
+            "bytes_before": model_path.stat().st_size,
+            "bytes_after": {name: Path(p).stat().st_size for name, p in files.items()},
+            "dtype_saved": str(saved_dtype).replace("torch.", ""),
+            "layers_before": layer_summary(original), "layers": layer_summary(shrunk)}
+
+
+def recipe_record(options: ShrinkOptions, recipe: dict | None, **data_files) -> dict:
+    """report["recipe"]: the options, the data files (calibration and labels always, the others when given) and the
+    provenance of a recipe file."""
+    files = {k: None if v is None else str(v) for k, v in data_files.items()
+             if v is not None or k in ("calibration", "labels")}
+    return {**options.to_dict(), **files, **(recipe or {})}
+
+
+def load_model(model_path: Path, options: ShrinkOptions) -> tuple[IsoMLP, torch.dtype, list[str]]:
+    """The model in float64, the dtype to save in, and the notes its loading printed (e.g. how a reference
+    checkpoint's intrinsic length was read). A lossy run refuses o < 0 here, before anything else is read."""
+    tensors, config_json = io.read_tensors(model_path)
+    saved_dtype = parse_dtype(options.dtype, _first_float_dtype(tensors))
+    notes: list[str] = []
+    original = io.model_from_tensors(io.consume_as_float64(tensors), config_json, where=str(model_path),
+                                     ref_intrinsic_length=options.ref_intrinsic_length,
+                                     notify=lambda text: (notes.append(text), io.print_note(text)))
+    if options.lossy:
+        refuse_negative_o(original, str(model_path))
+    return original, saved_dtype, notes
 
 
 def shrink_streaming(model_path, out_dir, options: ShrinkOptions, calibration, progress: bool, recipe) -> dict | None:

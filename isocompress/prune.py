@@ -364,7 +364,7 @@ def prune_to_certified(state: State, limit: float, basis: str, x, radius, centre
         if certified_fraction(trial, centres, eps) >= limit:
             state = trial
             if step is not None:
-                step(f"{current_params(state):,} parameters")
+                step(f"{current_params(state):,} parameters", current_params(state))
         else:
             goal //= 2
     return state

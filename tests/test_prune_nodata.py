@@ -138,7 +138,7 @@ def test_check_min_certified_top1_and_test_accuracy(tmp_path):
     config.write_text(f'[[check]]\nmodel = "{model}"\nrecipe = "{recipe}"\nmin-certified-top1 = "100%"\n'
                       f'min-accuracy = 0.5\ntest-data = "{tmp_path / "t.npz"}"\ntest-labels = "{tmp_path / "t.npz"}"\n')
     result = cli(["check", "--config", config, "--json"])
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     rows = {r["metric"]: r for r in data}
     assert rows["accuracy"]["passed"] and "40 test inputs" in rows["accuracy"]["note"]
     assert rows["certified-top1"]["measured"] < 1.0
@@ -148,7 +148,7 @@ def test_check_min_certified_top1_and_test_accuracy(tmp_path):
 def test_check_flags_min_certified_top1(tmp_path):
     model, recipe = small_files(tmp_path)
     result = cli(["check", model, "--recipe", recipe, "--min-certified-top1", "10%", "--json"])
-    data = json.loads(result.output)
+    data = json.loads(result.stdout)
     assert data[0]["metric"] == "certified-top1" and data[0]["measured"] >= 0.1 and result.exit_code == 0
     result = cli(["check", model, "--min-certified-top1", "10%"])
     assert result.exit_code == 2 and "needs a 'recipe'" in one_error_line(result)
