@@ -425,6 +425,7 @@ def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, pr
                            " --certify-data FILE (points to certify around) and optionally --certify-radius EPS"}
     if test_data is not None:
         report["test"] = test_report(original, pruned, test_data, test_labels)
+        report["empirical"]["inputs"] = report["empirical"]["inputs"].replace("; give --test-data", "")
     report.update(params_original=original.num_params(), params_exact=exact_params, target=target,
                   seconds=round(time.perf_counter() - started, 3))
     return pruned, report
