@@ -149,13 +149,14 @@ def activation_constants(o: float) -> tuple[float, float, float]:
     return 1.0 + 2.0 * abs(o) / 3.0, GAIN_LIPSCHITZ + (2.0 / 3.0) * math.sqrt(abs(o)), math.sqrt(1.0 + abs(o))
 
 
-def downstream_lipschitz(model: IsoMLP, start: int) -> float:
-    """A Lipschitz constant of z_{start−1} ↦ y: ∏_{k ≥ start} (‖W_k‖₂·L_f + |psi_k|·L_g), with L_f, L_g the
-    constants of the activation after layer k − 1 (`activation_constants`; 1 and G' for o ≥ 0)."""
-    product = 1.0
-    for k in range(start, len(model.layers)):
-        product *= chain_factor(layer_norms(model.layers[k]), float(model.layers[k - 1].o))
-    return product
+def lipschitz_after(norms: list[tuple[float, float]], o: list[float | None]) -> list[float]:
+    """after[i] = L_{i+1} = ∏_{k ≥ i+1} chain_factor(norms[k], o[k − 1]): a Lipschitz constant of z_i ↦ y, for every
+    hidden space i at once (suffix products; `norms` and `o` per weight layer, `layer_norms` and its o)."""
+    after, running = [1.0] * len(norms), 1.0
+    for k in range(len(norms) - 1, 0, -1):
+        running *= chain_factor(norms[k], o[k - 1])
+        after[k - 1] = running
+    return after
 
 
 def layer_norms(layer: Layer) -> tuple[float, float]:
@@ -276,7 +277,7 @@ def remove_constant_directions_accounted(model: IsoMLP, rtol: float | None = Non
                                          output_scale: float | None = None) -> tuple[IsoMLP, dict]:
     """`remove_all_constant_directions` and what it dropped (issue 13). A direction of hidden space i with singular
     value σ in [W_i, psi_i] moves z_i by at most σ·|[h; g]|, and so y by at most σ·B_i·L_{i+1} (B_i = input_bound,
-    L_{i+1} = downstream_lipschitz). It is dropped only if that is ≤ EXACT_RTOL × output_scale (the largest |y| on
+    L_{i+1} = lipschitz_after). It is dropped only if that is ≤ EXACT_RTOL × output_scale (the largest |y| on
     the inputs; |x| ≤ input_radius). Returns (model, record): record["bound"] = Σ_i σ_i,dropped·B_i·L_{i+1}, a proven
     bound on |y − y_shrunk| for |x| ≤ input_radius (docs/bounds.md, "Constant directions")."""
     model = as_float64(model)
@@ -285,7 +286,8 @@ def remove_constant_directions_accounted(model: IsoMLP, rtol: float | None = Non
         input_radius = default_r if input_radius is None else input_radius
         output_scale = default_y if output_scale is None else output_scale
     scale = max(float(output_scale), torch.finfo(F64).tiny)
-    lipschitz = [downstream_lipschitz(model, i + 1) for i in range(len(model.layers) - 1)]
+    lipschitz = lipschitz_after([layer_norms(layer) for layer in model.layers],
+                                [None if layer.o is None else float(layer.o) for layer in model.layers])
     record = constant_record(rtol, scale, input_radius)
     for i in range(len(model.layers) - 1):
         width = model.layers[i].n_out

@@ -24,8 +24,8 @@ import torch
 from isocompress import io
 from isocompress.config import ModelConfig
 from isocompress.errors import IsocompressError
-from isocompress.layers import (_left_mul, _right_mul, chain_factor, choose_alternating_layers, constant_floor,
-                                constant_record, layer_input_bound, layer_norms, remove_constant_pair)
+from isocompress.layers import (_left_mul, _right_mul, choose_alternating_layers, constant_floor, constant_record,
+                                layer_input_bound, layer_norms, lipschitz_after, remove_constant_pair)
 from isocompress.model import Layer
 from isocompress.primitives import isotropic_tanh, svd64
 
@@ -311,10 +311,7 @@ def constant_rule(src: LayerSource, x: torch.Tensor) -> SimpleNamespace:
         norms.append(layer_norms(layer))
         o.append(None if layer.is_output else float(layer.o))
         del layer
-    after, running = [1.0] * src.n_layers, 1.0
-    for k in range(src.n_layers - 1, 0, -1):
-        running *= chain_factor(norms[k], o[k - 1])
-        after[k - 1] = running
+    after = lipschitz_after(norms, o)
     scale = max(float(torch.linalg.vector_norm(fwd.y, dim=-1).max()), torch.finfo(F64).tiny)
     return SimpleNamespace(after=after, scale=scale, radius=float(torch.linalg.vector_norm(x, dim=-1).max()))
 

@@ -328,3 +328,19 @@ def test_an_exact_run_with_a_real_probe_error_fails(tmp_path, small, monkeypatch
     assert result.exit_code == 1
     assert "exact shrinking changed the outputs" in one_error_line(result)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("make", [amplified_2_2_1, amplified_3_4_4_2])
+def test_the_streamed_exact_shrink_uses_the_same_output_relative_rule(tmp_path, make):
+    # safetensors-only output of our own format takes the one-layer-at-a-time path (isocompress.stream): it must keep
+    # what the in-memory path keeps, and record the same bound on what it dropped
+    path = tmp_path / "amp.safetensors"
+    io.save(make(), path, dtype=torch.float64)
+    streamed = api.shrink_file(path, tmp_path / "s", api.ShrinkOptions(formats=("safetensors",)), progress=False)
+    in_memory = api.shrink_file(path, tmp_path / "m", progress=False)
+    assert streamed.get("streamed") and not in_memory.get("streamed")
+    assert streamed["widths_after"] == in_memory["widths_after"]
+    assert streamed["constant_directions"]["dropped"] == in_memory["constant_directions"]["dropped"]
+    assert streamed["constant_directions"]["bound"] == pytest.approx(in_memory["constant_directions"]["bound"],
+                                                                     rel=1e-9, abs=1e-300)
+    assert streamed["probe"]["float64"]["max_rel"] < 1e-10
