@@ -8,9 +8,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from isocompress import parsing
 from isocompress.errors import IsocompressError
 from isocompress.recipe import (
-    COMMAND_LINE, check_keys, fail, is_number, parse_choice, parse_max_error, parse_path, parse_percent, parse_text,
+    COMMAND_LINE, check_keys, fail, is_number, parse_choice, parse_max_error, parse_path, parse_text,
     read_toml, show,
 )
 
@@ -52,17 +53,8 @@ def parse_count(value, where: str, key: str = "max-params") -> int:
 
 
 def parse_fraction(value, where: str, key: str = "min-accuracy") -> float:
-    """0.95 or "95%" → 0.95 (a fraction in [0, 1])."""
-    if isinstance(value, str) and value.strip().endswith("%"):
-        value = parse_percent(value, where, key)
-    elif isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise fail(where, key, f"is {show(value)}; use a fraction (0.95) or a percentage (\"95%\")") from None
-    if not is_number(value) or not (0 <= value <= 1):
-        raise fail(where, key, f"is {show(value)}; use a fraction between 0 and 1 (0.95) or a percentage (\"95%\")")
-    return float(value)
+    """0.95 or "95%" → 0.95 (a fraction in [0, 1]); parsing.parse_fraction with the check key as its default."""
+    return parsing.parse_fraction(value, where, key)
 
 
 # --- one check entry ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import click
 
 from isocompress.errors import IsocompressError, Terminated
+from isocompress.publish import swapped_signals  # standard library only: --help stays without torch
 
 OS_ADVICE = {
     errno.EACCES: "check its permissions, or choose another location",
@@ -123,16 +124,8 @@ def signals_raise():
     """SIGTERM (what `timeout` and CI cancellation send) and SIGHUP raise, so that a run's cleanup runs; SIGXFSZ
     is ignored, so that a file-size limit is an EFBIG error instead of a kill."""
     wanted = {signal.SIGTERM: _raise_terminated, signal.SIGHUP: _raise_terminated, signal.SIGXFSZ: signal.SIG_IGN}
-    try:
-        previous = {sig: signal.signal(sig, handler) for sig, handler in wanted.items()}
-    except ValueError:  # not the main thread: leave signals alone
+    with swapped_signals(wanted):
         yield
-        return
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def usage_error(exc: click.UsageError) -> None:

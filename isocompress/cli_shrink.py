@@ -74,7 +74,7 @@ def shrink(model, recipe_path, exact, budget, max_error, basis, calibration, lab
         "certify_radius": recipes.parse_positive(certify_radius, recipes.COMMAND_LINE, "certify-radius")
         if certify_radius is not None else None,
         "certify_data": certify_data,
-        "min_certified_top1": recipes.parse_share(min_certified_top1, recipes.COMMAND_LINE, "min-certified-top1")
+        "min_certified_top1": recipes.parse_fraction(min_certified_top1, recipes.COMMAND_LINE, "min-certified-top1")
         if min_certified_top1 is not None else None,
         "test_data": test_data,
         "test_labels": test_labels,

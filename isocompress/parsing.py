@@ -140,3 +140,17 @@ def parse_formats(value, where: str, key: str | None = "formats") -> tuple[str, 
     if len(set(value)) != len(value):
         raise fail(where, key, f"lists a format twice: {show(list(value))}")
     return tuple(value)
+
+
+def parse_fraction(value, where: str, key: str) -> float:
+    """0.95 or "95%" → 0.95 (a fraction in [0, 1])."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        value = parse_percent(value, where, key)
+    elif isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise fail(where, key, f"is {show(value)}; use a fraction (0.95) or a percentage (\"95%\")") from None
+    if not is_number(value) or not (0 <= value <= 1):
+        raise fail(where, key, f"is {show(value)}; use a fraction between 0 and 1 (0.95) or a percentage (\"95%\")")
+    return float(value)

@@ -272,13 +272,18 @@ def prune_to_target(state: State, target: int, basis: str, x, radius: float, ste
 
 
 def prune_to_error(state: State, limit: float, basis: str, x, radius: float, step=None) -> State:
-    """As far as possible with the certified bound ≤ limit: rounds that overshoot are retried at half the size."""
+    """As far as possible with the certified bound ≤ limit."""
+    return prune_while(state, lambda trial: certify(trial, radius) <= limit, basis, x, radius, step)
+
+
+def prune_while(state: State, acceptable, basis: str, x, radius, step=None) -> State:
+    """Prune in rounds as long as `acceptable(state)` holds: rounds that overshoot are retried at half the size."""
     goal = max(int(ROUND_FRACTION * current_params(state)), 1)
     while goal >= 1 and current_params(state) > smallest_params(state):
         trial = state.copy()
         if prune_round(trial, basis, x, radius, goal) == 0:
             break
-        if certify(trial, radius) <= limit:
+        if acceptable(trial):
             state = trial
             if step is not None:
                 step(f"{current_params(state):,} parameters", current_params(state))
@@ -354,20 +359,8 @@ def certified_fraction(state: State, centres: torch.Tensor, eps: float) -> float
 
 
 def prune_to_certified(state: State, limit: float, basis: str, x, radius, centres, eps: float, step=None) -> State:
-    """As far as possible with the certified top-1 fraction at radius ε ≥ limit (issue 10, --min-certified-top1):
-    rounds that overshoot are retried at half the size, as in prune_to_error."""
-    goal = max(int(ROUND_FRACTION * current_params(state)), 1)
-    while goal >= 1 and current_params(state) > smallest_params(state):
-        trial = state.copy()
-        if prune_round(trial, basis, x, radius, goal) == 0:
-            break
-        if certified_fraction(trial, centres, eps) >= limit:
-            state = trial
-            if step is not None:
-                step(f"{current_params(state):,} parameters", current_params(state))
-        else:
-            goal //= 2
-    return state
+    """As far as possible with the certified top-1 fraction at radius ε ≥ limit (issue 10, --min-certified-top1)."""
+    return prune_while(state, lambda trial: certified_fraction(trial, centres, eps) >= limit, basis, x, radius, step)
 
 
 def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, progress: bool = False,

@@ -230,22 +230,33 @@ def signals_deferred() -> Iterator[None]:
     def record(signum, frame):
         pending.append(signum)
 
+    previous = None
     try:
-        previous = {sig: signal.signal(sig, record) for sig in DEFERRED_SIGNALS}
-    except ValueError:  # not the main thread: signals cannot be handled here anyway
-        yield
-        return
-    try:
-        yield
+        with swapped_signals({sig: record for sig in DEFERRED_SIGNALS}) as previous:
+            yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if pending:
+        if pending and previous is not None:
             handler = previous[pending[0]]
             if callable(handler):
                 handler(pending[0], None)
             elif handler == signal.SIG_DFL:
                 signal.raise_signal(pending[0])
+
+
+@contextmanager
+def swapped_signals(wanted: dict) -> Iterator[dict | None]:
+    """Installs `wanted` (signal → handler) for the block and restores the previous handlers after it; yields those
+    (None outside the main thread, where signals cannot be handled: the block then runs as it is)."""
+    try:
+        previous = {sig: signal.signal(sig, handler) for sig, handler in wanted.items()}
+    except ValueError:
+        yield None
+        return
+    try:
+        yield previous
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _make_parents(out: Path) -> list[Path]:

@@ -27,6 +27,7 @@ from isocompress.api import ShrinkOptions
 from isocompress.errors import IsocompressError
 from isocompress.parsing import (  # noqa: F401  (re-exported: recipe.X as before)
     COMMAND_LINE, FLAGS_ONLY, FORMATS, check_keys, fail, is_number, parse_budget, parse_choice, parse_formats,
+    parse_fraction,
     parse_max_error, parse_path, parse_percent, parse_positive, parse_text, show,
 )
 
@@ -262,22 +263,8 @@ def _goal(data: dict, where: str) -> dict:
         absolute, percent = parse_max_error(data["max-error"], where)
         return {"max_error": absolute, "max_error_percent": percent}
     if "min-certified-top1" in data:
-        return {"min_certified_top1": parse_share(data["min-certified-top1"], where, "min-certified-top1")}
+        return {"min_certified_top1": parse_fraction(data["min-certified-top1"], where, "min-certified-top1")}
     return {}
-
-
-def parse_share(value, where: str, key: str) -> float:
-    """0.95 or "95%" → 0.95 (a fraction in [0, 1])."""
-    if isinstance(value, str) and value.strip().endswith("%"):
-        value = parse_percent(value, where, key)
-    elif isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise fail(where, key, f"is {show(value)}; use a fraction (0.95) or a percentage (\"95%\")") from None
-    if not is_number(value) or not (0 <= value <= 1):
-        raise fail(where, key, f"is {show(value)}; use a fraction between 0 and 1 (0.95) or a percentage (\"95%\")")
-    return float(value)
 
 
 def load_recipe(path: str | os.PathLike) -> Recipe:
