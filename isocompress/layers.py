@@ -14,7 +14,7 @@ import torch
 
 from isocompress.errors import IsocompressError
 from isocompress.model import IsoMLP, Layer
-from isocompress.primitives import numerical_rank, svd64
+from isocompress.primitives import numerical_rank, spectral_norm_upper, svd64
 
 F64 = torch.float64
 
@@ -161,7 +161,7 @@ def lipschitz_after(norms: list[tuple[float, float]], o: list[float | None]) -> 
 
 def layer_norms(layer: Layer) -> tuple[float, float]:
     """(‖W‖₂, |psi|) of one layer: what its factor in the Lipschitz chain needs."""
-    w = torch.linalg.matrix_norm(layer.dense_weight(), ord=2).item()
+    w = float(layer.weight.abs().max()) if layer.kind == "diag" else spectral_norm_upper(layer.weight)
     return w, 0.0 if layer.psi is None else torch.linalg.vector_norm(layer.psi).item()
 
 
