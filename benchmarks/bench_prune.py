@@ -224,14 +224,7 @@ def reference_layout_models(out_dir: Path) -> list[Path]:
                 loss.backward()
                 opt.step()
         model = net.to_isomlp()
-        sd = {}
-        for i, layer in enumerate(model.layers):
-            sd[f"weight_parameters.{i}"] = layer.dense_weight().float()
-            sd[f"bias_parameters.{i}"] = layer.bias.float()
-            if layer.psi is not None:
-                sd[f"psi_parameters.{i - 1}"] = layer.psi.float()
-            if layer.o is not None:
-                sd[f"activation.{i}.o_const"] = layer.o.reshape(1).float()
+        sd = io.reference_state_dict(model)
         path = out_dir / f"{name}.pt"
         torch.save(sd, path)
         np.savez(out_dir / f"{name}.test.npz", x=xte, y=yte.astype(np.int64))

@@ -475,6 +475,20 @@ def model_tensors(model: IsoMLP, dtype: torch.dtype | None = None, where: str = 
     return out
 
 
+def reference_state_dict(model: IsoMLP, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The model in the reference code's IsotropicTanhMLP state_dict layout (dense weights; o stored as
+    activation.N.o_const, which every reading mode takes as o itself) — what `load` reads back unchanged."""
+    tensors = {}
+    for i, layer in enumerate(model.layers):
+        tensors[f"weight_parameters.{i}"] = layer.dense_weight().to(dtype)
+        tensors[f"bias_parameters.{i}"] = layer.bias.to(dtype)
+        if layer.psi is not None:
+            tensors[f"psi_parameters.{i - 1}"] = layer.psi.to(dtype)
+        if layer.o is not None:
+            tensors[f"activation.{i}.o_const"] = layer.o.reshape(1).to(dtype)
+    return tensors
+
+
 def save_safetensors(model: IsoMLP, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """Tensors + the config JSON in the metadata; diagonal layers stored as vectors. Atomic."""
     from safetensors.torch import save_file

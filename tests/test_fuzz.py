@@ -53,15 +53,7 @@ def run_counted(test, calls: list, n: int) -> None:
 
 # --- seed files ------------------------------------------------------------------------------------------------
 def reference_layout(model) -> dict:
-    sd = {}
-    for i, layer in enumerate(model.layers):
-        sd[f"weight_parameters.{i}"] = layer.dense_weight().float()
-        sd[f"bias_parameters.{i}"] = layer.bias.float()
-        if layer.psi is not None:
-            sd[f"psi_parameters.{i - 1}"] = layer.psi.float()
-        if layer.o is not None:
-            sd[f"activation.{i}.o_const"] = layer.o.reshape(1).float()
-    return sd
+    return io.reference_state_dict(model)
 
 
 @pytest.fixture(scope="module")

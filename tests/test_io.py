@@ -171,3 +171,14 @@ def test_loader_errors_are_the_projects_own_type(tmp_path):
     for path in bad_files(tmp_path).values():
         with pytest.raises(IsocompressError):
             io.load(path)
+
+
+def test_reference_state_dict_loads_back_as_the_same_function(tmp_path):
+    from isocompress.model import random_model
+
+    model = random_model([5, 7, 6, 3], psi=True, o=0.3, seed=4).cast(torch.float64)
+    path = tmp_path / "ref.pt"
+    torch.save(io.reference_state_dict(model, dtype=torch.float64), path)
+    loaded = io.load(path)
+    x = torch.randn(32, 5, dtype=torch.float64)
+    assert torch.allclose(loaded(x), model(x), rtol=1e-12, atol=1e-12)
