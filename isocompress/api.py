@@ -14,11 +14,12 @@ import torch
 
 from isocompress import io
 from isocompress.errors import CheckFailed, IsocompressError
-from isocompress.layers import (alternate_diagonalise, as_float64, choose_alternating_layers, forward_float64,
-                                remove_constant_directions_accounted)  # noqa: F401
-from isocompress.measure import PROBE_SCALES, difference, output_difference, probe_inputs  # noqa: F401  (re-exported)
+from isocompress.layers import (alternate_diagonalise, as_float64, choose_alternating_layers,
+                                remove_constant_directions_accounted)
+from isocompress.measure import (PROBE_SCALES, difference, exact_rule_inputs, output_difference,  # noqa: F401
+                                 output_scale, probe_description, probe_inputs)
 from isocompress.model import IsoMLP
-from isocompress.parsing import parse_budget, parse_formats, parse_max_error
+from isocompress.parsing import is_number, parse_budget, parse_formats, parse_max_error
 from isocompress.progress import progress_bar
 
 
@@ -121,10 +122,6 @@ def parse_dtype(name: str | None, default: torch.dtype) -> torch.dtype:
     return table[name]
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
 class ShrinkOptions:
     """Everything that decides what `shrink` does (a recipe is one of these written as TOML). Validates itself.
@@ -157,15 +154,15 @@ class ShrinkOptions:
         self._validate_goal()
         if self.basis not in ("auto", "data-free", "data-aware"):
             raise IsocompressError(f"basis {self.basis!r} is not one of auto, data-free, data-aware")
-        if self.input_radius is not None and not (_is_number(self.input_radius) and 0 < self.input_radius < math.inf):
+        if self.input_radius is not None and not (is_number(self.input_radius) and 0 < self.input_radius < math.inf):
             raise IsocompressError(f"input radius {self.input_radius!r} must be a positive finite number")
         unknown = [f for f in self.formats if f not in ("safetensors", "onnx")]
         if unknown or not self.formats:
             raise IsocompressError(f"format {unknown[0] if unknown else '(none)'!r}: choose from safetensors, onnx")
-        if not (_is_number(self.onnx_tol) and 0 < self.onnx_tol < math.inf):
+        if not (is_number(self.onnx_tol) and 0 < self.onnx_tol < math.inf):
             raise IsocompressError(f"onnx tolerance {self.onnx_tol!r} must be a positive finite number")
         io.check_ref_mode(self.ref_intrinsic_length, "reference intrinsic length")
-        if self.certify_radius is not None and not (_is_number(self.certify_radius) and 0 < self.certify_radius < math.inf):
+        if self.certify_radius is not None and not (is_number(self.certify_radius) and 0 < self.certify_radius < math.inf):
             raise IsocompressError(f"certify radius {self.certify_radius!r} must be a positive finite number")
         if self.dtype not in (None, "float32", "float64", "float16", "bfloat16"):
             raise IsocompressError(f"dtype {self.dtype!r}: choose from float32, float64, float16, bfloat16")
@@ -177,7 +174,7 @@ class ShrinkOptions:
         goals = [self.budget, self.max_error, self.max_error_relative, self.min_certified_top1]
         if sum(g is not None for g in goals) > 1:
             raise IsocompressError("give one goal: a budget, a max-error or a min-certified-top1")
-        if self.min_certified_top1 is not None and not (_is_number(self.min_certified_top1)
+        if self.min_certified_top1 is not None and not (is_number(self.min_certified_top1)
                                                         and 0 <= self.min_certified_top1 <= 1):
             raise IsocompressError(f"min-certified-top1 {self.min_certified_top1!r} must be a fraction in [0, 1]")
         if self.budget is not None:
@@ -188,8 +185,7 @@ class ShrinkOptions:
             if percent is not None:
                 object.__setattr__(self, "max_error_relative", percent / 100.0)
         if self.max_error_relative is not None:
-            if isinstance(self.max_error_relative, bool) or not isinstance(self.max_error_relative, (int, float)) \
-                    or not (0 <= self.max_error_relative < math.inf):
+            if not is_number(self.max_error_relative) or not (0 <= self.max_error_relative < math.inf):
                 raise IsocompressError(
                     f"{where}: 'max_error_relative' is {self.max_error_relative!r}; it must be a finite fraction ≥ 0"
                     " (or give max_error as a percentage, '1%')"
@@ -223,7 +219,8 @@ def shrink_file(
     """`isocompress shrink`: load, shrink, write DIR/model.safetensors (+ DIR/model.onnx) and DIR/report.json; returns
     the report. `recipe`: provenance (name, version, path of a recipe file, overriding flags) for report["recipe"]."""
     options, started = options or ShrinkOptions(), time.perf_counter()
-    if (streamed := shrink_streaming(model_path, out_dir, options, calibration, progress, recipe)) is not None:
+    labelled = any(p is not None for p in (labels, certify_data, test_data, test_labels))  # checked in memory
+    if not labelled and (streamed := shrink_streaming(model_path, out_dir, options, calibration, progress, recipe)):
         return streamed  # issue 12: exact, safetensors only: one layer in memory at a time
     model_path = Path(model_path)
     original, saved_dtype, notes = load_model(model_path, options)
@@ -237,8 +234,8 @@ def shrink_file(
     check_ranges(original, calib, saved_dtype, options, model_path, calibration)
     effective, resolved = resolve_relative_error(options, original, probes)
     with output_dir(out, inputs) as stage:
-        exact_x = probe_inputs(original.widths[0]) if calib is None else torch.cat([probe_inputs(original.widths[0]), calib])
-        shrunk, prune_report = compress(original, effective, calib, label_data, progress, probes=exact_x, extra=extra)
+        shrunk, prune_report = compress(original, effective, calib, label_data, progress,
+                                        probes=exact_rule_inputs(original.widths[0], calib), extra=extra)
         constant = prune_report.pop("constant_directions") if not options.lossy else None
         files, onnx_report = write_outputs(shrunk, stage, options, saved_dtype, probes)
         reloaded = io.load(files["safetensors"]) if "safetensors" in files else shrunk.cast(saved_dtype)
@@ -249,8 +246,7 @@ def shrink_file(
                                     test_data=test_data, test_labels=test_labels),
             **shape_record(original, shrunk, model_path, files, saved_dtype),
             "probe": {
-                "inputs": "calibration data" if calib is not None else
-                          f"{probes.shape[0]} Gaussian inputs at scales {list(PROBE_SCALES)}",
+                "inputs": probe_description(calib, probes),
                 "float64": output_difference(original, shrunk, probes),
                 "saved_file": output_difference(original, reloaded, probes),
             },
@@ -344,14 +340,13 @@ def shrink_streaming(model_path, out_dir, options: ShrinkOptions, calibration, p
     probes = calib if calib is not None else probe_inputs(source.config.widths[0])
     out = Path(out_dir) if out_dir is not None else default_out_dir(model_path)
     inputs = [model_path] + ([Path(calibration)] if calibration is not None else [])
-    rule_x = probe_inputs(source.config.widths[0]) if calib is None else torch.cat([probe_inputs(source.config.widths[0]), calib])
     with output_dir(out, inputs) as stage:
         with progress_bar(source.n_layers - 1 + (source.n_layers - 1) // 2, "shrink", enabled=progress) as step:
-            done = stream.shrink_exact_to_file(source, stage / "model.safetensors", saved_dtype, probes, step, rule_x)
+            done = stream.shrink_exact_to_file(source, stage / "model.safetensors", saved_dtype, probes, step,
+                                               exact_rule_inputs(source.config.widths[0], calib))
         report = {
             "model": str(model_path), "exact": True,
-            "recipe": {**options.to_dict(), "calibration": None if calibration is None else str(calibration),
-                       "labels": None, **(recipe or {})},
+            "recipe": recipe_record(options, recipe, calibration=calibration, labels=None),
             "params_before": sum(r["params"] for r in done["layers_before"]),
             "params_after": sum(r["params"] for r in done["layers"]),
             "widths_before": done["widths_before"], "widths_after": done["widths_after"],
@@ -360,8 +355,7 @@ def shrink_streaming(model_path, out_dir, options: ShrinkOptions, calibration, p
             "dtype_saved": str(saved_dtype).replace("torch.", ""),
             "layers_before": done["layers_before"], "layers": done["layers"],
             "probe": {
-                "inputs": "calibration data" if calib is not None else
-                          f"{probes.shape[0]} Gaussian inputs at scales {list(PROBE_SCALES)}",
+                "inputs": probe_description(calib, probes),
                 "float64": difference(done["y"], done["y_float64"]),
                 "saved_file": difference(done["y"], done["y_saved"]),
             },
@@ -372,11 +366,6 @@ def shrink_streaming(model_path, out_dir, options: ShrinkOptions, calibration, p
         report["seconds"] = round(time.perf_counter() - started, 4)
         write_report(report, stage)
     return report
-
-
-def output_scale(model: IsoMLP, x: torch.Tensor) -> float:
-    """The largest output norm |y| over the inputs x (the scale a relative max-error refers to)."""
-    return float(torch.linalg.vector_norm(forward_float64(model, x), dim=-1).max())
 
 
 def resolve_relative_error(options: ShrinkOptions, original: IsoMLP, probes: torch.Tensor):
@@ -428,7 +417,6 @@ def compress(original: IsoMLP, options: ShrinkOptions, calibration, labels, prog
         with progress_bar(exact_steps(original), "shrink", enabled=progress) as step:
             model, record = shrink_exact_accounted(original, progress=step, x=probes)
             return model, {"constant_directions": record}
-    refuse_negative_o(original, "model")
     from isocompress import prune  # issue 4 (imported here: prune is heavy and only a budget needs it)
 
     return prune.prune_to_budget(original, options, calibration=calibration, labels=labels, progress=progress,

@@ -29,3 +29,21 @@ def difference(y: torch.Tensor, y2: torch.Tensor) -> dict:
     scale = torch.linalg.vector_norm(y, dim=-1).max().clamp_min(torch.finfo(torch.float64).tiny)
     return {"max_abs": float(diff.max()), "max_rel": float(diff.max() / scale), "n_inputs": int(y.shape[0]),
             "max_norm_reference": float(scale)}
+
+
+def output_scale(model: IsoMLP, x: torch.Tensor) -> float:
+    """The largest output norm |y| over the inputs x (the scale a relative max-error refers to)."""
+    return float(torch.linalg.vector_norm(forward_float64(model, x), dim=-1).max())
+
+
+def exact_rule_inputs(n_in: int, calibration: torch.Tensor | None) -> torch.Tensor:
+    """The inputs the constant-direction rule of an exact shrink is set on: the probe inputs, plus the calibration
+    data when given (layers.remove_constant_directions_accounted)."""
+    probes = probe_inputs(n_in)
+    return probes if calibration is None else torch.cat([probes, calibration.to(probes.dtype)])
+
+
+def probe_description(calibration: torch.Tensor | None, probes: torch.Tensor) -> str:
+    """report["probe"]["inputs"]: what the before/after comparison ran on."""
+    return "calibration data" if calibration is not None else \
+        f"{probes.shape[0]} Gaussian inputs at scales {list(PROBE_SCALES)}"

@@ -20,9 +20,9 @@ import torch
 
 from isocompress import bounds, local_bounds, threads
 from isocompress.errors import CheckFailed, IsocompressError
-from isocompress.layers import (alternate_diagonalise, as_float64, choose_alternating_layers, forward_float64,
+from isocompress.layers import (alternate_diagonalise, as_float64, choose_alternating_layers,
                                 remove_constant_directions_accounted)
-from isocompress.measure import probe_inputs
+from isocompress.measure import output_scale, probe_inputs
 from isocompress.model import IsoMLP, Layer
 from isocompress.progress import progress_bar
 
@@ -424,10 +424,6 @@ def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, pr
     return pruned, report
 
 
-def _output_scale(model: IsoMLP, x: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(forward_float64(model, x), dim=-1).max())
-
-
 def exact_step(original: IsoMLP, x, radius, centres, eps) -> tuple[IsoMLP, dict]:
     """The exact shrink, with the proven bound D on what it dropped (layers.remove_constant_directions_accounted) over
     every input a certificate here speaks of: |x| ≤ radius, and the balls |x − c_i| ≤ ε of the local certificates."""
@@ -436,7 +432,7 @@ def exact_step(original: IsoMLP, x, radius, centres, eps) -> tuple[IsoMLP, dict]
     if centres is not None and eps is not None:
         reach.append(float(torch.linalg.vector_norm(centres, dim=-1).max()) + eps)
     return remove_constant_directions_accounted(original, input_radius=max(reach) if reach else None,
-                                                output_scale=_output_scale(original, probes))
+                                                output_scale=output_scale(original, probes))
 
 
 def account_constant_directions(report: dict, constant: dict) -> None:

@@ -113,3 +113,18 @@ def test_a_non_float_tensor_is_refused_in_one_line(tmp_path):
     with pytest.raises(IsocompressError, match=r"int8\.safetensors: tensor 'layers\.0\.bias' has dtype torch\.int8"):
         api.shrink_file(tmp_path / "int8.safetensors", tmp_path / "o", api.ShrinkOptions(formats=("safetensors",)),
                         progress=False)
+
+
+def test_labels_are_checked_on_the_streamable_path_too(tmp_path):
+    # an exact safetensors-only run of our own format would stream; with labels it loads in memory, where a wrong
+    # label count is an input error (never silently dropped)
+    import numpy as np
+
+    path = tmp_path / "m.safetensors"
+    io.save(random_model([4, 6, 3], seed=1), path)
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(10, 4)))
+    np.save(tmp_path / "y.npy", np.zeros(7, dtype=np.int64))
+    with pytest.raises(IsocompressError, match="7 labels"):
+        api.shrink_file(path, tmp_path / "out", api.ShrinkOptions(formats=("safetensors",)), progress=False,
+                        calibration=tmp_path / "x.npy", labels=tmp_path / "y.npy")
+    assert not (tmp_path / "out").exists()
