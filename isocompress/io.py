@@ -315,9 +315,16 @@ def _float64(tensors: Mapping[str, torch.Tensor], key: str, where: str) -> torch
     if not (t.is_floating_point() or t.dtype in (torch.int64, torch.int32)):
         raise IsocompressError(f"{where}: tensor {key!r} has dtype {t.dtype}; expected a floating-point tensor")
     t = t.detach().to(torch.float64)
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise IsocompressError(f"{where}: tensor {key!r} contains NaN or Inf; fix or retrain the model")
     return t
+
+
+def all_finite(t: torch.Tensor, chunk: int = 1 << 18) -> bool:
+    """torch.isfinite(t).all() in chunks: isfinite allocates |t| and two boolean masks of t's size, which is the
+    peak of reading a wide layer (a streamed shrink reads one layer at a time)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 def _indices(keys: set[str], pattern: re.Pattern, group: int) -> list[int]:

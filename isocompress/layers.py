@@ -242,15 +242,25 @@ def _remove_constant(model: IsoMLP, i: int, rtol, sigma_floor) -> tuple[IsoMLP, 
     return (model if pair is None else model.with_layers({i: pair[0], i + 1: pair[1]})), dropped_sigma
 
 
-def remove_constant_pair(producer: Layer, consumer: Layer, rtol: float | None = None,
-                         sigma_floor: float | None = None) -> tuple[tuple[Layer, Layer] | None, float]:
-    """remove_constant_directions on one (producer, consumer) pair of float64 layers: (the new pair, or None when the
-    hidden space between them has no constant direction; the largest dropped singular value, 0 for the rtol rule)."""
-    producer, consumer = producer.as_dense(), consumer.as_dense()
+def producer_basis(producer: Layer, rtol: float | None = None,
+                   sigma_floor: float | None = None) -> tuple[torch.Tensor, float]:
+    """(Q, largest dropped σ) of `varying_basis` for the first layer of a pair (0 for the rtol rule): all that
+    `remove_constant_pair` needs of the producer before it sees the consumer."""
+    producer = producer.as_dense()
     if sigma_floor is None:
-        q, dropped_sigma = varying_basis(producer, rtol), 0.0
-    else:
-        q, dropped_sigma = varying_basis(producer, sigma_floor=sigma_floor)
+        return varying_basis(producer, rtol), 0.0
+    return varying_basis(producer, sigma_floor=sigma_floor)
+
+
+def remove_constant_pair(producer: Layer, consumer: Layer, rtol: float | None = None,
+                         sigma_floor: float | None = None,
+                         basis: tuple[torch.Tensor, float] | None = None) -> tuple[tuple[Layer, Layer] | None, float]:
+    """remove_constant_directions on one (producer, consumer) pair of float64 layers: (the new pair, or None when the
+    hidden space between them has no constant direction; the largest dropped singular value, 0 for the rtol rule).
+    `basis`: producer_basis(producer, rtol, sigma_floor), computed before the consumer was read (a streamed shrink
+    then never holds the consumer and the SVD's workspace at once)."""
+    producer, consumer = producer.as_dense(), consumer.as_dense()
+    q, dropped_sigma = producer_basis(producer, rtol, sigma_floor) if basis is None else basis
     if q.shape[1] == producer.n_out:
         return None, 0.0
     kept = _left_mul(q.T, producer)

@@ -56,15 +56,30 @@ def svd64(matrix: torch.Tensor, full: bool = True) -> tuple[torch.Tensor, torch.
 
 def spectral_norm_upper(matrix: torch.Tensor) -> float:
     """An upper bound on ‖A‖₂ (float64), about 3× cheaper than singular values: sqrt of λ_max of the smaller Gram
-    matrix G, plus the float64 error of forming G and of eigvalsh (each ≤ k·eps·‖A‖_F² with k the inner size, so
-    4·k·eps·‖A‖_F² covers both)."""
+    matrix (`gram_matrix`, `spectral_norm_from_gram`)."""
     a = matrix.to(torch.float64)
     if a.numel() == 0:
         return 0.0
-    gram = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
+    return spectral_norm_from_gram(gram_matrix(a), max(a.shape))
+
+
+def gram_matrix(a: torch.Tensor) -> torch.Tensor:
+    """The smaller Gram matrix of a float64 matrix: A Aᵀ or Aᵀ A."""
+    return a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
+
+
+def spectral_norm_from_gram(gram: torch.Tensor, inner: int) -> float:
+    """sqrt(λ_max(G)) plus the float64 error of forming G (inner size `inner`) and of eigvalsh: each is ≤
+    k·eps·‖A‖_F² with k ≤ max(inner, n), so 4·k·eps·‖A‖_F² covers both. ‖A‖_F² = trace(G), whose own rounding
+    (relative ≤ inner·eps) is covered by the factor (1 + 2·inner·eps). A caller may free A before this call: only G
+    is used (peak memory of a streamed shrink)."""
+    if gram.numel() == 0:
+        return 0.0
+    eps = torch.finfo(torch.float64).eps
+    fro2 = float(gram.diagonal().sum()) * (1.0 + 2.0 * inner * eps)
     with threads.for_matrix(*gram.shape):
         lam = float(torch.linalg.eigvalsh(gram)[-1])
-    margin = 4.0 * max(a.shape) * torch.finfo(torch.float64).eps * float((a * a).sum())
+    margin = 4.0 * max(inner, gram.shape[0]) * eps * fro2
     return math.sqrt(max(lam, 0.0) + margin)
 
 

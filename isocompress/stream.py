@@ -25,9 +25,10 @@ from isocompress import io
 from isocompress.config import ModelConfig
 from isocompress.errors import IsocompressError
 from isocompress.layers import (_left_mul, _right_mul, choose_alternating_layers, constant_floor, constant_record,
-                                layer_input_bound, layer_norms, lipschitz_after, remove_constant_pair)
+                                layer_input_bound, layer_norms, lipschitz_after, producer_basis,
+                                remove_constant_pair)
 from isocompress.model import Layer
-from isocompress.primitives import isotropic_tanh, svd64
+from isocompress.primitives import gram_matrix, isotropic_tanh, spectral_norm_from_gram, svd64
 
 F64 = torch.float64
 ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
@@ -300,37 +301,66 @@ def _load_layer(path: Path, n_in: int) -> Layer:
     return Layer(weight=t["weight"], bias=t["bias"], n_in=n_in, psi=t.get("psi"), o=t.get("o"))
 
 
-def constant_rule(src: LayerSource, x: torch.Tensor) -> SimpleNamespace:
+def constant_rule(src: LayerSource, x: torch.Tensor, probes: torch.Tensor | None = None) -> SimpleNamespace:
     """Pass 0 of a streamed exact shrink: what layers.remove_constant_directions_accounted needs before it visits a
     hidden space (issue 13's output-relative rule): after[i] = L_{i+1}, the Lipschitz constant of everything after
-    hidden space i (from every original layer's ‖W‖₂, |psi| and o), the output scale Y = max |y| on x and R = max |x|."""
-    fwd, norms, o = Forward(x.to(F64)), [], []
+    hidden space i (from every original layer's ‖W‖₂, |psi| and o), the output scale Y = max |y| on x and R = max |x|;
+    and y_probes, the original's outputs on `probes` (default x) from the same forward (no second forward of the
+    original is held beside its wide layers later)."""
+    rows, joint = _probe_rows(x, probes)
+    fwd, norms, o = Forward(joint.to(F64)), [], []
     for i in range(src.n_layers):
-        layer = src.layer(i).cast(F64)
-        fwd.feed(layer)
-        norms.append(layer_norms(layer))
-        o.append(None if layer.is_output else float(layer.o))
-        del layer
+        layer_norm, layer_o = _feed_and_norms(src, i, fwd)
+        norms.append(layer_norm)
+        o.append(layer_o)
     after = lipschitz_after(norms, o)
-    scale = max(float(torch.linalg.vector_norm(fwd.y, dim=-1).max()), torch.finfo(F64).tiny)
-    return SimpleNamespace(after=after, scale=scale, radius=float(torch.linalg.vector_norm(x, dim=-1).max()))
+    scale = max(float(torch.linalg.vector_norm(fwd.y[: x.shape[0]], dim=-1).max()), torch.finfo(F64).tiny)
+    return SimpleNamespace(after=after, scale=scale, radius=float(torch.linalg.vector_norm(x, dim=-1).max()),
+                           y_probes=fwd.y[rows])
 
 
-def remove_constants_pass(src: LayerSource, tmp: Path, fwd: Forward, step: Callable[[str], None],
+def _probe_rows(x: torch.Tensor, probes: torch.Tensor | None) -> tuple[slice, torch.Tensor]:
+    """(rows of the probes' outputs, the inputs to run): x alone when the probes are x or its last rows (the rule's
+    inputs are the probes, or the probes plus calibration data with the calibration data last), else x then probes."""
+    n = x.shape[0]
+    if probes is None:
+        return slice(0, n), x
+    p = probes.shape[0]
+    if p <= n and torch.equal(x[n - p:].to(F64), probes.to(F64)):
+        return slice(n - p, n), x
+    return slice(n, n + p), torch.cat([x.to(F64), probes.to(F64)])
+
+
+def _feed_and_norms(src: LayerSource, i: int, fwd: Forward) -> tuple[tuple[float, float], float | None]:
+    """Layer i fed to `fwd`, then (layers.layer_norms of it, its o): the same numbers, but the layer is freed before
+    the eigenvalue step, so only its Gram matrix and eigvalsh's copy of it are resident there (peak memory)."""
+    layer = src.layer(i)
+    fwd.feed(layer)
+    o = None if layer.is_output else float(layer.o)
+    if layer.kind == "diag" or layer.weight.numel() == 0:
+        return layer_norms(layer), o
+    psi = 0.0 if layer.psi is None else torch.linalg.vector_norm(layer.psi).item()
+    gram, inner = gram_matrix(layer.weight), max(layer.weight.shape)
+    del layer
+    return (spectral_norm_from_gram(gram, inner), psi), o
+
+
+def remove_constants_pass(src: LayerSource, tmp: Path, step: Callable[[str], None],
                           rule: SimpleNamespace) -> tuple[list[dict], list[SimpleNamespace], dict]:
     """remove_all_constant_directions, one pair of layers at a time, with the rule and record of
-    layers.remove_constant_directions_accounted; layer i of the result goes to tmp/i. Feeds the original's layers to
-    `fwd`. Returns (summaries of the original layers, shapes of the result's layers, the record)."""
+    layers.remove_constant_directions_accounted; layer i of the result goes to tmp/i. The producer's SVD runs before its consumer is read (one wide layer and the SVD's workspace are never
+    resident together). Returns (summaries of the original layers, shapes of the result's layers, the record)."""
     before, shapes, pending, o_before = [], [], None, None
     record = constant_record(None, rule.scale, rule.radius)
     for i in range(src.n_layers):
-        original = src.layer(i)
-        fwd.feed(original)
-        before.append(summary(i, original))
         if pending is not None:
             b = layer_input_bound(i - 1, rule.radius, o_before, pending.psi is not None)
-            pair, sigma = remove_constant_pair(pending, original,
-                                               sigma_floor=constant_floor(b, rule.after[i - 1], rule.scale))
+            basis = producer_basis(pending, sigma_floor=constant_floor(b, rule.after[i - 1], rule.scale))
+        original = src.layer(i)
+        before.append(summary(i, original))
+        if pending is not None:
+            pair, sigma = remove_constant_pair(pending, original, basis=basis)
+            del basis
             kept, original = (pending, original) if pair is None else pair
             record["dropped"].append(pending.n_out - kept.n_out)
             record["largest_dropped_sigma"].append(sigma)
@@ -391,10 +421,10 @@ def shrink_exact_to_file(src: LayerSource, out_path: Path, dtype: torch.dtype, p
     probes). Returns layer summaries before/after, the probe outputs of the original, the float64 result and the
     saved file, and the rule's record (report.json's constant_directions)."""
     return_freed_memory_to_the_system()
-    rule = constant_rule(src, probes if rule_inputs is None else rule_inputs)
-    fwd, fwd64, fwd_saved, after = Forward(probes.to(F64)), Forward(probes.to(F64)), Forward(probes.to(F64)), []
+    rule = constant_rule(src, probes if rule_inputs is None else rule_inputs, probes)
+    fwd64, fwd_saved, after = Forward(probes.to(F64)), Forward(probes.to(F64)), []
     with tempfile.TemporaryDirectory(prefix=".isocompress-stream-", dir=out_path.parent) as tmp_name:
-        before, shapes, record = remove_constants_pass(src, Path(tmp_name), fwd, step, rule)
+        before, shapes, record = remove_constants_pass(src, Path(tmp_name), step, rule)
         chosen = set(choose_alternating_layers(SimpleNamespace(layers=shapes)))
         specs, config = final_specs(shapes, chosen, dtype)
         with io.atomic_path(out_path) as tmp_out:
@@ -416,5 +446,5 @@ def shrink_exact_to_file(src: LayerSource, out_path: Path, dtype: torch.dtype, p
                 raise
             writer.close()
     return {"layers_before": before, "layers": after, "widths_before": list(src.config.widths),
-            "widths_after": list(config.widths), "y": fwd.y, "y_float64": fwd64.y, "y_saved": fwd_saved.y,
+            "widths_after": list(config.widths), "y": rule.y_probes, "y_float64": fwd64.y, "y_saved": fwd_saved.y,
             "constant_directions": record}

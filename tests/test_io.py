@@ -182,3 +182,18 @@ def test_reference_state_dict_loads_back_as_the_same_function(tmp_path):
     loaded = io.load(path)
     x = torch.randn(32, 5, dtype=torch.float64)
     assert torch.allclose(loaded(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 5, 1 << 18, (1 << 18) + 3, 3 * (1 << 18) - 1])
+def test_all_finite_finds_a_bad_value_in_any_chunk(n):
+    """io.all_finite checks in chunks (memory): a NaN or ±Inf at the start, in the middle or in the last element of a
+    partial last chunk is found; a finite tensor passes."""
+    from isocompress.io import all_finite
+
+    t = torch.randn(n, dtype=torch.float64)
+    assert all_finite(t) and all_finite(t.reshape(1, -1))
+    for where in {0, n // 2, n - 1}:
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            u = t.clone()
+            u[where] = bad
+            assert not all_finite(u)

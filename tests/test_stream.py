@@ -128,3 +128,36 @@ def test_labels_are_checked_on_the_streamable_path_too(tmp_path):
         api.shrink_file(path, tmp_path / "out", api.ShrinkOptions(formats=("safetensors",)), progress=False,
                         calibration=tmp_path / "x.npy", labels=tmp_path / "y.npy")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["probes are the rule inputs", "probes are the last rows", "probes are elsewhere"])
+def test_the_rule_pass_gives_the_originals_outputs_on_the_probes(tmp_path, case):
+    """The streamed shrink takes the original's probe outputs from the rule's forward (no second forward of the
+    original): they must be the original's outputs on exactly the probe rows, and the output scale must be that of
+    the rule's inputs alone."""
+    model = random_model([4, 9, 7, 3], psi=True, o=(0.0, 1.0), seed=3)
+    path = tmp_path / "m.safetensors"
+    io.save(model, path, dtype=F64)
+    gen = torch.Generator().manual_seed(1)
+    probes = torch.randn(20, 4, dtype=F64, generator=gen)
+    rule_inputs = {"probes are the rule inputs": probes.clone(),
+                   "probes are the last rows": torch.cat([torch.randn(9, 4, dtype=F64, generator=gen), probes]),
+                   "probes are elsewhere": 5 * torch.randn(11, 4, dtype=F64, generator=gen)}[case]
+    rule = stream.constant_rule(stream.open_source(path), rule_inputs, probes)
+    with torch.no_grad():
+        torch.testing.assert_close(rule.y_probes, model(probes), rtol=1e-13, atol=1e-13)
+        assert rule.scale == pytest.approx(float(model(rule_inputs).norm(dim=-1).max()), rel=1e-13)
+
+
+def test_the_rule_pass_uses_the_same_lipschitz_chain_as_the_in_memory_path(tmp_path):
+    """The streamed pass frees each layer before its eigenvalue step; the chain must still be layers.layer_norms'."""
+    from isocompress.layers import layer_norms, lipschitz_after
+
+    model = random_model([6, 11, 8, 8, 2], psi=True, o=(0.0, 1.5), seed=4)
+    path = tmp_path / "m.safetensors"
+    io.save(model, path, dtype=F64)
+    x = torch.randn(5, 6, dtype=F64)
+    rule = stream.constant_rule(stream.open_source(path), x)
+    layers = io.load(path).layers
+    expected = lipschitz_after([layer_norms(l) for l in layers], [None if l.o is None else float(l.o) for l in layers])
+    assert rule.after == pytest.approx(expected, rel=1e-14)  # the same sums, up to the order of float64 rounding
