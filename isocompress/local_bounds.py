@@ -79,6 +79,43 @@ def second_derivative_sup(o: float, t_lo: torch.Tensor, t_hi: torch.Tensor) -> t
     return 6.0 * d1 * t_hi + 4.0 * d2 * t_hi ** 3, 2.0 * d1 + 4.0 * d2 * t_hi * t_hi
 
 
+@dataclass
+class Curvature:
+    """The structure of the Taylor remainder of h = f(z) at c (docs/bounds.md, Lemma 9): per point and every x in the
+    ball, h − f(c) − J_f(c)Aδ = J_f(c)w + a c + b u + e z with u = z − c, |w| ≤ rz, |a| ≤ alpha, |b| ≤ beta and
+    |e| ≤ gamma (a, b, e scalars that depend on x). A matrix M then moves it by at most
+    ‖M‖ g_c rz + alpha|Mc| + beta sup|Mu| + gamma sup|Mz|: much less than ‖M‖ |w_h| when M's rows are nearly
+    orthogonal to c and to the range of A, as the removed rows are."""
+
+    c: torch.Tensor  # (P, n)
+    A: torch.Tensor  # (P, n, n0)
+    rz: torch.Tensor  # (P,)
+    gc: torch.Tensor  # (P,)
+    alpha: torch.Tensor  # (P,)
+    beta: torch.Tensor  # (P,)
+    gamma: torch.Tensor  # (P,)
+
+    def moved_by(self, m: torch.Tensor, eps: float) -> torch.Tensor:
+        """Per point, a bound on |M (h − f(c) − J_f(c)Aδ)| over the ball."""
+        norm = spectral_norm(m)
+        mc = torch.linalg.vector_norm(self.c @ m.T, dim=-1)
+        mu = eps * op_norm_upper(torch.matmul(m, self.A)) + norm * self.rz  # ≥ sup |M u|
+        return norm * self.gc * self.rz + self.alpha * mc + self.beta * mu + self.gamma * (mc + mu)
+
+
+def taylor_coefficients(cn: torch.Tensor, sigma: torch.Tensor, rad: torch.Tensor, o: float,
+                        t_lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(alpha, beta, gamma) of Lemma 9 at a centre c, for |u| ≤ rad and |c·u| ≤ sigma, with every |c + u| ≥ t_lo: with
+    s = 2c·u + |u|² (|s| ≤ S = 2σ + rad²), f(c+u) − f(c) − J_f(c)u = G'(μ_c)|u|² c + G'(μ_c) s u + ½G''(ξ) s² (c+u) and
+    g(c+u) − g(c) − ∇g(c)·u = G'(μ_c)|u|² + ½G''(ξ) s², with ξ ≥ o + t_lo² (G'' > 0 and decreasing, Lemma 8):
+    alpha = |G'(μ_c)| rad², beta = |G'(μ_c)| S, gamma = ½ G''(o + t_lo²) S². The remainders are then at most
+    alpha|c| + beta rad + gamma t_hi (of f) and alpha + gamma (of g)."""
+    big_s = 2.0 * sigma + rad * rad
+    d1 = gain_sq_slope_exact(o + cn * cn).abs() * (1.0 + 1e-9)
+    d2 = gain_sq_curv_sup(o + t_lo * t_lo)
+    return d1 * rad * rad, d1 * big_s, 0.5 * d2 * big_s * big_s
+
+
 # --- batched norms ------------------------------------------------------------------------------------------------
 def op_norm_upper(a: torch.Tensor) -> torch.Tensor:
     """Upper bounds on the spectral norms of a batch of matrices (…, n, k): ‖A‖₂^(2p) = ‖(AᵀA)^p‖₂ ≤ ‖(AᵀA)^p‖_F with
@@ -106,6 +143,7 @@ class Form:
     A: torch.Tensor  # (P, n, n0)
     r: torch.Tensor  # (P,)
     a_norm: torch.Tensor | None = None  # (P,) an upper bound on ‖A‖₂, filled in by `norm`
+    curv: "Curvature | None" = None  # the structure of w where it is a Taylor remainder (an activation's output)
 
     def norm(self) -> torch.Tensor:
         if self.a_norm is None:
@@ -158,7 +196,7 @@ def jacobian_apply(gc: torch.Tensor, slope: torch.Tensor, c: torch.Tensor, m: to
 
 def activation(z: Form, dz: Form, o: float, eps: float) -> tuple[Form, Scalar, Form, Scalar]:
     """h = f(z), g = g(z) of the original and Δh = f(z + Δz) − f(z), Δg likewise, as forms (docs/bounds.md, §8.3)."""
-    c, n0 = z.c, z.A.shape[-1]
+    c = z.c
     cn = torch.linalg.vector_norm(c, dim=-1)
     rz = z.spread(eps)
     t_lo, t_hi = (cn - rz).clamp_min(0.0), cn + rz
@@ -169,13 +207,18 @@ def activation(z: Form, dz: Form, o: float, eps: float) -> tuple[Form, Scalar, F
     g_top, g_bot = gain_of_sq(o + t_lo * t_lo), gain_of_sq(o + t_hi * t_hi)
     spec_lo = sech2(torch.sqrt(o + t_hi * t_hi))  # every eigenvalue of J_f on the ball lies in [spec_lo, g_top]
     # h = f(c) + J_c A δ + w: |w| ≤ the Taylor remainder, or ≤ |h − f(c)| + |J_c A δ| (Lemma 1 on the ball)
+    sigma = eps * torch.linalg.vector_norm(torch.einsum("pn,pnk->pk", c, z.A), dim=-1) + cn * z.r  # ≥ |c·u|
+    alpha, beta, gamma = taylor_coefficients(cn, sigma, rz, o, t_lo)
+    rem_f, rem_g = alpha * cn + beta * rz + gamma * t_hi, alpha + gamma
     h = Form(gc[:, None] * c, jacobian_apply(gc, slope, c, z.A),
-             torch.minimum(gc * z.r + torch.minimum(lf * rz * rz / 2.0, (g_top - spec_lo) * rz),
-                           g_top * rz + gc * z.norm() * eps))
+             torch.minimum(gc * z.r + torch.minimum(torch.minimum(lf * rz * rz / 2.0, rem_f), (g_top - spec_lo) * rz),
+                           g_top * rz + gc * z.norm() * eps),
+             curv=Curvature(c, z.A, z.r, gc, alpha, beta, gamma))
     # g = g_c + ∇g_c·A δ + w: Taylor remainder, or the interval [g_bot, g_top] plus the linear part
     grad_a = torch.einsum("pn,pnk->pk", grad, z.A)
     lin = eps * torch.linalg.vector_norm(grad_a, dim=-1)
-    g = Scalar(gc, grad_a, torch.minimum(torch.linalg.vector_norm(grad, dim=-1) * z.r + lg * rz * rz / 2.0,
+    g = Scalar(gc, grad_a, torch.minimum(torch.linalg.vector_norm(grad, dim=-1) * z.r
+                                         + torch.minimum(lg * rz * rz / 2.0, rem_g),
                                          torch.maximum(g_top - gc, gc - g_bot) + lin))
     # differences: z and z + Δz lie in B(c, rz + D)
     d = dz.sup(eps)
@@ -197,16 +240,18 @@ def activation(z: Form, dz: Form, o: float, eps: float) -> tuple[Form, Scalar, F
                 torch.minimum(torch.linalg.vector_norm(grad, dim=-1) * dz.r + lg_w * wide * d,
                               torch.minimum(gain_slope_sup(torch.sqrt(o + w_lo * w_lo)) * d, top_w - bot_w) + dg_lin))
     # exact centre (§8.4): Δh(x) − Δh(x_i) = J(c')(Δz − d) + (J(c') − J(c)) u + R' − R, c' = c + d, u = z − c
-    dh_e, dg_e = exact_centre(z, dz, h, grad_a, gc, slope, grad, lf, lg, rz, o, eps)
+    dh_e, dg_e = exact_centre(z, dz, h, grad_a, gc, slope, grad, (torch.minimum(lf * rz * rz / 2.0, rem_f),
+                              torch.minimum(lg * rz * rz / 2.0, rem_g)), rz, o, eps)
     dh = pick(dh_e.r < dh.r, dh_e, dh)
     dg = pick(dg_e.r < dg.r, dg_e, dg)
     return h, g, dh, dg
 
 
 # --- one affine layer ---------------------------------------------------------------------------------------------
-def exact_centre(z: Form, dz: Form, h: Form, grad_a, gc, slope, grad, lf, lg, rz, o: float, eps: float):
+def exact_centre(z: Form, dz: Form, h: Form, grad_a, gc, slope, grad, rem, rz, o: float, eps: float):
     """Δh and Δg as forms centred on their exact values at x_i (docs/bounds.md §8.4): remainders of order ε², not of
-    order |Δz(x_i)|·ε, which wins where the centres of the two networks are far apart."""
+    order |Δz(x_i)|·ε, which wins where the centres of the two networks are far apart. `rem`: the bounds on the
+    original's Taylor remainders R of f and g at c (§8.3); those of the pruned network at c' are formed here."""
     c = z.c
     c2 = c + dz.c
     n2 = torch.linalg.vector_norm(c2, dim=-1)
@@ -214,7 +259,11 @@ def exact_centre(z: Form, dz: Form, h: Form, grad_a, gc, slope, grad, lf, lg, rz
     g2, slope2 = gain_of_sq(mu2), gain_sq_slope_exact(mu2)
     grad2 = 2.0 * slope2[:, None] * c2
     ru2 = rz + dz.norm() * eps + dz.r  # sup |z' − c'|
-    lf2, lg2 = second_derivative_sup(o, (n2 - ru2).clamp_min(0.0), n2 + ru2)
+    lo2, hi2 = (n2 - ru2).clamp_min(0.0), n2 + ru2
+    lf2, lg2 = second_derivative_sup(o, lo2, hi2)
+    sigma2 = eps * torch.linalg.vector_norm(torch.einsum("pn,pnk->pk", c2, z.A + dz.A), dim=-1) + n2 * (z.r + dz.r)
+    alpha2, beta2, gamma2 = taylor_coefficients(n2, sigma2, ru2, o, lo2)
+    rem_f2, rem_g2 = alpha2 * n2 + beta2 * ru2 + gamma2 * hi2, alpha2 + gamma2
     # ‖J(c') − J(c)‖ ≤ L_f on the segment [c, c'] × |d| (Lemma 8), and ≤ the spread of their spectra
     cn = torch.linalg.vector_norm(c, dim=-1)
     dn = torch.linalg.vector_norm(dz.c, dim=-1)
@@ -222,17 +271,18 @@ def exact_centre(z: Form, dz: Form, h: Form, grad_a, gc, slope, grad, lf, lg, rz
     top = gain_of_sq(o + (torch.minimum(cn, n2) - dn).clamp_min(0.0) ** 2)
     low = sech2(torch.sqrt(o + torch.maximum(cn, n2) ** 2))
     jdiff = torch.minimum(seg_lf * dn, top - low)
-    quad = (lf * rz * rz + lf2 * ru2 * ru2) / 2.0
+    quad = rem[0] + torch.minimum(lf2 * ru2 * ru2 / 2.0, rem_f2)
     dh = Form(g2[:, None] * c2 - gc[:, None] * c, jacobian_apply(g2, slope2, c2, z.A + dz.A) - h.A,
               g2 * dz.r + jdiff * z.r + quad)
     gdiff = torch.minimum(seg_lg * dn, torch.linalg.vector_norm(grad2 - grad, dim=-1))
     dg = Scalar(g2 - gc, torch.einsum("pn,pnk->pk", grad2, dz.A) + torch.einsum("pn,pnk->pk", grad2 - grad, z.A),
-                torch.linalg.vector_norm(grad2, dim=-1) * dz.r + gdiff * z.r + (lg * rz * rz + lg2 * ru2 * ru2) / 2.0)
+                torch.linalg.vector_norm(grad2, dim=-1) * dz.r + gdiff * z.r + rem[1]
+                + torch.minimum(lg2 * ru2 * ru2 / 2.0, rem_g2))
     return dh, dg
 
 
 def affine(layer: Layer, h: Form, g: Scalar | None, dh: Form, dg: Scalar | None, removed: torch.Tensor,
-           consts: torch.Tensor) -> tuple[Form, Form]:
+           consts: torch.Tensor, eps: float) -> tuple[Form, Form]:
     """z = W h + b + psi g and Δz = P_K(W Δh + psi Δg) − P_S(z − c) (docs/bounds.md, eq. 2)."""
     w, psi = layer.dense_weight(), layer.psi
     zc = h.c @ w.T + layer.bias
@@ -244,6 +294,8 @@ def affine(layer: Layer, h: Form, g: Scalar | None, dh: Form, dg: Scalar | None,
     zr = spectral_norm(w) * h.r
     kept_r = spectral_norm(wk) * dh.r
     gone_r = spectral_norm(ws) * h.r
+    if h.curv is not None and bool(removed.any()):  # Lemma 9: the removed rows barely see the curvature
+        gone_r = torch.minimum(gone_r, h.curv.moved_by(ws, eps))
     if psi is not None:
         zc = zc + psi[None, :] * g.c[:, None]
         za = za + psi[None, :, None] * g.a[:, None, :]
@@ -281,7 +333,7 @@ def local_bounds(layers: list[Layer], removed: list[torch.Tensor], consts: list[
         last = i == n_hidden
         mask = torch.zeros(layers[i].n_out, dtype=torch.bool) if last else removed[i]
         const = torch.zeros(layers[i].n_out, dtype=F64) if last else consts[i]
-        z, dz = affine(layers[i], h, g, dh, dg, mask, const)
+        z, dz = affine(layers[i], h, g, dh, dg, mask, const, eps)
     slack = allowance + ROUNDING * (torch.linalg.vector_norm(z.c, dim=-1) + z.spread(eps))
     beta = dz.sup(eps) + slack
     top = z.c.argmax(-1)

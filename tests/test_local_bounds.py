@@ -50,6 +50,41 @@ def test_second_derivative_bound_holds_at_random_points():
         assert bool((second.norm(dim=-1) <= bound_f * (1 + 1e-4) + 1e-6).all())
 
 
+@pytest.mark.parametrize("o", [0.0, 0.01, 0.5, 3.0])
+@pytest.mark.parametrize("scale", [0.05, 1.0, 4.0])
+def test_lemma_9_structured_taylor_remainder_holds(o, scale):
+    """Lemma 9: f(c+u) − f(c) − J_f(c)u = a c + b u + e (c+u) with |a| ≤ alpha, |b| ≤ beta, |e| ≤ gamma, so for any M
+    |M R| ≤ alpha|Mc| + beta|Mu| + gamma|M(c+u)|, and the gain's remainder is ≤ alpha + gamma. Checked at random
+    centres and steps of every size relative to |c| (including steps through the origin), with the tightest inputs
+    the lemma allows (σ = |c·u|, rad = |u|, t_lo = min(|c|, |c+u|)) and with M = I and a random M."""
+    gen = torch.Generator().manual_seed(int(10 * o + scale))
+    n = 6
+    c = torch.randn(2000, n, dtype=F64, generator=gen) * scale
+    u = torch.randn(2000, n, dtype=F64, generator=gen) * scale * torch.logspace(-3, 0.5, 2000, dtype=F64)[:, None]
+    m = torch.randn(3, n, dtype=F64, generator=gen)
+    z = c + u
+
+    def f_and_g(v):
+        g = isotropic_gain(o + (v * v).sum(-1, keepdim=True))
+        return g * v, g[:, 0]
+
+    (fz, gz), (fc, gc) = f_and_g(z), f_and_g(c)
+    mu_c = o + (c * c).sum(-1)
+    slope = lb.gain_sq_slope_exact(mu_c)
+    jac_u = gc[:, None] * u + 2.0 * slope[:, None] * (c * u).sum(-1, keepdim=True) * c
+    rem_f, rem_g = fz - fc - jac_u, gz - gc - 2.0 * slope * (c * u).sum(-1)
+    cn, rad = c.norm(dim=-1), u.norm(dim=-1)
+    alpha, beta, gamma = lb.taylor_coefficients(cn, (c * u).sum(-1).abs(), rad, o, torch.minimum(cn, z.norm(dim=-1)))
+    slack = 1e-12 * (1.0 + fz.norm(dim=-1))  # the float64 rounding of forming the remainders above
+    assert bool((rem_f.norm(dim=-1) <= alpha * cn + beta * rad + gamma * z.norm(dim=-1) + slack).all())
+    assert bool((rem_g.abs() <= alpha + gamma + slack).all())
+    moved = alpha[:, None] * (c @ m.T).abs() + beta[:, None] * (u @ m.T).abs() + gamma[:, None] * (z @ m.T).abs()
+    assert bool(((rem_f @ m.T).abs() <= moved + 10 * slack[:, None]).all())
+    # not vacuous: the bound is within a small factor of the remainder for the largest steps
+    big = rad > cn
+    assert float((rem_f.norm(dim=-1)[big] / (alpha * cn + beta * rad + gamma * z.norm(dim=-1))[big]).max()) > 0.2
+
+
 def test_op_norm_upper_is_an_upper_bound_and_close():
     gen = torch.Generator().manual_seed(2)
     a = torch.randn(50, 30, 20, dtype=F64, generator=gen) * torch.logspace(0, -3, 20, dtype=F64)
