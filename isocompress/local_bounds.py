@@ -79,28 +79,68 @@ def second_derivative_sup(o: float, t_lo: torch.Tensor, t_hi: torch.Tensor) -> t
     return 6.0 * d1 * t_hi + 4.0 * d2 * t_hi ** 3, 2.0 * d1 + 4.0 * d2 * t_hi * t_hi
 
 
+MAX_MATRIX_TERMS = 4  # matrix terms a Residue carries; older ones are folded into its ball (cost stays linear in depth)
+
+
 @dataclass
-class Curvature:
-    """The structure of the Taylor remainder of h = f(z) at c (docs/bounds.md, Lemma 9): per point and every x in the
-    ball, h − f(c) − J_f(c)Aδ = J_f(c)w + a c + b u + e z with u = z − c, |w| ≤ rz, |a| ≤ alpha, |b| ≤ beta and
-    |e| ≤ gamma (a, b, e scalars that depend on x). A matrix M then moves it by at most
-    ‖M‖ g_c rz + alpha|Mc| + beta sup|Mu| + gamma sup|Mz|: much less than ‖M‖ |w_h| when M's rows are nearly
-    orthogonal to c and to the range of A, as the removed rows are."""
+class Residue:
+    """The structure of a form's remainder (docs/bounds.md, Lemma 9'): per point and every x in the ball,
+    w = Σ_j t_j v_j + Σ_j τ_j V_j δ + w₀ with scalars |t_j| ≤ κ_j, |τ_j| ≤ λ_j (functions of x) and |w₀| ≤ r0.
+    A matrix M moves it by at most Σ κ_j|M v_j| + Σ λ_j ε‖M V_j‖ + ‖M‖ r0 — much less than ‖M‖ sup|w| when M's rows
+    are nearly orthogonal to the v_j and to the ranges of the V_j, as the removed rows are to the data's directions."""
 
-    c: torch.Tensor  # (P, n)
-    A: torch.Tensor  # (P, n, n0)
-    rz: torch.Tensor  # (P,)
-    gc: torch.Tensor  # (P,)
-    alpha: torch.Tensor  # (P,)
-    beta: torch.Tensor  # (P,)
-    gamma: torch.Tensor  # (P,)
+    vecs: list  # [(v (P, n), kappa (P,))]
+    mats: list  # [(V (P, n, n0), lam (P,))]
+    r0: torch.Tensor  # (P,)
 
-    def moved_by(self, m: torch.Tensor, eps: float) -> torch.Tensor:
-        """Per point, a bound on |M (h − f(c) − J_f(c)Aδ)| over the ball."""
-        norm = spectral_norm(m)
-        mc = torch.linalg.vector_norm(self.c @ m.T, dim=-1)
-        mu = eps * op_norm_upper(torch.matmul(m, self.A)) + norm * self.rz  # ≥ sup |M u|
-        return norm * self.gc * self.rz + self.alpha * mc + self.beta * mu + self.gamma * (mc + mu)
+    @staticmethod
+    def empty(p: int) -> "Residue":
+        return Residue([], [], torch.zeros(p, dtype=F64))
+
+    def sup(self, eps: float) -> torch.Tensor:
+        total = self.r0.clone()
+        for v, k in self.vecs:
+            total = total + k * torch.linalg.vector_norm(v, dim=-1)
+        for v, lam in self.mats:
+            total = total + lam * eps * op_norm_upper(v)
+        return total
+
+    def moved_sup(self, m: torch.Tensor, eps: float) -> torch.Tensor:
+        """A bound on |M w| (M fixed: rows × n)."""
+        return self.mapped(m).sup(eps)
+
+    def dotted_sup(self, a: torch.Tensor, eps: float) -> torch.Tensor:
+        """A bound on |a·w| for a per-point row a (P, n)."""
+        total = torch.linalg.vector_norm(a, dim=-1) * self.r0
+        for v, k in self.vecs:
+            total = total + k * (a * v).sum(-1).abs()
+        for v, lam in self.mats:
+            total = total + lam * eps * torch.linalg.vector_norm(torch.einsum("pn,pnk->pk", a, v), dim=-1)
+        return total
+
+    def mapped(self, m: torch.Tensor) -> "Residue":
+        """M w, exactly in the terms (M v_j, M V_j) and ‖M‖ r0."""
+        return Residue([(v @ m.T, k) for v, k in self.vecs], [(torch.matmul(m, v), lam) for v, lam in self.mats],
+                       spectral_norm(m) * self.r0)
+
+    def through_jacobian(self, gc: torch.Tensor, slope: torch.Tensor, c: torch.Tensor) -> "Residue":
+        """J_f(c) w (‖J_f(c)‖ = g_c, Lemma 1)."""
+        return Residue([(jacobian_apply(gc, slope, c, v), k) for v, k in self.vecs],
+                       [(jacobian_apply(gc, slope, c, v), lam) for v, lam in self.mats], gc * self.r0)
+
+    def plus(self, vecs: list, mats: list, r0: torch.Tensor, eps: float) -> "Residue":
+        """These terms added; beyond MAX_MATRIX_TERMS the oldest matrix terms are folded into the ball."""
+        all_mats, extra = self.mats + mats, self.r0 + r0
+        while len(all_mats) > MAX_MATRIX_TERMS:
+            v, lam = all_mats.pop(0)
+            extra = extra + lam * eps * op_norm_upper(v)
+        return Residue(self.vecs + vecs, all_mats, extra)
+
+
+def activation_residue(z: Form, gc, slope, alpha, beta, gamma, eps: float) -> Residue:
+    """Lemma 9': h − f(c) − J_f(c)Aδ = J_f(c)w_z + (a + e)c + (b + e)Aδ + (b + e)w_z with |a| ≤ α, |b| ≤ β, |e| ≤ γ."""
+    inner = (z.res if z.res is not None else Residue.empty(z.c.shape[0])).through_jacobian(gc, slope, z.c)
+    return inner.plus([(z.c, alpha + gamma)], [(z.A, beta + gamma)], (beta + gamma) * z.r, eps)
 
 
 def taylor_coefficients(cn: torch.Tensor, sigma: torch.Tensor, rad: torch.Tensor, o: float,
@@ -143,7 +183,7 @@ class Form:
     A: torch.Tensor  # (P, n, n0)
     r: torch.Tensor  # (P,)
     a_norm: torch.Tensor | None = None  # (P,) an upper bound on ‖A‖₂, filled in by `norm`
-    curv: "Curvature | None" = None  # the structure of w where it is a Taylor remainder (an activation's output)
+    res: "Residue | None" = None  # the structure of w (Lemma 9'), where known
 
     def norm(self) -> torch.Tensor:
         if self.a_norm is None:
@@ -207,18 +247,22 @@ def activation(z: Form, dz: Form, o: float, eps: float) -> tuple[Form, Scalar, F
     g_top, g_bot = gain_of_sq(o + t_lo * t_lo), gain_of_sq(o + t_hi * t_hi)
     spec_lo = sech2(torch.sqrt(o + t_hi * t_hi))  # every eigenvalue of J_f on the ball lies in [spec_lo, g_top]
     # h = f(c) + J_c A δ + w: |w| ≤ the Taylor remainder, or ≤ |h − f(c)| + |J_c A δ| (Lemma 1 on the ball)
-    sigma = eps * torch.linalg.vector_norm(torch.einsum("pn,pnk->pk", c, z.A), dim=-1) + cn * z.r  # ≥ |c·u|
+    along_c = z.res.dotted_sup(c, eps) if z.res is not None else cn * z.r  # ≥ |c·w_z|
+    sigma = eps * torch.linalg.vector_norm(torch.einsum("pn,pnk->pk", c, z.A), dim=-1) + torch.minimum(along_c, cn * z.r)
     alpha, beta, gamma = taylor_coefficients(cn, sigma, rz, o, t_lo)
     rem_f, rem_g = alpha * cn + beta * rz + gamma * t_hi, alpha + gamma
+    res = activation_residue(z, gc, slope, alpha, beta, gamma, eps)
     h = Form(gc[:, None] * c, jacobian_apply(gc, slope, c, z.A),
-             torch.minimum(gc * z.r + torch.minimum(torch.minimum(lf * rz * rz / 2.0, rem_f), (g_top - spec_lo) * rz),
-                           g_top * rz + gc * z.norm() * eps),
-             curv=Curvature(c, z.A, z.r, gc, alpha, beta, gamma))
+             torch.minimum(torch.minimum(gc * z.r + torch.minimum(torch.minimum(lf * rz * rz / 2.0, rem_f),
+                                                                   (g_top - spec_lo) * rz),
+                                         g_top * rz + gc * z.norm() * eps), res.sup(eps)), res=res)
     # g = g_c + ∇g_c·A δ + w: Taylor remainder, or the interval [g_bot, g_top] plus the linear part
     grad_a = torch.einsum("pn,pnk->pk", grad, z.A)
     lin = eps * torch.linalg.vector_norm(grad_a, dim=-1)
-    g = Scalar(gc, grad_a, torch.minimum(torch.linalg.vector_norm(grad, dim=-1) * z.r
-                                         + torch.minimum(lg * rz * rz / 2.0, rem_g),
+    grad_w = torch.linalg.vector_norm(grad, dim=-1) * z.r  # ≥ |∇g_c·w_z|
+    if z.res is not None:
+        grad_w = torch.minimum(grad_w, z.res.dotted_sup(grad, eps))
+    g = Scalar(gc, grad_a, torch.minimum(grad_w + torch.minimum(lg * rz * rz / 2.0, rem_g),
                                          torch.maximum(g_top - gc, gc - g_bot) + lin))
     # differences: z and z + Δz lie in B(c, rz + D)
     d = dz.sup(eps)
@@ -292,10 +336,11 @@ def affine(layer: Layer, h: Form, g: Scalar | None, dh: Form, dg: Scalar | None,
     keep = ~removed
     wk, ws = w[keep], w[removed]
     zr = spectral_norm(w) * h.r
+    res = h.res.mapped(w) if h.res is not None else None  # Lemma 9': z's remainder keeps h's structure
     kept_r = spectral_norm(wk) * dh.r
     gone_r = spectral_norm(ws) * h.r
-    if h.curv is not None and bool(removed.any()):  # Lemma 9: the removed rows barely see the curvature
-        gone_r = torch.minimum(gone_r, h.curv.moved_by(ws, eps))
+    if h.res is not None and bool(removed.any()):  # the removed rows barely see the curvature
+        gone_r = torch.minimum(gone_r, h.res.moved_sup(ws, eps))
     if psi is not None:
         zc = zc + psi[None, :] * g.c[:, None]
         za = za + psi[None, :, None] * g.a[:, None, :]
@@ -304,10 +349,14 @@ def affine(layer: Layer, h: Form, g: Scalar | None, dh: Form, dg: Scalar | None,
         zr = zr + vec_norm(psi) * g.r
         kept_r = kept_r + vec_norm(psi[keep]) * dg.r
         gone_r = gone_r + vec_norm(psi[removed]) * g.r
+    if res is not None:
+        if psi is not None:  # psi·w_g: the vector psi with a coefficient |w_g| ≤ r_g
+            res = res.plus([(psi.expand_as(zc), g.r)], [], torch.zeros_like(zr), eps)
+        zr = torch.minimum(zr, res.sup(eps))
     sel = removed.to(F64)
     dc = keep.to(F64) * dc - sel * (zc - consts)
     da = keep.to(F64)[None, :, None] * da - sel[None, :, None] * za
-    return Form(zc, za, zr), Form(dc, da, torch.hypot(kept_r, gone_r))
+    return Form(zc, za, zr, res=res), Form(dc, da, torch.hypot(kept_r, gone_r))
 
 
 # --- the whole network --------------------------------------------------------------------------------------------
@@ -337,23 +386,38 @@ def local_bounds(layers: list[Layer], removed: list[torch.Tensor], consts: list[
     slack = allowance + ROUNDING * (torch.linalg.vector_norm(z.c, dim=-1) + z.spread(eps))
     beta = dz.sup(eps) + slack
     top = z.c.argmax(-1)
-    m_orig = margin_lower(z, top, eps) - 2.0 * slack
+    m_orig = margin_lower(z, top, eps, z.res) - 2.0 * slack
     pruned = Form(z.c + dz.c, z.A + dz.A, z.r + dz.r)
-    m_pruned = margin_lower(pruned, top, eps) - 2.0 * slack
+    m_pruned = margin_lower(pruned, top, eps, z.res, dz.r) - 2.0 * slack
     return {"bound": beta, "top1": (m_orig > 0) & (m_pruned > 0), "margin_original": m_orig,
             "margin_pruned": m_pruned, "top_class": top}
 
 
-def margin_lower(y: Form, top: torch.Tensor, eps: float) -> torch.Tensor:
-    """min over k ≠ top and |δ| ≤ ε of y_top − y_k ≥ (c_top − c_k) − ε|A_top − A_k| − √2 r (|w_top − w_k| ≤ √2|w|)."""
+def margin_lower(y: Form, top: torch.Tensor, eps: float, res: Residue | None = None,
+                 extra: torch.Tensor | None = None) -> torch.Tensor:
+    """min over k ≠ top and |δ| ≤ ε of y_top − y_k ≥ (c_top − c_k) − ε|A_top − A_k| − |w_top − w_k|, with
+    |w_top − w_k| ≤ √2 r (Cauchy–Schwarz), or, given the residue of a part of w (and `extra` ≥ the rest), by Lemma 9'
+    with the row e_top − e_k, plus √2·extra."""
     idx = torch.arange(len(top))
     gap = y.c[idx, top][:, None] - y.c
     slope = torch.linalg.vector_norm(y.A[idx, top][:, None, :] - y.A, dim=-1)
-    low = gap - eps * slope - SQRT2 * y.r[:, None]
+    pair = SQRT2 * y.r[:, None].expand_as(gap)
+    if res is not None:
+        rest = SQRT2 * (torch.zeros_like(y.r) if extra is None else extra)
+        rows = [res.dotted_sup(_class_row(top, k, y.c.shape[1]), eps) + rest for k in range(y.c.shape[1])]
+        pair = torch.minimum(pair, torch.stack(rows, dim=1))
+    low = gap - eps * slope - pair
     low[idx, top] = math.inf
     if low.shape[1] == 1:
         return torch.full((len(top),), math.inf, dtype=F64)
     return low.min(-1).values
+
+
+def _class_row(top: torch.Tensor, k: int, n: int) -> torch.Tensor:
+    """Per point the row e_top − e_k (P, n)."""
+    row = torch.nn.functional.one_hot(top, n).to(F64)
+    row[:, k] -= 1.0
+    return row
 
 
 # --- the attack (tests and benchmarks): projected gradient ascent inside each ball -----------------------------
