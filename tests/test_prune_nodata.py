@@ -80,11 +80,15 @@ def test_no_data_constant_is_exact_in_the_saturated_limit():
     mid-gain constant b + psi·g(√o)/2 would err by 0.6 in z_A there."""
     model = psi_carrier_model()
     pruned = remove_one(model, 1)
+    state = prune.State.of(model)
+    centre = model.layers[1].bias + model.layers[1].psi * float(torch.tanh(torch.tensor(0.5)) / 0.5) / 2
+    prune.remove(state, [(1, 1, 0.0)], [model.layers[0].bias, centre])
     gen = torch.Generator().manual_seed(1)
     for scale, limit in ((1e3, 2e-3), (1e6, 2e-6)):
         x = scale * torch.nn.functional.normalize(torch.randn(32, 2, dtype=F64, generator=gen), dim=1)
         with torch.no_grad():
             assert float((model(x) - pruned(x)).abs().max()) <= limit
+            assert float((model(x) - prune.materialize(state)(x)).abs().max()) > 0.3
 
 
 @pytest.mark.parametrize("budget", [0.02, 0.01])
