@@ -180,24 +180,18 @@ def data_free_costs(state: State, radius: float | None) -> tuple[list[torch.Tens
     layers on a trained digits model (3% budget: 36% accuracy against 95% unweighted), so it is off by default.
     Constants: bias + psi·(mid gain) (the paper's rule, made psi-aware).
 
-    radius None (no input domain): the scale-free form of the same cost (docs/bounds.md, §7): every hidden output lies
-    in the unit ball (ρ = 1) and g ∈ (0, g(√o)], so δg = g(√o)/2 around the mid gain; the input is taken at unit scale
-    (ρ = 1), as the paper's rule does. No radius enters, so a probe set far outside any data cannot make every layer
-    look saturated (issue 10: widths collapsed to 1 at a 2% budget)."""
+    radius None (no input domain): `scale_free_costs`, no radius enters, so a probe set far outside any data cannot
+    make every layer look saturated (issue 10: widths collapsed to 1 at a 2% budget)."""
     compact = materialize(state)
     layers = compact.layers
     if radius is None:
-        balls = None
-    else:
-        balls = bounds.reachable_balls(list(layers), radius)
+        return scale_free_costs(layers, len(state.removed))
+    balls = bounds.reachable_balls(list(layers), radius)
     norms = [bounds.spectral_norm(layer.weight) for layer in layers]
     costs, consts = [], []
     for i in range(len(state.removed)):
         layer = layers[i]
-        if balls is None:
-            g_top = 0.0 if i == 0 else bounds.gain(math.sqrt(max(float(layers[i - 1].o), 0.0)))
-            rho, g_mid, g_half = 1.0, g_top / 2.0, g_top / 2.0
-        elif i == 0:
+        if i == 0:
             rho, g_mid, g_half = radius, 0.0, 0.0
         else:
             rho, g_mid, g_half = balls[i - 1].h_radius, balls[i - 1].g_mid, balls[i - 1].g_half
@@ -208,6 +202,23 @@ def data_free_costs(state: State, radius: float | None) -> tuple[list[torch.Tens
             const = const + layer.psi * g_mid
         costs.append(cost * math.prod(norms[i + 1:]) ** DOWNSTREAM_WEIGHT)
         consts.append(const)
+    return costs, consts
+
+
+def scale_free_costs(layers: list[Layer], n_hidden: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """No input domain (docs/bounds.md, §7): in the left-singular basis of its producing layer, direction j of hidden
+    space i costs σ_j + |psi_j| g(√o_{i−1})/2 (the half-width of the range of z_j = σ_j v_j·h + b_j + psi_j g over
+    |h| < 1, g ∈ (0, g(√o_{i−1})]) and is replaced by the paper's constant b*_j = b_j (psi_j g dropped: exact in the
+    saturated limit |h| → 1, g → 0 that σ_j · 1 describes). The first hidden space's input is taken at unit scale, as
+    the paper's rule does (σ_j alone)."""
+    costs, consts = [], []
+    for i in range(n_hidden):
+        layer = layers[i]
+        cost = torch.linalg.vector_norm(layer.weight, dim=1)  # rows are σ_j v_jᵀ
+        if layer.psi is not None and i > 0:
+            cost = cost + layer.psi.abs() * bounds.gain(math.sqrt(max(float(layers[i - 1].o), 0.0))) / 2.0
+        costs.append(cost)
+        consts.append(layer.bias.clone())
     return costs, consts
 
 

@@ -12,7 +12,7 @@ from conftest import cli, one_error_line
 from isocompress import io, prune
 from isocompress.api import ShrinkOptions
 from isocompress.errors import IsocompressError
-from isocompress.model import random_model
+from isocompress.model import IsoMLP, Layer, random_model
 from isocompress.recipe import parse_recipe_text
 
 F64 = torch.float64
@@ -21,7 +21,8 @@ DIGITS = MODELS / "digits.pt"
 
 
 def test_data_free_costs_without_a_domain_are_scale_free():
-    """No radius: the cost of a direction is its singular value (+ the psi term) whatever inputs one imagines."""
+    """No radius: the cost of a direction is its singular value (+ the psi term) whatever inputs one imagines; the
+    constant is the paper's b* (the rotated bias, psi·g dropped)."""
     model = random_model([5, 9, 8, 3], psi=True, o=0.4, seed=4)
     state = prune.State.of(model)
     prune.rotate_singular(state)
@@ -31,7 +32,63 @@ def test_data_free_costs_without_a_domain_are_scale_free():
     g_top = float(torch.tanh(compact.layers[0].o.sqrt()) / compact.layers[0].o.sqrt())
     expected = torch.linalg.vector_norm(compact.layers[1].weight, dim=1) + compact.layers[1].psi.abs() * g_top / 2
     assert torch.allclose(costs[1], expected)
-    assert torch.allclose(consts[1], compact.layers[1].bias + compact.layers[1].psi * g_top / 2)
+    assert torch.equal(consts[1], compact.layers[1].bias) and torch.equal(consts[0], compact.layers[0].bias)
+
+
+def psi_carrier_model(sigma=0.5, psi=1.3, o=0.25) -> IsoMLP:
+    """Hidden space 1 has a direction A with σ = 0 but psi = 1.3 (z_A = 0.2 + 1.3·g_0: it carries the gain) and a
+    direction B with σ = 0.5 and no psi; hidden space 0 is too costly to prune. g(√0.25) = 0.924."""
+    eye = torch.eye(2, dtype=F64)
+    return IsoMLP([Layer(weight=3.0 * eye, bias=torch.zeros(2, dtype=F64), n_in=2, o=torch.tensor(o, dtype=F64)),
+                   Layer(weight=torch.diag(torch.tensor([sigma, 0.0], dtype=F64)), bias=torch.tensor([0.1, 0.2], dtype=F64),
+                         n_in=2, psi=torch.tensor([0.0, psi], dtype=F64), o=torch.tensor(o, dtype=F64)),
+                   Layer(weight=eye, bias=torch.zeros(2, dtype=F64), n_in=2, psi=torch.zeros(2, dtype=F64))])
+
+
+def sweep_error(model: IsoMLP, pruned: IsoMLP) -> float:
+    """max |Δy| over inputs at every scale from 0 to 10⁴ (the no-data ranking assumes no scale)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(64, 2, dtype=F64, generator=gen), dim=1)
+    x = torch.cat([x * s for s in [0.0, 0.01, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0, 1e4]])
+    with torch.no_grad():
+        return float((model(x) - pruned(x)).abs().max())
+
+
+def remove_one(model: IsoMLP, j: int) -> IsoMLP:
+    """Direction j of hidden space 1 replaced by the no-data constant (the canonical basis is the singular one)."""
+    state = prune.State.of(model)
+    _, consts = prune.data_free_costs(state, None)
+    prune.remove(state, [(1, j, 0.0)], consts)
+    return prune.materialize(state)
+
+
+def test_no_data_ranking_keeps_a_direction_that_carries_psi():
+    """The paper's rule (smallest σ) drops A, whose gain term errs by up to 1.3·0.924 at small inputs; the psi-aware
+    cost (σ_A + |psi_A| g(√o)/2 = 0.60 > σ_B = 0.5) drops B instead, and the worst error over all scales is smaller."""
+    model = psi_carrier_model()
+    state = prune.State.of(model)
+    target = prune.current_params(state) - prune.savings(state)[1]
+    pruned, _ = prune.prune_to_budget(model, ShrinkOptions(budget=float(target)))
+    assert pruned.widths == (2, 2, 1, 2)
+    assert abs(float(pruned.layers[1].psi.abs().max()) - 1.3) < 1e-9  # A kept
+    paper = remove_one(model, 1)  # the paper's choice: A
+    assert sweep_error(model, pruned) < 0.8 * sweep_error(model, paper)
+
+
+def test_no_data_constant_is_exact_in_the_saturated_limit():
+    """b* drops psi_A·g_0, which vanishes as |x| grows (g_0 → 0), so removing A is exact in that limit; the
+    mid-gain constant b + psi·g(√o)/2 would err by 0.6 in z_A there."""
+    model = psi_carrier_model()
+    pruned = remove_one(model, 1)
+    state = prune.State.of(model)
+    centre = model.layers[1].bias + model.layers[1].psi * float(torch.tanh(torch.tensor(0.5)) / 0.5) / 2
+    prune.remove(state, [(1, 1, 0.0)], [model.layers[0].bias, centre])
+    gen = torch.Generator().manual_seed(1)
+    for scale, limit in ((1e3, 2e-3), (1e6, 2e-6)):
+        x = scale * torch.nn.functional.normalize(torch.randn(32, 2, dtype=F64, generator=gen), dim=1)
+        with torch.no_grad():
+            assert float((model(x) - pruned(x)).abs().max()) <= limit
+            assert float((model(x) - prune.materialize(state)(x)).abs().max()) > 0.3
 
 
 @pytest.mark.parametrize("budget", [0.02, 0.01])
