@@ -128,6 +128,10 @@ class Residue:
         return Residue([(jacobian_apply(gc, slope, c, v), k) for v, k in self.vecs],
                        [(jacobian_apply(gc, slope, c, v), lam) for v, lam in self.mats], gc * self.r0)
 
+    def added(self, other: "Residue", eps: float) -> "Residue":
+        """The residue of the sum of the two remainders."""
+        return self.plus(other.vecs, other.mats, other.r0, eps)
+
     def plus(self, vecs: list, mats: list, r0: torch.Tensor, eps: float) -> "Residue":
         """These terms added; beyond MAX_MATRIX_TERMS the oldest matrix terms are folded into the ball."""
         all_mats, extra = self.mats + mats, self.r0 + r0
@@ -135,6 +139,22 @@ class Residue:
             v, lam = all_mats.pop(0)
             extra = extra + lam * eps * op_norm_upper(v)
         return Residue(self.vecs + vecs, all_mats, extra)
+
+
+def residue_of(form, p: int) -> Residue:
+    """The form's residue, or the plain ball r as one."""
+    return form.res if form.res is not None else Residue([], [], form.r)
+
+
+def picked_residue(mask: torch.Tensor, first, second, eps: float) -> Residue:
+    """Per point the residue of `first` where mask, else of `second`: each one's coefficients zeroed where the other
+    is chosen (a residue with zero coefficients is still a valid one)."""
+    a, b = residue_of(first, len(mask)), residue_of(second, len(mask))
+    zero = torch.zeros_like(a.r0)
+    on = lambda terms: [(v, torch.where(mask, k, zero)) for v, k in terms]  # noqa: E731
+    off = lambda terms: [(v, torch.where(mask, zero, k)) for v, k in terms]  # noqa: E731
+    return Residue(on(a.vecs) + off(b.vecs), [], torch.where(mask, a.r0, b.r0)).plus([], on(a.mats) + off(b.mats),
+                                                                                   zero, eps)
 
 
 def activation_residue(z: Form, gc, slope, alpha, beta, gamma, eps: float) -> Residue:
@@ -162,6 +182,8 @@ def op_norm_upper(a: torch.Tensor) -> torch.Tensor:
     p = 2^NORM_POWER_STEPS, computed by repeated squaring with rescaling (a few batched matmuls instead of an SVD)."""
     if a.shape[-1] == 0 or a.shape[-2] == 0:
         return torch.zeros(a.shape[:-2], dtype=a.dtype)
+    top = a.abs().amax(dim=(-2, -1))  # scaled to entries ≤ 1 first: tiny or huge entries must not under/overflow
+    a = a / torch.where(top > 0, top, torch.ones_like(top))[..., None, None]
     gram = a.transpose(-1, -2) @ a if a.shape[-2] >= a.shape[-1] else a @ a.transpose(-1, -2)
     log_scale = torch.zeros(a.shape[:-2], dtype=a.dtype)
     power = 1.0
@@ -172,7 +194,7 @@ def op_norm_upper(a: torch.Tensor) -> torch.Tensor:
         gram = gram @ gram
         power *= 2.0
     log_norm_sq = log_scale + torch.log(torch.linalg.matrix_norm(gram).clamp_min(1e-300)) / power
-    return torch.exp(0.5 * log_norm_sq) * NORM_MARGIN
+    return torch.where(top > 0, torch.exp(0.5 * log_norm_sq) * NORM_MARGIN * top, torch.zeros_like(top))
 
 
 @dataclass
@@ -216,12 +238,13 @@ class Scalar:
         return eps * torch.linalg.vector_norm(self.a, dim=-1) + self.r
 
 
-def pick(mask: torch.Tensor, first, second):
-    """Per centre, `first` where mask else `second` (both Forms or both Scalars)."""
+def pick(mask: torch.Tensor, first, second, eps: float = 0.0):
+    """Per centre, `first` where mask else `second` (both Forms or both Scalars; Forms keep their residues)."""
     m1 = mask.reshape(-1, *([1] * (first.c.dim() - 1)))
     if isinstance(first, Form):
+        res = None if first.res is None and second.res is None else picked_residue(mask, first, second, eps)
         return Form(torch.where(m1, first.c, second.c), torch.where(mask[:, None, None], first.A, second.A),
-                    torch.where(mask, first.r, second.r))
+                    torch.where(mask, first.r, second.r), res=res)
     return Scalar(torch.where(mask, first.c, second.c), torch.where(mask[:, None], first.a, second.a),
                   torch.where(mask, first.r, second.r))
 
@@ -273,11 +296,13 @@ def activation(z: Form, dz: Form, o: float, eps: float) -> tuple[Form, Scalar, F
     spec_w = sech2(torch.sqrt(o + w_hi * w_hi))
     omega = torch.minimum(lf_w * wide, top_w - spec_w)  # ‖J̄ − J_f(c)‖
     lin_dz = torch.linalg.vector_norm(dz.c, dim=-1) + dz.norm() * eps  # ≥ |d + B δ|
+    dres = jacobian_residue(z, dz, gc, slope, sigma, d, w_lo, o, eps)
     dh_t = Form(jacobian_apply(gc, slope, c, dz.c), jacobian_apply(gc, slope, c, dz.A),
-                torch.minimum(gc * dz.r + omega * d, torch.clamp(top_w * d, max=2.0) + gc * lin_dz))
+                torch.minimum(torch.minimum(gc * dz.r + omega * d, torch.clamp(top_w * d, max=2.0) + gc * lin_dz),
+                              dres.sup(eps)), res=dres)
     kappa = (top_w + spec_w) / 2.0
     dh_m = Form(kappa[:, None] * dz.c, kappa[:, None, None] * dz.A, kappa * dz.r + (top_w - spec_w) / 2.0 * d)
-    dh = pick(dh_t.r <= dh_m.r, dh_t, dh_m)  # both keep a linear part; the smaller remainder wins
+    dh = pick(dh_t.r <= dh_m.r, dh_t, dh_m, eps)  # both keep a linear part; the smaller remainder wins
     dgrad_a = torch.einsum("pn,pnk->pk", grad, dz.A)
     dg_lin = (grad * dz.c).sum(-1).abs() + eps * torch.linalg.vector_norm(dgrad_a, dim=-1)
     dg = Scalar((grad * dz.c).sum(-1), dgrad_a,
@@ -286,9 +311,27 @@ def activation(z: Form, dz: Form, o: float, eps: float) -> tuple[Form, Scalar, F
     # exact centre (§8.4): Δh(x) − Δh(x_i) = J(c')(Δz − d) + (J(c') − J(c)) u + R' − R, c' = c + d, u = z − c
     dh_e, dg_e = exact_centre(z, dz, h, grad_a, gc, slope, grad, (torch.minimum(lf * rz * rz / 2.0, rem_f),
                               torch.minimum(lg * rz * rz / 2.0, rem_g)), rz, o, eps)
-    dh = pick(dh_e.r < dh.r, dh_e, dh)
+    dh = pick(dh_e.r < dh.r, dh_e, dh, eps)
     dg = pick(dg_e.r < dg.r, dg_e, dg)
     return h, g, dh, dg
+
+
+def jacobian_residue(z: Form, dz: Form, gc, slope, sigma, big_d, w_lo, o: float, eps: float) -> Residue:
+    """Lemma 10: the remainder of Δh = J_f(c)(d + Bδ) + w in the Jacobian-at-c form (§8.4) as a residue. With
+    v = Δz and y = z + τv = c + u + τv, (J_f(y) − J_f(c))v = t1 v + t2 c + t3 (u + τv), t1 = G(μ_y) − G(μ_c),
+    t3 = 2G'(μ_y)(y·v), t2 = t3 − 2G'(μ_c)(c·v); so w = J_f(c)w_Δ + (t̄1 + t̄4)(d + Bδ + w_Δ) + t̄2 c + t̄3 (Aδ + w)
+    with |t̄1| ≤ T1, |t̄2| ≤ T2, |t̄3|, |t̄4| ≤ T3 (the mean over τ of bounded scalars)."""
+    c, cn = z.c, torch.linalg.vector_norm(z.c, dim=-1)
+    wide = z.spread(eps) + big_d  # ≥ |y − c|
+    cv = (c * dz.c).sum(-1).abs() + eps * torch.linalg.vector_norm(torch.einsum("pn,pnk->pk", c, dz.A), dim=-1) \
+        + cn * dz.r  # ≥ |c·v|
+    shift = 2.0 * (sigma + cv) + wide * wide  # ≥ |μ_y − μ_c| = |2c·(u + τv) + |u + τv|²|
+    d1, d2 = gain_sq_slope_sup(o + w_lo * w_lo), gain_sq_curv_sup(o + w_lo * w_lo)
+    yv = cv + wide * big_d  # ≥ |y·v|
+    t1, t3 = d1 * shift, 2.0 * d1 * yv
+    t2 = 2.0 * d2 * shift * yv + 2.0 * gain_sq_slope_exact(o + cn * cn).abs() * (1.0 + 1e-9) * wide * big_d
+    inner = residue_of(dz, len(cn)).through_jacobian(gc, slope, c)
+    return inner.plus([(dz.c, t1 + t3), (c, t2)], [(dz.A, t1 + t3), (z.A, t3)], (t1 + t3) * dz.r + t3 * z.r, eps)
 
 
 # --- one affine layer ---------------------------------------------------------------------------------------------
@@ -356,7 +399,25 @@ def affine(layer: Layer, h: Form, g: Scalar | None, dh: Form, dg: Scalar | None,
     sel = removed.to(F64)
     dc = keep.to(F64) * dc - sel * (zc - consts)
     da = keep.to(F64)[None, :, None] * da - sel[None, :, None] * za
-    return Form(zc, za, zr, res=res), Form(dc, da, torch.hypot(kept_r, gone_r))
+    dres = difference_residue(w, psi, h, g, dh, dg, removed, eps)
+    dr = torch.hypot(kept_r, gone_r)
+    return Form(zc, za, zr, res=res), Form(dc, da, dr if dres is None else torch.minimum(dr, dres.sup(eps)), res=dres)
+
+
+def difference_residue(w, psi, h: Form, g: Scalar, dh: Form, dg: Scalar, removed: torch.Tensor,
+                       eps: float) -> Residue | None:
+    """The residue of Δz's remainder P_K(W w_Δh + psi w_Δg) − P_S(W w_h + psi w_g) (eq. 2, Lemma 9')."""
+    if h.res is None and dh.res is None:
+        return None
+    keep = (~removed).to(F64)[:, None]
+    p = h.c.shape[0]
+    kept = residue_of(dh, p).mapped(keep * w)
+    gone = residue_of(h, p).mapped(-(1.0 - keep) * w)
+    out = kept.added(gone, eps)
+    if psi is not None:
+        out = out.plus([((keep[:, 0] * psi).expand(p, -1), dg.r), (((1.0 - keep[:, 0]) * psi).expand(p, -1), g.r)], [],
+                       torch.zeros(p, dtype=F64), eps)
+    return out
 
 
 # --- the whole network --------------------------------------------------------------------------------------------
@@ -388,7 +449,8 @@ def local_bounds(layers: list[Layer], removed: list[torch.Tensor], consts: list[
     top = z.c.argmax(-1)
     m_orig = margin_lower(z, top, eps, z.res) - 2.0 * slack
     pruned = Form(z.c + dz.c, z.A + dz.A, z.r + dz.r)
-    m_pruned = margin_lower(pruned, top, eps, z.res, dz.r) - 2.0 * slack
+    joint = residue_of(z, p).added(residue_of(dz, p), eps)  # w' = w + w_Δ
+    m_pruned = margin_lower(pruned, top, eps, joint) - 2.0 * slack
     return {"bound": beta, "top1": (m_orig > 0) & (m_pruned > 0), "margin_original": m_orig,
             "margin_pruned": m_pruned, "top_class": top}
 

@@ -85,6 +85,17 @@ def test_lemma_9_structured_taylor_remainder_holds(o, scale):
     assert float((rem_f.norm(dim=-1)[big] / (alpha * cn + beta * rad + gamma * z.norm(dim=-1))[big]).max()) > 0.2
 
 
+@pytest.mark.parametrize("scale", [1e-200, 1e-81, 1e100, 1e200])
+def test_op_norm_upper_at_extreme_scales(scale):
+    """Entries far from 1 must neither underflow (a zero Frobenius norm, then inf after rescaling: NaN in a bound that
+    multiplies it by 0) nor overflow: the bound stays finite, ≥ ‖A‖₂ and close to it; a zero matrix gives 0."""
+    a = torch.randn(20, 5, 3, dtype=F64, generator=torch.Generator().manual_seed(4)) * scale
+    upper, true = lb.op_norm_upper(a), torch.linalg.matrix_norm(a / scale, 2) * scale
+    assert bool(torch.isfinite(upper).all())
+    assert bool((upper >= true * (1 - 1e-12)).all()) and bool((upper <= 1.2 * true).all())
+    assert bool((lb.op_norm_upper(torch.zeros(3, 4, 2, dtype=F64)) == 0).all())
+
+
 def test_op_norm_upper_is_an_upper_bound_and_close():
     gen = torch.Generator().manual_seed(2)
     a = torch.randn(50, 30, 20, dtype=F64, generator=gen) * torch.logspace(0, -3, 20, dtype=F64)
