@@ -3,15 +3,18 @@ counterexample where one must exist, never refutes a certified point, and its re
 table without changing --min-certified-top1."""
 
 import copy
+import json
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from isocompress import local_bounds as lb, prune
+from conftest import cli, one_error_line
+from isocompress import io, local_bounds as lb, prune
 from isocompress.api import ShrinkOptions
 from isocompress.cli_shrink import local_lines
-from isocompress.errors import CheckFailed
+from isocompress.errors import CheckFailed, IsocompressError
 from isocompress.layers import remove_all_constant_directions
 from isocompress.model import IsoMLP, random_model
 
@@ -133,15 +136,19 @@ def test_report_has_the_three_way_verdict_and_its_witnesses_check_out():
             f" undecided {local['n_undecided']}") in line
 
 
-def test_min_certified_top1_is_unchanged_by_the_search():
+def test_min_certified_top1_is_unchanged_by_the_search(monkeypatch):
+    """The search only adds verdicts: the same model, certificates and limit check with it as without it."""
     model = random_model([6, 16, 16, 4], psi=True, o=0.5, seed=8, weight_scale=1.0)
     x = torch.randn(64, 6, dtype=F64, generator=torch.Generator().manual_seed(8))
     options = ShrinkOptions(min_certified_top1=0.5, certify_radius=0.05)
     pruned, local = three_way(model, x, options)
     assert local["certified_top1"] >= 0.5
-    state = prune.State.of(remove_all_constant_directions(model))
-    assert prune.certified_fraction(prune.prune_to_certified(state, 0.5, "data-aware", x, None, x, 0.05), x, 0.05) \
-        == local["certified_top1"]  # the same model as before the search existed: the limit alone decides
+    monkeypatch.setattr(prune, "refutation_report", lambda *args, **kwargs: {})
+    alone, report = prune.prune_to_budget(model, options, calibration=x, search_restarts=4, search_steps=10)
+    assert alone.num_params() == pruned.num_params() < report["params_exact"]
+    assert report["local"]["top1_certified"] == local["top1_certified"] and report["local"]["bounds"] == local["bounds"]
+    with pytest.raises(IsocompressError, match="cannot be met"):  # the unreachable limit: still a user error
+        prune.prune_to_budget(model, ShrinkOptions(min_certified_top1=1.0, certify_radius=50.0), calibration=x)
 
 
 def test_regression_outputs_have_no_verdict():
@@ -150,3 +157,22 @@ def test_regression_outputs_have_no_verdict():
     _, report = prune.prune_to_budget(model, ShrinkOptions(budget=0.5, certify_radius=0.1), calibration=x,
                                       search_restarts=2, search_steps=5)
     assert report["local"]["certified_top1"] is None and "refuted" not in report["local"]
+
+
+def test_cli_min_certified_top1_exit_codes_are_unchanged(tmp_path):
+    """Met: exit 0 and the table line with all three verdicts; unreachable: one line, exit 2, nothing written."""
+    model = random_model([6, 16, 16, 4], psi=True, o=0.5, seed=8, weight_scale=1.0)
+    x = torch.randn(64, 6, dtype=F64, generator=torch.Generator().manual_seed(8))
+    io.save(model, tmp_path / "m.pt")
+    np.save(tmp_path / "c.npy", x.numpy())
+    args = ["shrink", tmp_path / "m.pt", "--calibration", tmp_path / "c.npy", "--certify-radius", "0.05"]
+    result = cli(args + ["--min-certified-top1", "50%", "--out", tmp_path / "ok"])
+    assert result.exit_code == 0, result.output
+    local = json.loads((tmp_path / "ok" / "report.json").read_text())["pruning"]["local"]
+    assert local["certified_top1"] >= 0.5 and len(local["refuted"]) == 64
+    assert (f"for {local['n_certified']} of 64 points; disagreement found (verified) for {local['n_refuted']};"
+            f" undecided {local['n_undecided']}") in result.output
+    result = cli(["shrink", tmp_path / "m.pt", "--calibration", tmp_path / "c.npy", "--certify-radius", "50",
+                  "--min-certified-top1", "100%", "--out", tmp_path / "no"])
+    assert result.exit_code == 2 and "cannot be met" in one_error_line(result)
+    assert not (tmp_path / "no").exists()
