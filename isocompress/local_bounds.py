@@ -420,7 +420,7 @@ def _disagreement_starts(reference, candidate, x0, eps, starts, gen) -> torch.Te
     for s, m in enumerate((class_margin(y2, cls), class_margin(y, cls2), class_margin(y, cls))[:starts]):
         (grad,) = torch.autograd.grad(m.sum(), x, retain_graph=True)
         step = -(1.05 * m.detach() / (grad * grad).sum(-1).clamp_min(1e-300))[:, None] * grad
-        d[s] = _project(step, eps)
+        d[s] = _project(torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0), eps)  # a flat objective: no step
     return d
 
 
