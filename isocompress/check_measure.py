@@ -181,7 +181,8 @@ def measurement_of_report(report: dict) -> Measurement:
     local = report.get("pruning", {}).get("local") or {}
     top1 = local.get("certified_top1")
     top1_note = None if top1 is None else \
-        f"top-1 certified unchanged within ε = {local['radius']:.4g} for {local['n_certified']} of {local['n_points']}"
+        f"top-1 certified unchanged within ε = {local['radius']:.4g} for {local['n_certified']} of {local['n_points']}" \
+        + ("" if local.get("n_refuted") is None else f"; disagreement found (verified) for {local['n_refuted']}")
     if "pruning" in report and report["pruning"]["certified"]["max_abs"] is None:
         certified = (None, report["pruning"]["certified"].get("note"))
     elif "pruning" in report:

@@ -161,8 +161,10 @@ def local_lines(local: dict | None, test: dict | None) -> list[str]:
     if local is not None and local.get("computed", True):
         s = local["summary"]
         if local.get("n_certified") is not None:
+            verdict = "" if local.get("n_refuted") is None else \
+                f"; disagreement found (verified) for {local['n_refuted']}; undecided {local['n_undecided']}"
             lines.append(f"  top-1 certified unchanged within ε = {local['radius']:.3g} for {local['n_certified']} of"
-                         f" {local['n_points']} points ({local['points']}; ε: {local['radius_source']})")
+                         f" {local['n_points']} points{verdict} ({local['points']}; ε: {local['radius_source']})")
         lines.append(f"  local certified max |Δy| within ε: median {s['bound_median']:.3g}, max {s['bound_max']:.3g}")
     elif local is not None:
         lines.append(f"  {local['note']}")

@@ -539,3 +539,161 @@ def _margin(y: torch.Tensor, top: torch.Tensor, idx: torch.Tensor) -> torch.Tens
     other = y.clone()
     other[:, idx, top] = -math.inf
     return ytop - other.max(-1).values
+
+
+# --- the refutation (issue 10): a verified point of the ball where the two networks' top-1 classes differ ---------
+DISAGREE_STARTS = 8  # per ball: starts × steps of projected Adam descent (and BISECT_STEPS per recorded segment)
+DISAGREE_STEPS = 40
+BISECT_STEPS = 40
+INSIDE = 1.0 - 1e-7  # the search stays in the ball of radius INSIDE·ε: a found point is strictly inside, not on, it
+TIE = 1e-9  # a witness needs both top-1 margins > TIE·(1 + max |y| + max |y'|): far above float64 forward rounding
+
+
+def class_margin(y: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """y_k − max_{j≠k} y_j along the last axis (k has the shape of y without its last axis)."""
+    idx = k[..., None]
+    return y.gather(-1, idx)[..., 0] - torch.scatter(y, -1, idx, -math.inf).max(-1).values
+
+
+def verdicts(y: torch.Tensor, y2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row: the two top-1 classes and whether they differ *strictly* (both margins above the TIE allowance)."""
+    cls, cls2 = y.argmax(-1), y2.argmax(-1)
+    tol = TIE * (1.0 + y.abs().amax(-1) + y2.abs().amax(-1))
+    strict = (class_margin(y, cls) > tol) & (class_margin(y2, cls2) > tol)
+    return cls, cls2, (cls != cls2) & strict
+
+
+def disagreement_search(reference, candidate, centres: torch.Tensor, eps: float, starts: int = DISAGREE_STARTS,
+                        steps: int = DISAGREE_STEPS, seed: int = 0, verify=None) -> dict:
+    """Per ball |x − x_i| ≤ ε, look for an x with argmax candidate(x) ≠ argmax reference(x) (docs/bounds.md §8.5).
+    Projected Adam descent in float64, batched over balls and starts, on three objectives (a third of the starts
+    each): the candidate's margin for the reference's class at x, the reference's margin for the candidate's class,
+    and the reference's own margin (its boundary, beside which the disagreement sliver lies); then bisection of every
+    segment between two points where the networks agree on different classes. A found point counts only once a plain
+    float64 forward of the `verify` pair (default: the searched pair) shows strictly different top-1 classes and
+    |x − x_i| ≤ ε: `refuted` is then a proof that top-1 is not unchanged on that ball. Returns refuted (P,) bool,
+    counterexample (P, n) (NaN rows where none), distance (P,), classes (P, 2) (−1 where none)."""
+    x0 = centres.to(F64)
+    p, n = x0.shape
+    found, hit = x0.clone(), torch.zeros(p, dtype=torch.bool)
+    with torch.no_grad():
+        hit |= verdicts(reference(x0), candidate(x0))[2]  # the centre itself
+    delta = _disagreement_starts(reference, candidate, x0, eps, starts, torch.Generator().manual_seed(seed))
+    segments = _descend(reference, candidate, x0, eps, delta, steps, found, hit)
+    _bisect(reference, candidate, segments, found, hit)
+    ref, cand = verify if verify is not None else (reference, candidate)
+    return _verify(ref, cand, x0, eps, found, hit)
+
+
+def _disagreement_starts(reference, candidate, x0, eps, starts, gen) -> torch.Tensor:
+    """(starts, P, n) offsets inside the ball: random, except the first of each objective, a first-order (Newton)
+    step onto that objective's zero set, past it by 5%, clipped to the ball."""
+    p, n = x0.shape
+    d = torch.randn(starts, p, n, dtype=F64, generator=gen)
+    d = d / torch.linalg.vector_norm(d, dim=-1, keepdim=True) * eps * INSIDE * torch.rand(starts, p, 1, dtype=F64,
+                                                                                          generator=gen)
+    x = x0.clone().requires_grad_(True)
+    y, y2 = reference(x), candidate(x)
+    cls, cls2 = y.argmax(-1).detach(), y2.argmax(-1).detach()
+    for s, m in enumerate((class_margin(y2, cls), class_margin(y, cls2), class_margin(y, cls))[:starts]):
+        (grad,) = torch.autograd.grad(m.sum(), x, retain_graph=True)
+        step = -(1.05 * m.detach() / (grad * grad).sum(-1).clamp_min(1e-300))[:, None] * grad
+        d[s] = _project(torch.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0), eps)  # a flat objective: no step
+    return d
+
+
+def _project(delta: torch.Tensor, eps: float) -> torch.Tensor:
+    norm = torch.linalg.vector_norm(delta, dim=-1, keepdim=True)
+    return delta * torch.clamp(eps * INSIDE / norm.clamp_min(1e-300), max=1.0)
+
+
+def _record(points: torch.Tensor, balls: torch.Tensor, mask: torch.Tensor, found: torch.Tensor, hit: torch.Tensor):
+    """Keep a disagreeing point (rows `mask`) for every ball that has none yet (in place)."""
+    new = mask & ~hit[balls]
+    found[balls[new]] = points[new]
+    hit[balls[new]] = True
+
+
+def _descend(reference, candidate, x0, eps, d, steps, found, hit) -> list[tuple]:
+    """The projected descent; records hits in place and returns the segments (lo, hi, class at lo, ball) between
+    two points of one start (or the centre and a point) where the networks agree on different classes."""
+    starts, p, n = d.shape
+    balls = torch.arange(p).repeat(starts)
+    group = (torch.arange(starts) % 3)[:, None].expand(starts, p)
+    with torch.no_grad():
+        c_cls, c_cls2, _ = verdicts(reference(x0), candidate(x0))
+    centre_ok = (c_cls == c_cls2).repeat(starts)
+    last, last_cls = x0.repeat(starts, 1), torch.where(centre_ok, c_cls.repeat(starts), -1)
+    seg = {"lo": x0.repeat(starts, 1), "hi": x0.repeat(starts, 1), "cls": torch.full((starts * p,), -1),
+           "chi": x0.repeat(starts, 1), "cok": torch.zeros(starts * p, dtype=torch.bool)}
+    delta = d.clone().requires_grad_(True)
+    opt = torch.optim.Adam([delta], lr=0.1 * eps)
+    for step in range(steps + 1):
+        xs = (x0[None] + delta).reshape(-1, n)
+        y, y2 = reference(xs), candidate(xs)
+        with torch.no_grad():
+            cls, cls2, differ = verdicts(y, y2)
+            pts = xs.detach()
+            _record(pts, balls, differ, found, hit)
+            agree = cls == cls2
+            turn = agree & (last_cls >= 0) & (cls != last_cls)
+            seg["lo"][turn], seg["hi"][turn], seg["cls"][turn] = last[turn], pts[turn], last_cls[turn]
+            far = agree & centre_ok & (cls != c_cls.repeat(starts))
+            seg["chi"][far] = pts[far]
+            seg["cok"] |= far
+            last[agree], last_cls[agree] = pts[agree], cls[agree]
+        if step == steps or bool(hit.all()):
+            break
+        m_cand = class_margin(y2, cls).reshape(starts, p)
+        m_ref = class_margin(y, cls2).reshape(starts, p)
+        m_own = class_margin(y, cls).reshape(starts, p)
+        loss = torch.where(group == 0, m_cand, torch.where(group == 1, m_ref, m_own)).sum()
+        opt.zero_grad()
+        loss.backward()
+        for g in opt.param_groups:
+            g["lr"] = eps * (0.01 + 0.09 * (1.0 - step / max(steps, 1)))
+        opt.step()
+        with torch.no_grad():
+            delta.copy_(_project(delta, eps))
+    centre = x0.repeat(starts, 1)
+    ok = seg["cls"] >= 0
+    return [(seg["lo"][ok], seg["hi"][ok], seg["cls"][ok], balls[ok]),
+            (centre[seg["cok"]], seg["chi"][seg["cok"]], c_cls.repeat(starts)[seg["cok"]], balls[seg["cok"]])]
+
+
+def _bisect(reference, candidate, segments, found, hit) -> None:
+    """On each segment [lo, hi] (both networks agree: on class k at lo, on another class at hi) bisect, keeping that
+    invariant, until a midpoint where they disagree (recorded in place): where the two boundaries cross the segment
+    at different points, the bracket closes on the sliver between them."""
+    lo = torch.cat([s[0] for s in segments])
+    hi, k, balls = (torch.cat([s[i] for s in segments]) for i in (1, 2, 3))
+    keep = ~hit[balls]
+    lo, hi, k, balls = lo[keep], hi[keep], k[keep], balls[keep]
+    with torch.no_grad():
+        for _ in range(BISECT_STEPS if len(balls) else 0):
+            mid = 0.5 * (lo + hi)
+            cls, cls2, differ = verdicts(reference(mid), candidate(mid))
+            _record(mid, balls, differ, found, hit)
+            to_lo = (cls == cls2) & (cls == k)
+            lo = torch.where(to_lo[:, None], mid, lo)
+            hi = torch.where((~to_lo & (cls == cls2))[:, None], mid, hi)
+
+
+def _verify(reference, candidate, x0, eps, found, hit) -> dict:
+    """The witnesses, re-checked: a fresh float64 forward of both networks and the ball constraint."""
+    p, n = x0.shape
+    counter = torch.full((p, n), math.nan, dtype=F64)
+    classes = torch.full((p, 2), -1, dtype=torch.long)
+    distance = torch.full((p,), math.nan, dtype=F64)
+    refuted = torch.zeros(p, dtype=torch.bool)
+    idx = hit.nonzero()[:, 0]
+    if len(idx):
+        with torch.no_grad():
+            x = found[idx].to(F64)
+            cls, cls2, differ = verdicts(reference(x), candidate(x))
+        dist = torch.linalg.vector_norm(x - x0[idx], dim=-1)
+        ok = differ & (dist <= eps)
+        good = idx[ok]
+        refuted[good], counter[good], distance[good] = True, x[ok], dist[ok]
+        classes[good] = torch.stack([cls[ok], cls2[ok]], -1)
+    return {"refuted": refuted, "counterexample": counter, "distance": distance, "classes": classes}

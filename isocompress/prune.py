@@ -423,7 +423,8 @@ def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, pr
     account_constant_directions(report, constant)
     if centres is not None:
         report["local"] = local_report(state, centres, eps, eps_source,
-                                       "certify data" if certify_data is not None else "calibration data")
+                                       "certify data" if certify_data is not None else "calibration data",
+                                       networks=(original, pruned))
     else:
         report["local"] = {"computed": False, "note": "no local certificates: give --calibration FILE or"
                            " --certify-data FILE (points to certify around) and optionally --certify-radius EPS"}
@@ -475,13 +476,16 @@ def goal_check(options, radius, centres) -> None:
                                " --certify-data FILE")
 
 
-def local_report(state: State, centres: torch.Tensor, eps: float, eps_source: str, points: str) -> dict:
+def local_report(state: State, centres: torch.Tensor, eps: float, eps_source: str, points: str,
+                 networks=None) -> dict:
+    """report.json["pruning"]["local"]: the certificates and, for classifiers with `networks` = (original, pruned),
+    the three-way verdict per point: certified, refuted (a verified counterexample) or undecided."""
     started = time.perf_counter()
     out = local_certificates(state, centres, eps)
     bound = out["bound"]
     classifier = state.layers[-1].n_out >= 2
     top1 = out["top1"].tolist() if classifier else None
-    return {
+    report = {
         "radius": eps,
         "radius_source": eps_source,
         "points": points,
@@ -493,8 +497,59 @@ def local_report(state: State, centres: torch.Tensor, eps: float, eps_source: st
         "summary": {"bound_max": float(bound.max()), "bound_median": float(bound.median()),
                     "bound_mean": float(bound.mean())},
         "method": "per-point forms c + Aδ + w of both networks and of their difference (docs/bounds.md §8)",
-        "seconds": round(time.perf_counter() - started, 3),
     }
+    if classifier and networks is not None:
+        report.update(refutation_report(state, centres, eps, out["top1"], *networks))
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    return report
+
+
+COUNTEREXAMPLES_SHOWN = 16  # report.json keeps the inputs of this many counterexamples (all are verified)
+
+
+def refutation_report(state: State, centres: torch.Tensor, eps: float, certified: torch.Tensor, original: IsoMLP,
+                      pruned: IsoMLP) -> dict:
+    """The disagreement search on the points that are not certified (docs/bounds.md §8.5): searched on the exact-shrunk
+    network (the original to within D, and smaller), every counterexample verified on the original and the pruned."""
+    started = time.perf_counter()
+    todo = (~certified).nonzero()[:, 0]
+    refuted = torch.zeros(len(centres), dtype=torch.bool)
+    shown = []
+    if len(todo):
+        found = local_bounds.disagreement_search(IsoMLP(state.layers), pruned, centres[todo].to(F64), eps,
+                                                 verify=(original, pruned))
+        refuted[todo] = found["refuted"]
+        for j in found["refuted"].nonzero()[:, 0][:COUNTEREXAMPLES_SHOWN].tolist():
+            shown.append({"point": int(todo[j]), "original_class": int(found["classes"][j, 0]),
+                          "pruned_class": int(found["classes"][j, 1]), "distance": float(found["distance"][j]),
+                          "x": [float(v) for v in found["counterexample"][j]]})
+    check_verdicts(certified, refuted)
+    n = len(centres)
+    n_refuted = int(refuted.sum())
+    return {
+        "refuted": refuted.tolist(), "n_refuted": n_refuted, "refuted_fraction": n_refuted / n,
+        "n_undecided": n - int(certified.sum()) - n_refuted,
+        "undecided_fraction": (n - int(certified.sum()) - n_refuted) / n,
+        "counterexamples": shown,
+        "refutation": {
+            "starts": local_bounds.DISAGREE_STARTS, "steps": local_bounds.DISAGREE_STEPS,
+            "bisection_steps": local_bounds.BISECT_STEPS, "points_searched": int(len(todo)),
+            "seconds": round(time.perf_counter() - started, 3),
+            "note": "refuted: a point x with |x − x_i| ≤ ε where the pruned network's top-1 differs from the"
+                    " original's, found by projected gradient descent (the starts × steps above, on the points not"
+                    " certified) and verified by a float64 forward of both networks — a proof that top-1 is NOT"
+                    " unchanged on that ball, so no sound certificate can claim it; undecided: neither certified nor"
+                    f" refuted. The first {COUNTEREXAMPLES_SHOWN} counterexamples are listed (docs/bounds.md §8.5)"},
+    }
+
+
+def check_verdicts(certified: torch.Tensor, refuted: torch.Tensor) -> None:
+    """A point both certified and refuted would be a proof and a counterexample of the same claim: a soundness bug."""
+    both = (certified & refuted).nonzero()[:, 0]
+    if len(both):
+        raise CheckFailed(f"internal error: {len(both)} point(s) (first: {int(both[0])}) are certified unchanged and"
+                          " have a verified counterexample; the local certificate is not sound for this model —"
+                          " nothing was written; please report this model")
 
 
 def test_report(original: IsoMLP, pruned: IsoMLP, x: torch.Tensor, labels) -> dict:

@@ -149,6 +149,7 @@ def test_report_and_table_have_local_certificates_and_test_data(tmp_path):
     assert local["radius"] == 0.02 and len(local["bounds"]) == n and len(local["top1_certified"]) == n
     assert local["certified_top1"] == sum(local["top1_certified"]) / n
     assert f"top-1 certified unchanged within ε = 0.02 for {local['n_certified']} of {n} points" in result.output
+    assert f"; disagreement found (verified) for {local['n_refuted']}; undecided {local['n_undecided']}" in result.output
     assert "test data: max |Δy|" in result.output and "held-out" in result.output
     assert "not a held-out measure" in result.output
 
