@@ -132,6 +132,16 @@ def test_local_bounds_are_sound_on_random_networks(widths, psi, o, share, eps, s
     assert_sound(state, x[:8], eps)
 
 
+@settings(max_examples=6, deadline=None)
+@given(st.lists(st.integers(2, 8), min_size=6, max_size=8), st.booleans(), st.floats(0.0, 2.0),
+       st.sampled_from([0.003, 0.05, 0.5]), st.integers(0, 10000), st.sampled_from([0.5, 3.0]))
+def test_local_bounds_are_sound_on_deep_networks(widths, psi, o, eps, seed, weight_scale):
+    """Depth 5–7: residues fold their oldest matrix terms (MAX_MATRIX_TERMS) and carry terms through many layers."""
+    model = random_model(widths, psi=psi, o=o, seed=seed, weight_scale=weight_scale)
+    x = torch.randn(24, widths[0], dtype=F64, generator=torch.Generator().manual_seed(seed))
+    assert_sound(pruned_state(model, x, 0.2, "data-aware"), x[:8], eps, starts=16, steps=80)
+
+
 def test_near_linear_networks_are_certified_nearly_exactly():
     """Small weights: both networks are nearly affine, so β must be close to the searched maximum (this catches a
     dropped or halved linear term, which a loose-only test would not)."""
