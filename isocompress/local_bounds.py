@@ -90,7 +90,7 @@ class Residue:
     are nearly orthogonal to the v_j and to the ranges of the V_j, as the removed rows are to the data's directions."""
 
     vecs: list  # [(v (P, n), kappa (P,))]
-    mats: list  # [(V (P, n, n0), lam (P,))]
+    mats: list  # [(V (P, n, n0), lam (P,), an upper bound on ‖V‖₂ (P,))]
     r0: torch.Tensor  # (P,)
 
     @staticmethod
@@ -101,32 +101,38 @@ class Residue:
         total = self.r0.clone()
         for v, k in self.vecs:
             total = total + k * torch.linalg.vector_norm(v, dim=-1)
-        for v, lam in self.mats:
-            total = total + lam * eps * op_norm_upper(v)
+        for _, lam, norm in self.mats:
+            total = total + lam * eps * norm
         return total
 
     def moved_sup(self, m: torch.Tensor, eps: float) -> torch.Tensor:
-        """A bound on |M w| (M fixed: rows × n)."""
-        return self.mapped(m).sup(eps)
+        """A bound on |M w| (M fixed: rows × n), with ‖M V_j‖ computed (not bounded by ‖M‖‖V_j‖)."""
+        return self.mapped(m, tight=torch.ones(m.shape[0], dtype=torch.bool)).sup(eps)
 
     def dotted_sup(self, a: torch.Tensor, eps: float) -> torch.Tensor:
         """A bound on |a·w| for a per-point row a (P, n)."""
         total = torch.linalg.vector_norm(a, dim=-1) * self.r0
         for v, k in self.vecs:
             total = total + k * (a * v).sum(-1).abs()
-        for v, lam in self.mats:
+        for v, lam, _ in self.mats:
             total = total + lam * eps * torch.linalg.vector_norm(torch.einsum("pn,pnk->pk", a, v), dim=-1)
         return total
 
-    def mapped(self, m: torch.Tensor) -> "Residue":
-        """M w, exactly in the terms (M v_j, M V_j) and ‖M‖ r0."""
-        return Residue([(v @ m.T, k) for v, k in self.vecs], [(torch.matmul(m, v), lam) for v, lam in self.mats],
-                       spectral_norm(m) * self.r0)
+    def mapped(self, m: torch.Tensor, tight: torch.Tensor | None = None) -> "Residue":
+        """M w, exactly in the terms (M v_j, M V_j) and ‖M‖ r0. The norms ‖M V_j‖ are bounded by ‖M‖‖V_j‖, or, for
+        `tight` (a mask of M's only nonzero rows: few, the removed ones), computed from those rows."""
+        norm_m = spectral_norm(m)
+        mats = []
+        for v, lam, norm in self.mats:
+            mv = torch.matmul(m, v)
+            mats.append((mv, lam, norm_m * norm if tight is None else op_norm_upper(mv[:, tight, :])))
+        return Residue([(v @ m.T, k) for v, k in self.vecs], mats, norm_m * self.r0)
 
     def through_jacobian(self, gc: torch.Tensor, slope: torch.Tensor, c: torch.Tensor) -> "Residue":
         """J_f(c) w (‖J_f(c)‖ = g_c, Lemma 1)."""
         return Residue([(jacobian_apply(gc, slope, c, v), k) for v, k in self.vecs],
-                       [(jacobian_apply(gc, slope, c, v), lam) for v, lam in self.mats], gc * self.r0)
+                       [(jacobian_apply(gc, slope, c, v), lam, gc * norm) for v, lam, norm in self.mats],
+                       gc * self.r0)
 
     def added(self, other: "Residue", eps: float) -> "Residue":
         """The residue of the sum of the two remainders."""
@@ -136,8 +142,8 @@ class Residue:
         """These terms added; beyond MAX_MATRIX_TERMS the oldest matrix terms are folded into the ball."""
         all_mats, extra = self.mats + mats, self.r0 + r0
         while len(all_mats) > MAX_MATRIX_TERMS:
-            v, lam = all_mats.pop(0)
-            extra = extra + lam * eps * op_norm_upper(v)
+            _, lam, norm = all_mats.pop(0)
+            extra = extra + lam * eps * norm
         return Residue(self.vecs + vecs, all_mats, extra)
 
 
@@ -151,8 +157,8 @@ def picked_residue(mask: torch.Tensor, first, second, eps: float) -> Residue:
     is chosen (a residue with zero coefficients is still a valid one)."""
     a, b = residue_of(first, len(mask)), residue_of(second, len(mask))
     zero = torch.zeros_like(a.r0)
-    on = lambda terms: [(v, torch.where(mask, k, zero)) for v, k in terms]  # noqa: E731
-    off = lambda terms: [(v, torch.where(mask, zero, k)) for v, k in terms]  # noqa: E731
+    on = lambda terms: [(t[0], torch.where(mask, t[1], zero), *t[2:]) for t in terms]  # noqa: E731
+    off = lambda terms: [(t[0], torch.where(mask, zero, t[1]), *t[2:]) for t in terms]  # noqa: E731
     return Residue(on(a.vecs) + off(b.vecs), [], torch.where(mask, a.r0, b.r0)).plus([], on(a.mats) + off(b.mats),
                                                                                    zero, eps)
 
@@ -160,7 +166,7 @@ def picked_residue(mask: torch.Tensor, first, second, eps: float) -> Residue:
 def activation_residue(z: Form, gc, slope, alpha, beta, gamma, eps: float) -> Residue:
     """Lemma 9': h − f(c) − J_f(c)Aδ = J_f(c)w_z + (a + e)c + (b + e)Aδ + (b + e)w_z with |a| ≤ α, |b| ≤ β, |e| ≤ γ."""
     inner = (z.res if z.res is not None else Residue.empty(z.c.shape[0])).through_jacobian(gc, slope, z.c)
-    return inner.plus([(z.c, alpha + gamma)], [(z.A, beta + gamma)], (beta + gamma) * z.r, eps)
+    return inner.plus([(z.c, alpha + gamma)], [(z.A, beta + gamma, z.norm())], (beta + gamma) * z.r, eps)
 
 
 def taylor_coefficients(cn: torch.Tensor, sigma: torch.Tensor, rad: torch.Tensor, o: float,
@@ -331,7 +337,8 @@ def jacobian_residue(z: Form, dz: Form, gc, slope, sigma, big_d, w_lo, o: float,
     t1, t3 = d1 * shift, 2.0 * d1 * yv
     t2 = 2.0 * d2 * shift * yv + 2.0 * gain_sq_slope_exact(o + cn * cn).abs() * (1.0 + 1e-9) * wide * big_d
     inner = residue_of(dz, len(cn)).through_jacobian(gc, slope, c)
-    return inner.plus([(dz.c, t1 + t3), (c, t2)], [(dz.A, t1 + t3), (z.A, t3)], (t1 + t3) * dz.r + t3 * z.r, eps)
+    return inner.plus([(dz.c, t1 + t3), (c, t2)], [(dz.A, t1 + t3, dz.norm()), (z.A, t3, z.norm())],
+                      (t1 + t3) * dz.r + t3 * z.r, eps)
 
 
 # --- one affine layer ---------------------------------------------------------------------------------------------
@@ -411,8 +418,8 @@ def difference_residue(w, psi, h: Form, g: Scalar, dh: Form, dg: Scalar, removed
         return None
     keep = (~removed).to(F64)[:, None]
     p = h.c.shape[0]
-    kept = residue_of(dh, p).mapped(keep * w)
-    gone = residue_of(h, p).mapped(-(1.0 - keep) * w)
+    kept = residue_of(dh, p).mapped(keep * w, tight=~removed)
+    gone = residue_of(h, p).mapped(-(1.0 - keep) * w, tight=removed)
     out = kept.added(gone, eps)
     if psi is not None:
         out = out.plus([((keep[:, 0] * psi).expand(p, -1), dg.r), (((1.0 - keep[:, 0]) * psi).expand(p, -1), g.r)], [],
