@@ -25,6 +25,10 @@ the tensors written for it:
         diag:                          Add([Pad](Mul([Slice](Mul(z, g)), d)), b)
         diag + psi:                    Add(Mul(Add([Pad](Mul([Slice](z), d)), psi), g), b)
   The first layer reads x as its h; the last node writes y (no Identity).
+  * a small diagonal layer (its dense matrix ≤ DIAG_AS_GEMM_MAX entries, 64 KiB in float32) is written as a Gemm:
+    two nodes instead of three to five, and at that size a node costs more than the matrix (batch-1 latency of the
+    exact-shrunk digits model: `benchmarks/bench_onnx.py`, docs/onnx.md). Larger diagonals stay 1-D vectors (the
+    file then is about half the dense one's).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from isocompress.model import IsoMLP, Layer
 # as an attribute), onnxruntime ≥ 1.13 loads it, and runtimes that reject IR 10 ("max supported IR version: 9")
 # accept it. Nothing newer is needed.
 DEFAULT_OPSET = 17
+DIAG_AS_GEMM_MAX = 16_384  # a diagonal layer with at most this many dense entries is written as a Gemm (see above)
 DEFAULT_IR_VERSION = 8
 INPUT_NAME, OUTPUT_NAME, BATCH_DIM = "x", "y", "batch"
 VERIFY_CHUNK = 256
@@ -241,6 +246,7 @@ def build_onnx(model: IsoMLP, dtype: torch.dtype = torch.float32, opset: int = D
     if dtype not in ONNX_DTYPES:
         raise IsocompressError(f"ONNX export in {dtype} is not supported; use float32 or float64")
     check_representable(model, dtype)
+    model = IsoMLP([small_diagonals_dense(layer) for layer in model.layers])
     b = GraphBuilder(ONNX_DTYPES[dtype])
     b.widths[INPUT_NAME] = model.widths[0]
     plan = plan_hidden(model, b.np_dtype)
@@ -267,6 +273,13 @@ def build_onnx(model: IsoMLP, dtype: torch.dtype = torch.float32, opset: int = D
     if check:
         onnx.checker.check_model(proto, full_check=True)
     return proto
+
+
+def small_diagonals_dense(layer: Layer) -> Layer:
+    """The layer as written to ONNX: a diagonal layer of at most DIAG_AS_GEMM_MAX dense entries becomes dense."""
+    if layer.kind == "diag" and layer.n_out * layer.n_in <= DIAG_AS_GEMM_MAX:
+        return layer.as_dense()
+    return layer
 
 
 # --- files -------------------------------------------------------------------------------------------------------

@@ -76,12 +76,14 @@ def test_guarded_points_match_torch(o):
 
 
 def test_digits_exact_shrunk_graph_is_lean():
-    """The issue's case: 52 nodes before this change; now the activation is 3 nodes (o folded) and psi costs nothing
-    in dense layers. Nodes per layer: [Gemm + act, h + Gemm + act, diag + psi (4) + act, h + Gemm]."""
+    """The issue's case: 52 nodes before this change; now the activation is 3 nodes (o folded), psi costs nothing
+    in dense layers, and the small diagonal layer (65 × 66) is written as a Gemm (DIAG_AS_GEMM_MAX). Nodes per layer:
+    [Gemm + act, h + Gemm + act, h + Gemm + act, h + Gemm]; with the diagonal as a Mul it was [4, 5, 7, 2]."""
     original = io.load(MODELS / "digits.pt")
     shrunk = shrink_exact(original)
+    assert [layer.kind for layer in shrunk.layers].count("diag") == 1
     counts = node_counts(build_onnx(shrunk))
-    assert counts == [4, 5, 7, 2]
+    assert counts == [4, 5, 5, 2]
     assert node_counts(build_onnx(original)) == [4, 5, 5, 2]
     x = torch.from_numpy(np.load(MODELS / "digits.calib.npy")).double()
     assert rel(original(x), run(build_onnx(shrunk), x)) <= 1e-5
@@ -101,3 +103,21 @@ def test_property_lean_graph_matches_torch(widths, psi, o_low, seed):
     assert "Where" not in ops_of(proto) and "Identity" not in ops_of(proto)
     assert rel(reference, run(proto, x)) <= 1e-5
     assert rel(reference, run(build_onnx(model, dtype=torch.float64), x, torch.float64)) <= 1e-12
+
+
+def test_small_diagonals_are_gemms_and_large_ones_vectors():
+    """DIAG_AS_GEMM_MAX: a diagonal layer of at most that many dense entries is written as one Gemm (fewer nodes),
+    a larger one as a 1-D vector (no 2-D initializer of its size); both match torch."""
+    from isocompress.onnx_export import DIAG_AS_GEMM_MAX
+
+    for width, expect_gemm in ((int(DIAG_AS_GEMM_MAX ** 0.5), True), (int(DIAG_AS_GEMM_MAX ** 0.5) + 1, False)):
+        model = shrink_exact(random_model([width, width, width, 3], psi=True, o=(0.1, 1.0), seed=1))
+        diag = [i for i, layer in enumerate(model.layers) if layer.kind == "diag"]
+        assert diag, "the exact shrink should diagonalise a layer"
+        proto = build_onnx(model)
+        sizes = sorted(int(np.prod(t.dims)) for t in proto.graph.initializer if len(t.dims) == 2)
+        n_gemm = sum(node.op_type == "Gemm" for node in proto.graph.node)
+        assert n_gemm == (len(model.layers) if expect_gemm else len(model.layers) - len(diag))
+        assert len(sizes) == n_gemm
+        x = probe_inputs(width, per_scale=8)
+        assert rel(model(x), run(proto, x)) <= 1e-5
