@@ -64,8 +64,10 @@ def spectral_norm_upper(matrix: torch.Tensor) -> float:
 
 
 def gram_matrix(a: torch.Tensor) -> torch.Tensor:
-    """The smaller Gram matrix of a float64 matrix: A Aᵀ or Aᵀ A."""
-    return a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
+    """The smaller Gram matrix of a float64 matrix: A Aᵀ or Aᵀ A (threads as for a factorisation of A: for a wide
+    layer this product costs as much as the eigenvalue step)."""
+    with threads.for_matrix(*a.shape):
+        return a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
 
 
 def spectral_norm_from_gram(gram: torch.Tensor, inner: int) -> float:
