@@ -93,10 +93,6 @@ class Residue:
     mats: list  # [(V (P, n, n0), lam (P,), an upper bound on ‖V‖₂ (P,))]
     r0: torch.Tensor  # (P,)
 
-    @staticmethod
-    def empty(p: int) -> "Residue":
-        return Residue([], [], torch.zeros(p, dtype=F64))
-
     def sup(self, eps: float) -> torch.Tensor:
         total = self.r0.clone()
         for v, k in self.vecs:
@@ -104,10 +100,6 @@ class Residue:
         for _, lam, norm in self.mats:
             total = total + lam * eps * norm
         return total
-
-    def moved_sup(self, m: torch.Tensor, eps: float) -> torch.Tensor:
-        """A bound on |M w| (M fixed: rows × n), with ‖M V_j‖ computed (not bounded by ‖M‖‖V_j‖)."""
-        return self.mapped(m, tight=torch.ones(m.shape[0], dtype=torch.bool)).sup(eps)
 
     def dotted_sup(self, a: torch.Tensor, eps: float) -> torch.Tensor:
         """A bound on |a·w| for a per-point row a (P, n)."""
@@ -147,7 +139,7 @@ class Residue:
         return Residue(self.vecs + vecs, all_mats, extra)
 
 
-def residue_of(form, p: int) -> Residue:
+def residue_of(form) -> Residue:
     """The form's residue, or the plain ball r as one."""
     return form.res if form.res is not None else Residue([], [], form.r)
 
@@ -155,7 +147,7 @@ def residue_of(form, p: int) -> Residue:
 def picked_residue(mask: torch.Tensor, first, second, eps: float) -> Residue:
     """Per point the residue of `first` where mask, else of `second`: each one's coefficients zeroed where the other
     is chosen (a residue with zero coefficients is still a valid one)."""
-    a, b = residue_of(first, len(mask)), residue_of(second, len(mask))
+    a, b = residue_of(first), residue_of(second)
     zero = torch.zeros_like(a.r0)
     on = lambda terms: [(t[0], torch.where(mask, t[1], zero), *t[2:]) for t in terms]  # noqa: E731
     off = lambda terms: [(t[0], torch.where(mask, zero, t[1]), *t[2:]) for t in terms]  # noqa: E731
@@ -165,19 +157,20 @@ def picked_residue(mask: torch.Tensor, first, second, eps: float) -> Residue:
 
 def activation_residue(z: Form, gc, slope, alpha, beta, gamma, eps: float) -> Residue:
     """Lemma 9': h − f(c) − J_f(c)Aδ = J_f(c)w_z + (a + e)c + (b + e)Aδ + (b + e)w_z with |a| ≤ α, |b| ≤ β, |e| ≤ γ."""
-    inner = (z.res if z.res is not None else Residue.empty(z.c.shape[0])).through_jacobian(gc, slope, z.c)
+    inner = residue_of(z).through_jacobian(gc, slope, z.c)
     return inner.plus([(z.c, alpha + gamma)], [(z.A, beta + gamma, z.norm())], (beta + gamma) * z.r, eps)
 
 
-def taylor_coefficients(cn: torch.Tensor, sigma: torch.Tensor, rad: torch.Tensor, o: float,
+def taylor_coefficients(slope: torch.Tensor, sigma: torch.Tensor, rad: torch.Tensor, o: float,
                         t_lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(alpha, beta, gamma) of Lemma 9 at a centre c, for |u| ≤ rad and |c·u| ≤ sigma, with every |c + u| ≥ t_lo: with
+    """(alpha, beta, gamma) of Lemma 9 at a centre c with slope = G'(μ_c) (`gain_sq_slope_exact`), for |u| ≤ rad and
+    |c·u| ≤ sigma, with every |c + u| ≥ t_lo: with
     s = 2c·u + |u|² (|s| ≤ S = 2σ + rad²), f(c+u) − f(c) − J_f(c)u = G'(μ_c)|u|² c + G'(μ_c) s u + ½G''(ξ) s² (c+u) and
     g(c+u) − g(c) − ∇g(c)·u = G'(μ_c)|u|² + ½G''(ξ) s², with ξ ≥ o + t_lo² (G'' > 0 and decreasing, Lemma 8):
     alpha = |G'(μ_c)| rad², beta = |G'(μ_c)| S, gamma = ½ G''(o + t_lo²) S². The remainders are then at most
     alpha|c| + beta rad + gamma t_hi (of f) and alpha + gamma (of g)."""
     big_s = 2.0 * sigma + rad * rad
-    d1 = gain_sq_slope_exact(o + cn * cn).abs() * (1.0 + 1e-9)
+    d1 = slope.abs() * (1.0 + 1e-9)
     d2 = gain_sq_curv_sup(o + t_lo * t_lo)
     return d1 * rad * rad, d1 * big_s, 0.5 * d2 * big_s * big_s
 
@@ -244,8 +237,9 @@ class Scalar:
         return eps * torch.linalg.vector_norm(self.a, dim=-1) + self.r
 
 
-def pick(mask: torch.Tensor, first, second, eps: float = 0.0):
-    """Per centre, `first` where mask else `second` (both Forms or both Scalars; Forms keep their residues)."""
+def pick(mask: torch.Tensor, first, second, eps: float):
+    """Per centre, `first` where mask else `second` (both Forms or both Scalars; Forms keep their residues, whose
+    folded matrix terms need ε)."""
     m1 = mask.reshape(-1, *([1] * (first.c.dim() - 1)))
     if isinstance(first, Form):
         res = None if first.res is None and second.res is None else picked_residue(mask, first, second, eps)
@@ -276,9 +270,9 @@ def activation(z: Form, dz: Form, o: float, eps: float) -> tuple[Form, Scalar, F
     g_top, g_bot = gain_of_sq(o + t_lo * t_lo), gain_of_sq(o + t_hi * t_hi)
     spec_lo = sech2(torch.sqrt(o + t_hi * t_hi))  # every eigenvalue of J_f on the ball lies in [spec_lo, g_top]
     # h = f(c) + J_c A δ + w: |w| ≤ the Taylor remainder, or ≤ |h − f(c)| + |J_c A δ| (Lemma 1 on the ball)
-    along_c = z.res.dotted_sup(c, eps) if z.res is not None else cn * z.r  # ≥ |c·w_z|
-    sigma = eps * torch.linalg.vector_norm(torch.einsum("pn,pnk->pk", c, z.A), dim=-1) + torch.minimum(along_c, cn * z.r)
-    alpha, beta, gamma = taylor_coefficients(cn, sigma, rz, o, t_lo)
+    along_c = torch.minimum(residue_of(z).dotted_sup(c, eps), cn * z.r)  # ≥ |c·w_z|
+    sigma = eps * torch.linalg.vector_norm(torch.einsum("pn,pnk->pk", c, z.A), dim=-1) + along_c
+    alpha, beta, gamma = taylor_coefficients(slope, sigma, rz, o, t_lo)
     rem_f, rem_g = alpha * cn + beta * rz + gamma * t_hi, alpha + gamma
     res = activation_residue(z, gc, slope, alpha, beta, gamma, eps)
     h = Form(gc[:, None] * c, jacobian_apply(gc, slope, c, z.A),
@@ -288,9 +282,7 @@ def activation(z: Form, dz: Form, o: float, eps: float) -> tuple[Form, Scalar, F
     # g = g_c + ∇g_c·A δ + w: Taylor remainder, or the interval [g_bot, g_top] plus the linear part
     grad_a = torch.einsum("pn,pnk->pk", grad, z.A)
     lin = eps * torch.linalg.vector_norm(grad_a, dim=-1)
-    grad_w = torch.linalg.vector_norm(grad, dim=-1) * z.r  # ≥ |∇g_c·w_z|
-    if z.res is not None:
-        grad_w = torch.minimum(grad_w, z.res.dotted_sup(grad, eps))
+    grad_w = torch.minimum(torch.linalg.vector_norm(grad, dim=-1) * z.r, residue_of(z).dotted_sup(grad, eps))  # ≥ |∇g_c·w_z|
     g = Scalar(gc, grad_a, torch.minimum(grad_w + torch.minimum(lg * rz * rz / 2.0, rem_g),
                                          torch.maximum(g_top - gc, gc - g_bot) + lin))
     # differences: z and z + Δz lie in B(c, rz + D)
@@ -318,7 +310,7 @@ def activation(z: Form, dz: Form, o: float, eps: float) -> tuple[Form, Scalar, F
     dh_e, dg_e = exact_centre(z, dz, h, grad_a, gc, slope, grad, (torch.minimum(lf * rz * rz / 2.0, rem_f),
                               torch.minimum(lg * rz * rz / 2.0, rem_g)), rz, o, eps)
     dh = pick(dh_e.r < dh.r, dh_e, dh, eps)
-    dg = pick(dg_e.r < dg.r, dg_e, dg)
+    dg = pick(dg_e.r < dg.r, dg_e, dg, eps)
     return h, g, dh, dg
 
 
@@ -335,8 +327,8 @@ def jacobian_residue(z: Form, dz: Form, gc, slope, sigma, big_d, w_lo, o: float,
     d1, d2 = gain_sq_slope_sup(o + w_lo * w_lo), gain_sq_curv_sup(o + w_lo * w_lo)
     yv = cv + wide * big_d  # ≥ |y·v|
     t1, t3 = d1 * shift, 2.0 * d1 * yv
-    t2 = 2.0 * d2 * shift * yv + 2.0 * gain_sq_slope_exact(o + cn * cn).abs() * (1.0 + 1e-9) * wide * big_d
-    inner = residue_of(dz, len(cn)).through_jacobian(gc, slope, c)
+    t2 = 2.0 * d2 * shift * yv + 2.0 * slope.abs() * (1.0 + 1e-9) * wide * big_d  # slope = G'(μ_c)
+    inner = residue_of(dz).through_jacobian(gc, slope, c)
     return inner.plus([(dz.c, t1 + t3), (c, t2)], [(dz.A, t1 + t3, dz.norm()), (z.A, t3, z.norm())],
                       (t1 + t3) * dz.r + t3 * z.r, eps)
 
@@ -356,7 +348,7 @@ def exact_centre(z: Form, dz: Form, h: Form, grad_a, gc, slope, grad, rem, rz, o
     lo2, hi2 = (n2 - ru2).clamp_min(0.0), n2 + ru2
     lf2, lg2 = second_derivative_sup(o, lo2, hi2)
     sigma2 = eps * torch.linalg.vector_norm(torch.einsum("pn,pnk->pk", c2, z.A + dz.A), dim=-1) + n2 * (z.r + dz.r)
-    alpha2, beta2, gamma2 = taylor_coefficients(n2, sigma2, ru2, o, lo2)
+    alpha2, beta2, gamma2 = taylor_coefficients(slope2, sigma2, ru2, o, lo2)
     rem_f2, rem_g2 = alpha2 * n2 + beta2 * ru2 + gamma2 * hi2, alpha2 + gamma2
     # ‖J(c') − J(c)‖ ≤ L_f on the segment [c, c'] × |d| (Lemma 8), and ≤ the spread of their spectra
     cn = torch.linalg.vector_norm(c, dim=-1)
@@ -385,12 +377,12 @@ def affine(layer: Layer, h: Form, g: Scalar | None, dh: Form, dg: Scalar | None,
     da = torch.matmul(w, dh.A)
     keep = ~removed
     wk, ws = w[keep], w[removed]
+    h_res = residue_of(h)
+    res = h_res.mapped(w)  # Lemma 9': z's remainder keeps h's structure
+    gone = h_res.mapped(-removed.to(F64)[:, None] * w, tight=removed)  # −P_S W w_h: the removed rows' share
     zr = spectral_norm(w) * h.r
-    res = h.res.mapped(w) if h.res is not None else None  # Lemma 9': z's remainder keeps h's structure
     kept_r = spectral_norm(wk) * dh.r
-    gone_r = spectral_norm(ws) * h.r
-    if h.res is not None and bool(removed.any()):  # the removed rows barely see the curvature
-        gone_r = torch.minimum(gone_r, h.res.moved_sup(ws, eps))
+    gone_r = torch.minimum(spectral_norm(ws) * h.r, gone.sup(eps))  # the removed rows barely see the curvature
     if psi is not None:
         zc = zc + psi[None, :] * g.c[:, None]
         za = za + psi[None, :, None] * g.a[:, None, :]
@@ -399,30 +391,25 @@ def affine(layer: Layer, h: Form, g: Scalar | None, dh: Form, dg: Scalar | None,
         zr = zr + vec_norm(psi) * g.r
         kept_r = kept_r + vec_norm(psi[keep]) * dg.r
         gone_r = gone_r + vec_norm(psi[removed]) * g.r
-    if res is not None:
-        if psi is not None:  # psi·w_g: the vector psi with a coefficient |w_g| ≤ r_g
-            res = res.plus([(psi.expand_as(zc), g.r)], [], torch.zeros_like(zr), eps)
-        zr = torch.minimum(zr, res.sup(eps))
+    if psi is not None:  # psi·w_g: the vector psi with a coefficient |w_g| ≤ r_g
+        res = res.plus([(psi.expand_as(zc), g.r)], [], torch.zeros_like(zr), eps)
+    zr = torch.minimum(zr, res.sup(eps))
     sel = removed.to(F64)
     dc = keep.to(F64) * dc - sel * (zc - consts)
     da = keep.to(F64)[None, :, None] * da - sel[None, :, None] * za
-    dres = difference_residue(w, psi, h, g, dh, dg, removed, eps)
-    dr = torch.hypot(kept_r, gone_r)
-    return Form(zc, za, zr, res=res), Form(dc, da, dr if dres is None else torch.minimum(dr, dres.sup(eps)), res=dres)
+    dres = difference_residue(w, psi, g, dh, dg, removed, gone, eps)
+    return Form(zc, za, zr, res=res), Form(dc, da, torch.minimum(torch.hypot(kept_r, gone_r), dres.sup(eps)), res=dres)
 
 
-def difference_residue(w, psi, h: Form, g: Scalar, dh: Form, dg: Scalar, removed: torch.Tensor,
-                       eps: float) -> Residue | None:
-    """The residue of Δz's remainder P_K(W w_Δh + psi w_Δg) − P_S(W w_h + psi w_g) (eq. 2, Lemma 9')."""
-    if h.res is None and dh.res is None:
-        return None
-    keep = (~removed).to(F64)[:, None]
-    p = h.c.shape[0]
-    kept = residue_of(dh, p).mapped(keep * w, tight=~removed)
-    gone = residue_of(h, p).mapped(-(1.0 - keep) * w, tight=removed)
-    out = kept.added(gone, eps)
+def difference_residue(w, psi, g: Scalar, dh: Form, dg: Scalar, removed: torch.Tensor, gone: Residue,
+                       eps: float) -> Residue:
+    """The residue of Δz's remainder P_K(W w_Δh + psi w_Δg) − P_S(W w_h + psi w_g) (eq. 2, Lemma 9'), given `gone`,
+    the residue of −P_S W w_h."""
+    keep = (~removed).to(F64)
+    p = dh.c.shape[0]
+    out = residue_of(dh).mapped(keep[:, None] * w, tight=~removed).added(gone, eps)
     if psi is not None:
-        out = out.plus([((keep[:, 0] * psi).expand(p, -1), dg.r), (((1.0 - keep[:, 0]) * psi).expand(p, -1), g.r)], [],
+        out = out.plus([((keep * psi).expand(p, -1), dg.r), (((1.0 - keep) * psi).expand(p, -1), g.r)], [],
                        torch.zeros(p, dtype=F64), eps)
     return out
 
@@ -454,26 +441,23 @@ def local_bounds(layers: list[Layer], removed: list[torch.Tensor], consts: list[
     slack = allowance + ROUNDING * (torch.linalg.vector_norm(z.c, dim=-1) + z.spread(eps))
     beta = dz.sup(eps) + slack
     top = z.c.argmax(-1)
-    m_orig = margin_lower(z, top, eps, z.res) - 2.0 * slack
+    m_orig = margin_lower(z, top, eps, residue_of(z)) - 2.0 * slack
     pruned = Form(z.c + dz.c, z.A + dz.A, z.r + dz.r)
-    joint = residue_of(z, p).added(residue_of(dz, p), eps)  # w' = w + w_Δ
+    joint = residue_of(z).added(residue_of(dz), eps)  # w' = w + w_Δ
     m_pruned = margin_lower(pruned, top, eps, joint) - 2.0 * slack
     return {"bound": beta, "top1": (m_orig > 0) & (m_pruned > 0), "margin_original": m_orig,
             "margin_pruned": m_pruned, "top_class": top}
 
 
-def margin_lower(y: Form, top: torch.Tensor, eps: float, res: Residue | None = None,
-                 extra: torch.Tensor | None = None) -> torch.Tensor:
+def margin_lower(y: Form, top: torch.Tensor, eps: float, res: Residue | None = None) -> torch.Tensor:
     """min over k ≠ top and |δ| ≤ ε of y_top − y_k ≥ (c_top − c_k) − ε|A_top − A_k| − |w_top − w_k|, with
-    |w_top − w_k| ≤ √2 r (Cauchy–Schwarz), or, given the residue of a part of w (and `extra` ≥ the rest), by Lemma 9'
-    with the row e_top − e_k, plus √2·extra."""
+    |w_top − w_k| ≤ √2 r (Cauchy–Schwarz), or, given the residue of w, by Lemma 9' with the row e_top − e_k."""
     idx = torch.arange(len(top))
     gap = y.c[idx, top][:, None] - y.c
     slope = torch.linalg.vector_norm(y.A[idx, top][:, None, :] - y.A, dim=-1)
     pair = SQRT2 * y.r[:, None].expand_as(gap)
     if res is not None:
-        rest = SQRT2 * (torch.zeros_like(y.r) if extra is None else extra)
-        rows = [res.dotted_sup(_class_row(top, k, y.c.shape[1]), eps) + rest for k in range(y.c.shape[1])]
+        rows = [res.dotted_sup(_class_row(top, k, y.c.shape[1]), eps) for k in range(y.c.shape[1])]
         pair = torch.minimum(pair, torch.stack(rows, dim=1))
     low = gap - eps * slope - pair
     low[idx, top] = math.inf

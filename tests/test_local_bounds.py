@@ -74,7 +74,7 @@ def test_lemma_9_structured_taylor_remainder_holds(o, scale):
     jac_u = gc[:, None] * u + 2.0 * slope[:, None] * (c * u).sum(-1, keepdim=True) * c
     rem_f, rem_g = fz - fc - jac_u, gz - gc - 2.0 * slope * (c * u).sum(-1)
     cn, rad = c.norm(dim=-1), u.norm(dim=-1)
-    alpha, beta, gamma = lb.taylor_coefficients(cn, (c * u).sum(-1).abs(), rad, o, torch.minimum(cn, z.norm(dim=-1)))
+    alpha, beta, gamma = lb.taylor_coefficients(slope, (c * u).sum(-1).abs(), rad, o, torch.minimum(cn, z.norm(dim=-1)))
     slack = 1e-12 * (1.0 + fz.norm(dim=-1))  # the float64 rounding of forming the remainders above
     assert bool((rem_f.norm(dim=-1) <= alpha * cn + beta * rad + gamma * z.norm(dim=-1) + slack).all())
     assert bool((rem_g.abs() <= alpha + gamma + slack).all())
