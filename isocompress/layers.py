@@ -162,7 +162,12 @@ def lipschitz_after(norms: list[tuple[float, float]], o: list[float | None]) -> 
 def layer_norms(layer: Layer) -> tuple[float, float]:
     """(‖W‖₂, |psi|) of one layer: what its factor in the Lipschitz chain needs."""
     w = float(layer.weight.abs().max()) if layer.kind == "diag" else spectral_norm_upper(layer.weight)
-    return w, 0.0 if layer.psi is None else torch.linalg.vector_norm(layer.psi).item()
+    return w, psi_norm(layer)
+
+
+def psi_norm(layer: Layer) -> float:
+    """|psi| of a layer (0 without psi)."""
+    return 0.0 if layer.psi is None else torch.linalg.vector_norm(layer.psi).item()
 
 
 def chain_factor(norms: tuple[float, float], o_before: float) -> float:

@@ -524,12 +524,11 @@ def refutation_report(state: State, centres: torch.Tensor, eps: float, certified
                           "pruned_class": int(found["classes"][j, 1]), "distance": float(found["distance"][j]),
                           "x": [float(v) for v in found["counterexample"][j]]})
     check_verdicts(certified, refuted)
-    n = len(centres)
-    n_refuted = int(refuted.sum())
+    n, n_refuted = len(centres), int(refuted.sum())
+    n_undecided = n - int(certified.sum()) - n_refuted
     return {
         "refuted": refuted.tolist(), "n_refuted": n_refuted, "refuted_fraction": n_refuted / n,
-        "n_undecided": n - int(certified.sum()) - n_refuted,
-        "undecided_fraction": (n - int(certified.sum()) - n_refuted) / n,
+        "n_undecided": n_undecided, "undecided_fraction": n_undecided / n,
         "counterexamples": shown,
         "refutation": {
             "starts": local_bounds.DISAGREE_STARTS, "steps": local_bounds.DISAGREE_STEPS,

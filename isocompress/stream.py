@@ -25,7 +25,7 @@ from isocompress import io
 from isocompress.config import ModelConfig
 from isocompress.errors import IsocompressError
 from isocompress.layers import (_left_mul, _right_mul, choose_alternating_layers, constant_floor, constant_record,
-                                layer_input_bound, layer_norms, lipschitz_after, producer_basis,
+                                layer_input_bound, layer_norms, lipschitz_after, producer_basis, psi_norm,
                                 remove_constant_pair)
 from isocompress.model import Layer
 from isocompress.primitives import gram_matrix, isotropic_tanh, spectral_norm_from_gram, svd64
@@ -339,7 +339,7 @@ def _feed_and_norms(src: LayerSource, i: int, fwd: Forward) -> tuple[tuple[float
     o = None if layer.is_output else float(layer.o)
     if layer.kind == "diag" or layer.weight.numel() == 0:
         return layer_norms(layer), o
-    psi = 0.0 if layer.psi is None else torch.linalg.vector_norm(layer.psi).item()
+    psi = psi_norm(layer)
     gram, inner = gram_matrix(layer.weight), max(layer.weight.shape)
     del layer
     return (spectral_norm_from_gram(gram, inner), psi), o
@@ -348,8 +348,8 @@ def _feed_and_norms(src: LayerSource, i: int, fwd: Forward) -> tuple[tuple[float
 def remove_constants_pass(src: LayerSource, tmp: Path, step: Callable[[str], None],
                           rule: SimpleNamespace) -> tuple[list[dict], list[SimpleNamespace], dict]:
     """remove_all_constant_directions, one pair of layers at a time, with the rule and record of
-    layers.remove_constant_directions_accounted; layer i of the result goes to tmp/i. The producer's SVD runs before its consumer is read (one wide layer and the SVD's workspace are never
-    resident together). Returns (summaries of the original layers, shapes of the result's layers, the record)."""
+    layers.remove_constant_directions_accounted; layer i of the result goes to tmp/i. The producer's SVD runs before
+    its consumer is read (one wide layer and the SVD's workspace are never resident together). Returns (summaries of the original layers, shapes of the result's layers, the record)."""
     before, shapes, pending, o_before = [], [], None, None
     record = constant_record(None, rule.scale, rule.radius)
     for i in range(src.n_layers):
