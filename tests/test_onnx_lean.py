@@ -107,7 +107,7 @@ def test_property_lean_graph_matches_torch(widths, psi, o_low, seed):
 
 def test_small_diagonals_are_gemms_and_large_ones_vectors():
     """DIAG_AS_GEMM_MAX: a diagonal layer of at most that many dense entries is written as one Gemm (fewer nodes),
-    a larger one as a 1-D vector (no 2-D initializer of its size); both match torch."""
+    a larger one as a 1-D vector (no 2-D initializer of its size); both match torch in float32 and float64."""
     from isocompress.onnx_export import DIAG_AS_GEMM_MAX
 
     for width, expect_gemm in ((int(DIAG_AS_GEMM_MAX ** 0.5), True), (int(DIAG_AS_GEMM_MAX ** 0.5) + 1, False)):
@@ -121,3 +121,4 @@ def test_small_diagonals_are_gemms_and_large_ones_vectors():
         assert len(sizes) == n_gemm
         x = probe_inputs(width, per_scale=8)
         assert rel(model(x), run(proto, x)) <= 1e-5
+        assert rel(model(x), run(build_onnx(model, dtype=torch.float64), x, torch.float64)) <= 1e-12
