@@ -7,7 +7,7 @@ Data: scikit-learn digits, the split of scripts/train_models.py. Network 64→32
 batch 64. For each optimiser (SGD lr 0.05 momentum 0.9, Adam lr 1e-3, AdamW lr 1e-3 wd 1e-2) and seed it trains
 `--steps` steps, then restructures one copy in each of three ways — grow every hidden space by 16, degenerate the 8
 weakest directions of every hidden space, rotate every hidden space to its layer's left singular basis — and trains
-50 more steps on the same batches with (a) the optimiser state carried through the change by isocompress.adapt and
+50 more steps on the same batches with (a) the optimiser state carried through the change by isocompress.train.adapt and
 (b) a freshly created optimiser. It prints the mean training loss over those 50 steps (and the unrestructured run's).
 
 Part 2 measures the diagonal rule v → (P∘P)ᵀv for Adam's exp_avg_sq on hidden space 1 against the exact second moment
@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from train_models import load_digits_split  # noqa: E402
 
-from isocompress import adapt  # noqa: E402
-from isocompress.nn import IsotropicMLP  # noqa: E402
+from isocompress.train import adapt  # noqa: E402
+from isocompress.train.nn import IsotropicMLP  # noqa: E402
 
 F64 = torch.float64
 WIDTHS = (64, 32, 32, 32, 10)

@@ -31,10 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from isocompress import io
-from isocompress.api import probe_inputs, shrink_exact
-from isocompress.model import random_model
-from isocompress.onnx_export import build_onnx, export_and_verify, node_counts, ort_session
+from isocompress.api.shrink import probe_inputs
+from isocompress.core.model import random_model
+from isocompress.exact.shrink import shrink_exact
+from isocompress.export.onnx_export import build_onnx, export_and_verify, node_counts, ort_session
+from isocompress.formats import io
 
 SHIPPED = ("digits", "mnist1d")
 

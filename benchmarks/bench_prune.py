@@ -30,10 +30,12 @@ import numpy as np
 import scipy.linalg  # pip install -e ".[bench]" (or ".[test]")
 import torch
 
-from isocompress import bounds, io, prune
-from isocompress.api import ShrinkOptions
-from isocompress.model import IsoMLP, Layer
-from isocompress.primitives import isotropic_tanh
+from isocompress.api.shrink import ShrinkOptions
+from isocompress.bounds import certified as bounds
+from isocompress.core.model import IsoMLP, Layer
+from isocompress.core.primitives import isotropic_tanh
+from isocompress.formats import io
+from isocompress.prune import budget as prune
 
 F64 = torch.float64
 
@@ -176,7 +178,8 @@ def run(model_path: Path, budgets: list[float]) -> list[tuple]:
 
 def paper_rule(model: IsoMLP, target: int) -> IsoMLP:
     """The paper's data-free rule (see the module docstring), on isocompress's embedded State; one SVD per step."""
-    from isocompress.layers import alternate_diagonalise, remove_all_constant_directions
+    from isocompress.exact.constants import remove_all_constant_directions
+    from isocompress.exact.shrink import alternate_diagonalise
 
     state = prune.State.of(remove_all_constant_directions(model.cast(F64)))
     while prune.current_params(state) > target:
@@ -207,7 +210,7 @@ REFERENCE_LAYOUTS = (("ref-psi", (64, 128, 128, 10), True, "trainable"),
 def reference_layout_models(out_dir: Path, seeds: int = 1) -> list[Path]:
     """Small digits classifiers trained with the reference code's parametrisation (trainable psi and o; plain) and
     saved in the reference IsotropicTanhMLP state-dict layout (weight_parameters.N, bias_parameters.N,
-    psi_parameters.N, activation.N.o_const), read back through isocompress.io's reference loader. seeds > 1: also
+    psi_parameters.N, activation.N.o_const), read back through isocompress.formats.io's reference loader. seeds > 1: also
     seeds 1 … seeds−1 of the checkpoints with psi, and a three-hidden-layer one with psi (ref-psi3, seeds 0 …)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -231,7 +234,7 @@ def reference_layout_models(out_dir: Path, seeds: int = 1) -> list[Path]:
 
 def train_reference(widths, psi: bool, o: str, seed: int, xtr, ytr) -> IsoMLP:
     """40 epochs of Adam (lr 2e-3, weight decay 1e-4, batches of 64) from the reference initialisation with `seed`."""
-    from isocompress.nn import IsotropicMLP
+    from isocompress.train.nn import IsotropicMLP
 
     torch.manual_seed(seed)
     net = IsotropicMLP(widths, psi=psi, intrinsic_length=o, seed=seed)
@@ -284,8 +287,8 @@ def run_local(model_path: Path, budgets: list[float], fractions: list[float], n_
     """Local certificates with calibration: certified top-1 fraction and tightness (β_i / the largest |Δy| a
     gradient search finds in the ball) at several radii; and the time of a run with certificates on n_speed points
     against the same run without them."""
-    from isocompress import local_bounds
-    from isocompress.layers import remove_all_constant_directions
+    from isocompress.bounds import local as local_bounds
+    from isocompress.exact.constants import remove_all_constant_directions
 
     model, calib, labels, x_test, _ = load(model_path)
     median = float(calib.norm(dim=-1).median())
@@ -328,7 +331,7 @@ def run_local(model_path: Path, budgets: list[float], fractions: list[float], n_
 
 
 def print_local(result: dict, model: str, command: str) -> None:
-    from isocompress import local_bounds
+    from isocompress.bounds import local as local_bounds
 
     print(f"{model}: local certificates with calibration (data-aware basis), median input norm "
           f"{result['median_norm']:.4g}; the search: Adam in float64, 8 starts × 40 steps per ball, two along the top"

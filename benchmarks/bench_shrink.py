@@ -36,9 +36,9 @@ def status(field):
         if line.startswith(field):
             return int(line.split()[1])
 import torch
-import isocompress.api as api, isocompress.io, isocompress.layers, isocompress.stream, safetensors.torch, tqdm
-import isocompress.threads
-isocompress.threads.configure()  # as the CLI does: 1 thread for small work, idle cores for large factorisations
+import isocompress.api.shrink as api, isocompress.formats.io, isocompress.core.layers, isocompress.exact.stream, safetensors.torch, tqdm
+import isocompress.core.threads
+isocompress.core.threads.configure()  # as the CLI does: 1 thread for small work, idle cores for large factorisations
 baseline, anon = status("VmRSS:"), [status("RssAnon:")]
 anon_base = anon[0]
 stop = threading.Event()
@@ -76,11 +76,11 @@ def run_child(model: Path, out: Path, options: dict, env: dict | None = None) ->
 
 
 def svd_floor(path: Path) -> float:
-    from isocompress import io
+    from isocompress.formats import io
 
     tensors, _ = io.read_tensors(path)
     weights = [t for k, t in tensors.items() if k.endswith(".weight") and t.dim() == 2]
-    from isocompress import threads
+    from isocompress.core import threads
 
     threads.configure()
     start = time.perf_counter()
@@ -91,8 +91,8 @@ def svd_floor(path: Path) -> float:
 
 
 def exact(widths: list[int], repeats: int, tmp: Path) -> None:
-    from isocompress import io
-    from isocompress.model import random_model
+    from isocompress.core.model import random_model
+    from isocompress.formats import io
 
     model = random_model(widths, o=(0.0, 1.0), seed=0)
     floors = None
@@ -118,8 +118,8 @@ def exact(widths: list[int], repeats: int, tmp: Path) -> None:
 
 
 def budget(widths_list: list[list[int]], tmp: Path) -> None:
-    from isocompress import io
-    from isocompress.model import random_model
+    from isocompress.core.model import random_model
+    from isocompress.formats import io
 
     print(f"{'network':<24} {'exact s':>8} {'budget s':>9} {'ratio':>6}  certified (method) ≥ adversarial; search")
     for widths in widths_list:
@@ -149,9 +149,9 @@ def swap_out() -> int:
 
 def write_large(path: Path, width: int, n_in: int, n_hidden: int) -> None:
     """A random float32 safetensors model written one layer at a time (never whole in memory)."""
-    from isocompress.config import ModelConfig
-    from isocompress.io import CONFIG_KEY
-    from isocompress.stream import TensorWriter
+    from isocompress.core.config import ModelConfig
+    from isocompress.exact.stream import TensorWriter
+    from isocompress.formats.io import CONFIG_KEY
 
     widths = [n_in] + [width] * n_hidden + [10]
     specs = []

@@ -14,18 +14,19 @@ import os as _os
 _os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 _WHERE = {
-    "ShrinkOptions": "api", "shrink_exact": "api", "shrink_file": "api",
-    "run_checks": "check",
-    "ModelConfig": "config",
-    "CheckFailed": "errors", "IsocompressError": "errors",
-    "load": "io", "save": "io", "save_pt": "io", "save_safetensors": "io",
-    "alternate_diagonalise": "layers", "diagonalise_full": "layers", "diagonalise_left": "layers",
-    "remove_all_constant_directions": "layers", "remove_constant_directions": "layers", "rotate_hidden": "layers",
-    "IsoMLP": "model", "Layer": "model", "random_model": "model",
-    "Recipe": "recipe",
-    "export_onnx": "onnx_export",
-    "convert_file": "convert",
-    "grow": "grow", "neuroadapt": "grow",
+    "ShrinkOptions": "api.shrink", "shrink_exact": "exact.shrink", "shrink_file": "api.shrink",
+    "run_checks": "check.run",
+    "ModelConfig": "core.config",
+    "CheckFailed": "core.errors", "IsocompressError": "core.errors",
+    "load": "formats.io", "save": "formats.io", "save_pt": "formats.io", "save_safetensors": "formats.io",
+    "alternate_diagonalise": "exact.shrink", "diagonalise_full": "core.layers", "diagonalise_left": "core.layers",
+    "remove_all_constant_directions": "exact.constants", "remove_constant_directions": "core.layers",
+    "rotate_hidden": "core.layers",
+    "IsoMLP": "core.model", "Layer": "core.model", "random_model": "core.model",
+    "Recipe": "api.recipe",
+    "export_onnx": "export.onnx_export",
+    "convert_file": "formats.convert",
+    "grow": "train.grow", "neuroadapt": "train.grow",
 }
 
 __all__ = sorted(_WHERE)

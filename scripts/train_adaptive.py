@@ -5,7 +5,7 @@
     python scripts/train_adaptive.py mnist1d --seed 1   # another seed, against the fixed recipe at that seed
 
 Each run starts 16 wide in every hidden layer and trains with the fixed-width recipe of scripts/train_models.py (same
-data split, Adam, weight decay, cosine schedule, batch size, seed), with an `isocompress.adapt.Neuroadaptation`
+data split, Adam, weight decay, cosine schedule, batch size, seed), with an `isocompress.train.adapt.Neuroadaptation`
 schedule that keeps a few scaffold directions per hidden layer: scaffolds are grown when the old ones have trained
 into real directions, directions whose singular value decays below the threshold are degenerated (optimiser state is
 carried through every change). At the end the remaining scaffold directions are degenerated. Writes DIR/M.pt
@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_models import LOADERS, RECIPES, accuracy  # noqa: E402  (same data split and recipe)
 from train_models import train as train_fixed  # noqa: E402
 
-from isocompress.adapt import Neuroadaptation  # noqa: E402
-from isocompress.api import shrink_exact  # noqa: E402
-from isocompress.io import atomic_path  # noqa: E402
-from isocompress.nn import IsotropicMLP  # noqa: E402
+from isocompress.exact.shrink import shrink_exact  # noqa: E402
+from isocompress.formats.io import atomic_path  # noqa: E402
+from isocompress.train.adapt import Neuroadaptation  # noqa: E402
+from isocompress.train.nn import IsotropicMLP  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parent.parent / "adaptive"
 # The shipped fixed-width models (docs/models.md), trained by scripts/train_models.py.

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from isocompress.io import atomic_path
-from isocompress.nn import IsotropicMLP
+from isocompress.formats.io import atomic_path
+from isocompress.train.nn import IsotropicMLP
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 CALIBRATION_SIZE = 256

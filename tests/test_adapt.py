@@ -1,4 +1,4 @@
-"""isocompress.adapt (issue 14): live restructuring of an IsotropicMLP with its optimiser, and the schedule."""
+"""isocompress.train.adapt (issue 14): live restructuring of an IsotropicMLP with its optimiser, and the schedule."""
 
 import copy
 import logging
@@ -8,10 +8,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from isocompress import adapt
-from isocompress.api import output_difference, probe_inputs, shrink_exact
-from isocompress.errors import IsocompressError
-from isocompress.nn import IsotropicMLP
+from isocompress.api.shrink import output_difference, probe_inputs
+from isocompress.core.errors import IsocompressError
+from isocompress.exact.shrink import shrink_exact
+from isocompress.train import adapt
+from isocompress.train.nn import IsotropicMLP
 
 F64 = torch.float64
 OPTIMISERS = {
@@ -266,7 +267,7 @@ def test_schedule_restructures_a_tiny_model_during_training_and_logs(caplog):
     schedule = adapt.Neuroadaptation(net, opt, every=10, threshold=0.05, scaffold=1, max_width=8, seed=0)
     x, y = batch((4, 3, 3, 2), torch.float32)
     widths = []
-    with caplog.at_level(logging.INFO, logger="isocompress.adapt"):
+    with caplog.at_level(logging.INFO, logger="isocompress.train.adapt"):
         for _ in range(60):
             train_step(net, opt, x, y)
             before = net(x).detach()

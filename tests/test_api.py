@@ -9,7 +9,7 @@ import torch
 
 import isocompress
 from isocompress import CheckFailed, IsocompressError, ShrinkOptions, export_onnx, random_model, shrink_exact
-from isocompress.recipe import COMMAND_LINE, parse_budget, parse_max_error
+from isocompress.api.recipe import COMMAND_LINE, parse_budget, parse_max_error
 
 
 @pytest.mark.parametrize("text,value", [("5%", 0.05), ("0.05", 0.05), ("7500", 7500.0), ("7_500", 7500.0),

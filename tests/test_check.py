@@ -16,13 +16,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from isocompress import check, io
-from isocompress.api import shrink_file
-from isocompress.check import CheckConfig, CheckSpec, parse_bytes, parse_count, parse_fraction, run_checks
+from isocompress.api.recipe import load_recipe
+from isocompress.api.shrink import shrink_file
+from isocompress.check import run as check
+from isocompress.check.run import CheckConfig, CheckSpec, parse_bytes, parse_count, parse_fraction, run_checks
 from isocompress.cli import main
-from isocompress.errors import IsocompressError
-from isocompress.model import random_model
-from isocompress.recipe import load_recipe
+from isocompress.core.errors import IsocompressError
+from isocompress.core.model import random_model
+from isocompress.formats import io
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS, RECIPES = ROOT / "models", ROOT / "recipes"

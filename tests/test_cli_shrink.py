@@ -8,12 +8,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from isocompress import io
-from isocompress.api import shrink_file
+from isocompress.api.shrink import shrink_file
 from isocompress.cli import main
-from isocompress.cli_shrink import parse_budget
-from isocompress.errors import IsocompressError
-from isocompress.model import random_model
+from isocompress.cli.shrink import parse_budget
+from isocompress.core.errors import IsocompressError
+from isocompress.core.model import random_model
+from isocompress.formats import io
 
 
 @pytest.fixture

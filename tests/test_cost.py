@@ -6,8 +6,9 @@ import time
 
 import torch
 
-from isocompress import bounds, prune
-from isocompress.model import random_model
+from isocompress.bounds import certified as bounds
+from isocompress.core.model import random_model
+from isocompress.prune import budget as prune
 
 F64 = torch.float64
 

@@ -18,15 +18,16 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from isocompress import io
-from isocompress.check import parse_config_text
+from isocompress.api.recipe import RECIPE_KEYS, Recipe, parse_recipe_text
+from isocompress.check.run import parse_config_text
 from isocompress.cli import main
-from isocompress.errors import IsocompressError
-from isocompress.model import random_model
-from isocompress.recipe import RECIPE_KEYS, Recipe, parse_recipe_text
+from isocompress.core.errors import IsocompressError
+from isocompress.core.model import random_model
+from isocompress.formats import io
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {"bytes": 1000, "headers": 800, "state-dicts": 800, "recipes": 500, "configs": 500, "cli": 400,
@@ -236,7 +237,7 @@ def write_state_dict(path: Path, tensors: dict, metadata: dict | None) -> None:
 def layouts() -> dict:
     model = random_model([3, 5, 4, 2], psi=True, o=(0.2, 1.0), seed=2)
     shrunk = random_model([3, 5, 4, 2], psi=True, o=(0.2, 1.0), seed=2)
-    from isocompress.api import shrink_exact
+    from isocompress.exact.shrink import shrink_exact
 
     diag = shrink_exact(shrunk)
     return {"own": (io.model_tensors(model, torch.float32), model.config.to_json()),
@@ -488,8 +489,8 @@ def nested_text(draw, toml: bool) -> str:
 
 
 def test_deeply_nested_recipes_configs_baselines_and_metadata(tmp_path):
-    from isocompress.check_baseline import load_baseline
-    from isocompress.config import ModelConfig
+    from isocompress.check.baseline import load_baseline
+    from isocompress.core.config import ModelConfig
 
     calls = []
 
@@ -519,8 +520,8 @@ HUGE = [1e4, 1e15, 1e19, 1e30, 1e38, 3e38, 1e100, 1e300, 1.7e308]
 def test_out_of_range_models_and_calibration(tmp_path):
     """Values that may not fit the dtypes a run computes or saves in: ranges.check_run either accepts them (and then
     the float64 reference and, for float32 ONNX, a float32 forward stay finite) or refuses them cleanly."""
-    from isocompress import ranges
-    from isocompress.measure import probe_inputs
+    from isocompress.core import ranges
+    from isocompress.core.measure import probe_inputs
 
     base = random_model([3, 4, 2], psi=True, o=(0.1, 0.5), seed=3)
     probes = probe_inputs(3, per_scale=8)
@@ -559,7 +560,7 @@ def test_out_of_range_models_and_calibration(tmp_path):
 def test_path_edge_cases(tmp_path, seeds):
     """Names with newlines and control characters, over-long components, FIFOs, directories, symlinks (dangling
     and not), into the model and array loaders: a model or one clean line, never a hang or a raw OSError."""
-    from isocompress.data import load_array
+    from isocompress.formats.data import load_array
 
     (tmp_path / "ok.safetensors").write_bytes(seeds["own.safetensors"])
     fifo = tmp_path / "fifo.pt"

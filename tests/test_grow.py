@@ -6,13 +6,13 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
-from isocompress import io
-from isocompress.api import shrink_exact
 from isocompress.cli import main
-from isocompress.errors import IsocompressError
-from isocompress.grow import count_scaffold, direction_strengths, grow, neuroadapt, remove_weakest_directions
-from isocompress.model import random_model
-from isocompress.nn import IsotropicMLP
+from isocompress.core.errors import IsocompressError
+from isocompress.core.model import random_model
+from isocompress.exact.shrink import shrink_exact
+from isocompress.formats import io
+from isocompress.train.grow import count_scaffold, direction_strengths, grow, neuroadapt, remove_weakest_directions
+from isocompress.train.nn import IsotropicMLP
 
 F64 = torch.float64
 

@@ -10,11 +10,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from conftest import cli, one_error_line
 from safetensors.torch import save_file
 
-from conftest import cli, one_error_line
-from isocompress import api, io, layers
-from isocompress.model import IsoMLP, Layer, random_model
+from isocompress.api import shrink as api
+from isocompress.core.model import IsoMLP, Layer, random_model
+from isocompress.exact import constants
+from isocompress.exact import shrink as exact
+from isocompress.formats import io
 
 F64 = torch.float64
 
@@ -219,8 +222,8 @@ def amplified_3_4_4_2() -> IsoMLP:
 
 def test_the_old_relative_rank_rule_drops_the_amplified_direction():
     # what the issue found (and why the tests below can fail): a tolerance relative to σ_max of one layer
-    assert layers.remove_all_constant_directions(amplified_2_2_1(), rtol=1e-15).widths == (2, 1, 1)
-    assert layers.remove_all_constant_directions(amplified_3_4_4_2(), rtol=1e-15).widths[1] == 2
+    assert constants.remove_all_constant_directions(amplified_2_2_1(), rtol=1e-15).widths == (2, 1, 1)
+    assert constants.remove_all_constant_directions(amplified_3_4_4_2(), rtol=1e-15).widths[1] == 2
 
 
 def test_exact_shrink_keeps_an_amplified_direction(tmp_path):
@@ -235,7 +238,7 @@ def test_exact_shrink_keeps_an_amplified_direction(tmp_path):
     shrunk = io.load(tmp_path / "out" / "model.safetensors")
     assert torch.allclose(shrunk(x), y, rtol=1e-10, atol=1e-12)  # ... and the shrunk model keeps it
     record = report["constant_directions"]
-    assert record["rtol"] == layers.EXACT_RTOL and record["bound"] == 0.0 and record["dropped"] == [0]
+    assert record["rtol"] == constants.EXACT_RTOL and record["bound"] == 0.0 and record["dropped"] == [0]
     assert json.loads((tmp_path / "out" / "report.json").read_text())["constant_directions"] == record
 
 
@@ -252,10 +255,10 @@ def test_what_is_dropped_is_proven_small():
     x = torch.randn(4000, 4, dtype=F64, generator=gen)
     x = x / torch.linalg.vector_norm(x, dim=-1, keepdim=True) * 10.0
     scale = float(torch.linalg.vector_norm(model(x), dim=-1).max())
-    shrunk, record = layers.remove_constant_directions_accounted(model, input_radius=10.0, output_scale=scale * 1e3)
+    shrunk, record = constants.remove_constant_directions_accounted(model, input_radius=10.0, output_scale=scale * 1e3)
     assert shrunk.widths[1] < 6 and sum(record["dropped"]) > 0
     error = float(torch.linalg.vector_norm(shrunk(x) - model(x), dim=-1).max())
-    assert 0 < error <= record["bound"] <= layers.EXACT_RTOL * scale * 1e3 * len(record["dropped"])
+    assert 0 < error <= record["bound"] <= constants.EXACT_RTOL * scale * 1e3 * len(record["dropped"])
 
 
 @pytest.mark.parametrize("budget", [1.0, 0.7])
@@ -279,9 +282,9 @@ def test_a_budget_certificate_covers_the_amplified_direction(tmp_path, budget):
 def test_with_the_old_rule_the_run_would_fail_loudly(tmp_path, monkeypatch):
     # the issue's case: the old relative rule drops the direction, the certificate (0 for the dropped part) misses
     # an O(1) error; the run's own search now catches that and the run fails instead of reporting a bound
-    from isocompress import prune
+    from isocompress.prune import budget as prune
 
-    real = layers.remove_constant_directions_accounted
+    real = constants.remove_constant_directions_accounted
 
     def old_rule(model, rtol=None, progress=None, input_radius=None, output_scale=None):
         out, record = real(model, rtol=1e-15, progress=progress, input_radius=input_radius, output_scale=output_scale)
@@ -298,7 +301,7 @@ def test_with_the_old_rule_the_run_would_fail_loudly(tmp_path, monkeypatch):
 
 
 def test_a_search_above_the_certificate_fails_the_run(tmp_path, small, monkeypatch):
-    from isocompress import bounds
+    from isocompress.bounds import certified as bounds
 
     real = bounds.certified_bound
 
@@ -307,7 +310,7 @@ def test_a_search_above_the_certificate_fails_the_run(tmp_path, small, monkeypat
         return {**out, "bound": out["bound"] * 1e-9}
 
     monkeypatch.setattr(bounds, "certified_bound", unsound)
-    monkeypatch.setattr("isocompress.prune.ROUNDING_ALLOWANCE", 0.0)
+    monkeypatch.setattr("isocompress.prune.budget.ROUNDING_ALLOWANCE", 0.0)
     # a domain (--input-radius): without one no certificate is computed (issue 10), so none could be refuted
     result = cli(["shrink", small, "--budget", "0.5", "--input-radius", "3", "--out", tmp_path / "o", "--quiet"])
     assert result.exit_code == 1
@@ -316,7 +319,7 @@ def test_a_search_above_the_certificate_fails_the_run(tmp_path, small, monkeypat
 
 
 def test_an_exact_run_with_a_real_probe_error_fails(tmp_path, small, monkeypatch):
-    real = api.shrink_exact_accounted
+    real = exact.shrink_exact_accounted
 
     def wrong(model, progress=None, x=None):
         shrunk, record = real(model, progress, x)
@@ -332,7 +335,7 @@ def test_an_exact_run_with_a_real_probe_error_fails(tmp_path, small, monkeypatch
 
 @pytest.mark.parametrize("make", [amplified_2_2_1, amplified_3_4_4_2])
 def test_the_streamed_exact_shrink_uses_the_same_output_relative_rule(tmp_path, make):
-    # safetensors-only output of our own format takes the one-layer-at-a-time path (isocompress.stream): it must keep
+    # safetensors-only output of our own format takes the one-layer-at-a-time path (isocompress.exact.stream): it must keep
     # what the in-memory path keeps, and record the same bound on what it dropped
     path = tmp_path / "amp.safetensors"
     io.save(make(), path, dtype=torch.float64)

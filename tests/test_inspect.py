@@ -6,11 +6,12 @@ import sys
 
 import pytest
 import torch
-
-from isocompress import inspection, io
-from isocompress.api import shrink_exact
-from isocompress.model import IsoMLP, Layer, dense_layer, random_model
 from conftest import cli, one_error_line
+
+from isocompress.api import inspection
+from isocompress.core.model import IsoMLP, Layer, dense_layer, random_model
+from isocompress.exact.shrink import shrink_exact
+from isocompress.formats import io
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -11,11 +11,11 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from isocompress import io
-from isocompress.api import shrink_exact
 from isocompress.cli import main
-from isocompress.errors import IsocompressError
-from isocompress.model import random_model
+from isocompress.core.errors import IsocompressError
+from isocompress.core.model import random_model
+from isocompress.exact.shrink import shrink_exact
+from isocompress.formats import io
 
 
 def reference_state_dict(widths, psi: bool, o_mode: str, seed: int = 0) -> dict:
@@ -174,7 +174,7 @@ def test_loader_errors_are_the_projects_own_type(tmp_path):
 
 
 def test_reference_state_dict_loads_back_as_the_same_function(tmp_path):
-    from isocompress.model import random_model
+    from isocompress.core.model import random_model
 
     model = random_model([5, 7, 6, 3], psi=True, o=0.3, seed=4).cast(torch.float64)
     path = tmp_path / "ref.pt"
@@ -188,7 +188,7 @@ def test_reference_state_dict_loads_back_as_the_same_function(tmp_path):
 def test_all_finite_finds_a_bad_value_in_any_chunk(n):
     """io.all_finite checks in chunks (memory): a NaN or ±Inf at the start, in the middle or in the last element of a
     partial last chunk is found; a finite tensor passes."""
-    from isocompress.io import all_finite
+    from isocompress.formats.io import all_finite
 
     t = torch.randn(n, dtype=torch.float64)
     assert all_finite(t) and all_finite(t.reshape(1, -1))

@@ -6,12 +6,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from isocompress import io, local_bounds as lb, prune
-from isocompress.layers import remove_all_constant_directions
-from isocompress.model import IsoMLP, random_model
-from isocompress.primitives import isotropic_gain
+from isocompress.bounds import local as lb
+from isocompress.core.model import IsoMLP, random_model
+from isocompress.core.primitives import isotropic_gain
+from isocompress.exact.constants import remove_all_constant_directions
+from isocompress.formats import io
+from isocompress.prune import budget as prune
 
 F64 = torch.float64
 MODELS = Path(__file__).resolve().parents[1] / "models"

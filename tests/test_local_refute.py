@@ -8,15 +8,18 @@ import json
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
-
 from conftest import cli, one_error_line
-from isocompress import io, local_bounds as lb, prune
-from isocompress.api import ShrinkOptions
-from isocompress.cli_shrink import local_lines
-from isocompress.errors import CheckFailed, IsocompressError
-from isocompress.layers import remove_all_constant_directions
-from isocompress.model import IsoMLP, random_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from isocompress.api.shrink import ShrinkOptions
+from isocompress.bounds import local as lb
+from isocompress.cli.shrink import local_lines
+from isocompress.core.errors import CheckFailed, IsocompressError
+from isocompress.core.model import IsoMLP, random_model
+from isocompress.exact.constants import remove_all_constant_directions
+from isocompress.formats import io
+from isocompress.prune import budget as prune
 
 F64 = torch.float64
 

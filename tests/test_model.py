@@ -7,11 +7,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from isocompress.config import ModelConfig
-from isocompress.errors import IsocompressError
-from isocompress.layers import alternate_diagonalise
-from isocompress.model import IsoMLP, Layer, random_model
-from isocompress.primitives import diag_matmul, diag_to_dense, isotropic_gain, isotropic_tanh
+from isocompress.core.config import ModelConfig
+from isocompress.core.errors import IsocompressError
+from isocompress.core.model import IsoMLP, Layer, random_model
+from isocompress.core.primitives import diag_matmul, diag_to_dense, isotropic_gain, isotropic_tanh
+from isocompress.exact.shrink import alternate_diagonalise
 
 
 def test_gain_matches_tanh_over_m_on_both_sides_of_the_series_switch():

@@ -5,8 +5,8 @@ and g as eigenvalues) never exceeds them, and each constant is nearly reached (a
 import pytest
 import torch
 
-from isocompress.layers import activation_constants
-from isocompress.primitives import isotropic_tanh
+from isocompress.core.primitives import isotropic_tanh
+from isocompress.exact.constants import activation_constants
 
 
 @pytest.mark.parametrize("o", [0.0, 0.3, -0.077, -0.5, -1.0, -4.0, -25.0])

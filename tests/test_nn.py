@@ -1,14 +1,14 @@
-"""isocompress.nn (issue 6): the trainable isotropic MLP equals IsoMLP's forward, saves and loads isocompress models."""
+"""isocompress.train.nn (issue 6): the trainable isotropic MLP equals IsoMLP's forward, saves and loads isocompress models."""
 
 import pytest
 import torch
 
-from isocompress import io
-from isocompress.api import shrink_exact
-from isocompress.errors import IsocompressError
-from isocompress.model import random_model
-from isocompress.nn import IsotropicMLP, IsotropicTanh, inverse_softplus
-from isocompress.primitives import isotropic_tanh
+from isocompress.core.errors import IsocompressError
+from isocompress.core.model import random_model
+from isocompress.core.primitives import isotropic_tanh
+from isocompress.exact.shrink import shrink_exact
+from isocompress.formats import io
+from isocompress.train.nn import IsotropicMLP, IsotropicTanh, inverse_softplus
 
 F64 = torch.float64
 

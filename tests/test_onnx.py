@@ -1,4 +1,4 @@
-"""ONNX export (isocompress.onnx_export) and the commands that write it: parity with the torch forward in onnxruntime,
+"""ONNX export (isocompress.export.onnx_export) and the commands that write it: parity with the torch forward in onnxruntime,
 graph structure, dynamic batch, verification failures, `shrink`/`export` formats."""
 
 import json
@@ -12,16 +12,18 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import cli, one_error_line
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import numpy_helper
 
-from isocompress import io, onnx_export
-from isocompress.api import probe_inputs, shrink_exact
-from isocompress.errors import CheckFailed, IsocompressError
-from isocompress.model import IsoMLP, random_model
-from isocompress.onnx_export import build_onnx, export_and_verify, write_onnx
-from conftest import cli, one_error_line
+from isocompress.api.shrink import probe_inputs
+from isocompress.core.errors import CheckFailed, IsocompressError
+from isocompress.core.model import IsoMLP, random_model
+from isocompress.exact.shrink import shrink_exact
+from isocompress.export import onnx_export
+from isocompress.export.onnx_export import build_onnx, export_and_verify, write_onnx
+from isocompress.formats import io
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
@@ -285,7 +287,7 @@ def test_property_any_small_model_exports_exactly(widths, psi, o_low, shrink, se
         model = shrink_exact(model)
     proto = build_onnx(model)
     ops = [node.op_type for node in proto.graph.node]
-    from isocompress.onnx_export import small_diagonals_dense
+    from isocompress.export.onnx_export import small_diagonals_dense
 
     assert ops.count("Gemm") == sum(small_diagonals_dense(layer).kind == "dense" for layer in model.layers)
     assert ops.count("Tanh") == len(model.layers) - 1

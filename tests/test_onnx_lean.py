@@ -12,10 +12,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from isocompress import io
-from isocompress.api import probe_inputs, shrink_exact
-from isocompress.model import IsoMLP, Layer, random_model
-from isocompress.onnx_export import build_onnx, node_counts
+from isocompress.api.shrink import probe_inputs
+from isocompress.core.model import IsoMLP, random_model
+from isocompress.exact.shrink import shrink_exact
+from isocompress.export.onnx_export import build_onnx, node_counts
+from isocompress.formats import io
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
@@ -108,7 +109,7 @@ def test_property_lean_graph_matches_torch(widths, psi, o_low, seed):
 def test_small_diagonals_are_gemms_and_large_ones_vectors():
     """DIAG_AS_GEMM_MAX: a diagonal layer of at most that many dense entries is written as one Gemm (fewer nodes),
     a larger one as a 1-D vector (no 2-D initializer of its size); both match torch in float32 and float64."""
-    from isocompress.onnx_export import DIAG_AS_GEMM_MAX
+    from isocompress.export.onnx_export import DIAG_AS_GEMM_MAX
 
     for width, expect_gemm in ((int(DIAG_AS_GEMM_MAX ** 0.5), True), (int(DIAG_AS_GEMM_MAX ** 0.5) + 1, False)):
         model = shrink_exact(random_model([width, width, width, 3], psi=True, o=(0.1, 1.0), seed=1))

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from isocompress.progress import line_printer, plain_line, progress_bar
+from isocompress.core.progress import line_printer, plain_line, progress_bar
 
 
 class Terminal(io.StringIO):
@@ -44,8 +44,9 @@ def test_plain_line_without_a_total_and_line_printer():
 
 
 def test_the_prune_progress_has_a_total(capsys):
-    from isocompress import api, prune
-    from isocompress.model import random_model
+    from isocompress.api import shrink as api
+    from isocompress.core.model import random_model
+    from isocompress.prune import budget as prune
 
     model = random_model([24, 24, 24, 4], seed=1)
     prune.prune_to_budget(model, api.ShrinkOptions(budget=0.3), progress=True, search_restarts=4, search_steps=5)

@@ -6,13 +6,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from isocompress import prune
-from isocompress.api import ShrinkOptions
-from isocompress.errors import IsocompressError
-from isocompress.layers import alternate_diagonalise, remove_all_constant_directions
-from isocompress.model import random_model
+from isocompress.api.shrink import ShrinkOptions
+from isocompress.core.errors import IsocompressError
+from isocompress.core.model import random_model
+from isocompress.exact.constants import remove_all_constant_directions
+from isocompress.exact.shrink import alternate_diagonalise
+from isocompress.prune import budget as prune
 
 F64 = torch.float64
 MODELS = Path(__file__).resolve().parents[1] / "models"
@@ -110,7 +112,7 @@ def test_report_has_per_layer_detail():
 
 
 def load_shipped(name):
-    from isocompress import io
+    from isocompress.formats import io
 
     path = MODELS / f"{name}.pt"
     if not path.exists():
@@ -135,8 +137,8 @@ def test_cli_budget_prints_and_reports_the_three_bounds(tmp_path):
 
     from click.testing import CliRunner
 
-    from isocompress import io
     from isocompress.cli import main
+    from isocompress.formats import io
 
     model_path = tmp_path / "m.safetensors"
     io.save(random_model([12, 48, 48, 6], psi=True, o=(0.0, 1.0), seed=3, weight_scale=2.0), model_path)

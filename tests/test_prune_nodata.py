@@ -7,13 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import cli, one_error_line
-from isocompress import io, prune
-from isocompress.api import ShrinkOptions
-from isocompress.errors import IsocompressError
-from isocompress.model import IsoMLP, Layer, random_model
-from isocompress.recipe import parse_recipe_text
+
+from isocompress.api.recipe import parse_recipe_text
+from isocompress.api.shrink import ShrinkOptions
+from isocompress.core.errors import IsocompressError
+from isocompress.core.model import IsoMLP, Layer, random_model
+from isocompress.formats import io
+from isocompress.prune import budget as prune
 
 F64 = torch.float64
 MODELS = Path(__file__).resolve().parents[1] / "models"

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import cli, one_error_line
 from forked import finish, forked_cli, start
-from isocompress import io, publish
-from isocompress.errors import IsocompressError
-from isocompress.model import random_model
+
+from isocompress.core.errors import IsocompressError
+from isocompress.core.model import random_model
+from isocompress.formats import io, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -234,7 +234,7 @@ def test_out_in_a_read_only_directory_as_a_non_root_user():
 def signal_after_staging(sig: int):
     """A child setup: the signal arrives once the stage holds every file, before publishing."""
     def setup():
-        from isocompress import api
+        from isocompress.api import shrink as api
 
         real = api.write_report
 

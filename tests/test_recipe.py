@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from isocompress import io
-from isocompress.api import ShrinkOptions
+from isocompress.api.recipe import Recipe, load_recipe, parse_recipe_text
+from isocompress.api.shrink import ShrinkOptions
 from isocompress.cli import main
-from isocompress.errors import IsocompressError
-from isocompress.model import random_model
-from isocompress.recipe import Recipe, load_recipe, parse_recipe_text
+from isocompress.core.errors import IsocompressError
+from isocompress.core.model import random_model
+from isocompress.formats import io
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

@@ -15,14 +15,15 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import cli, one_error_line
 from torch import nn
 
-from conftest import cli, one_error_line
-from isocompress import io
-from isocompress.api import ShrinkOptions, shrink_exact, shrink_file
-from isocompress.errors import IsocompressError
-from isocompress.grow import grow
-from isocompress.onnx_export import build_onnx, export_and_verify
+from isocompress.api.shrink import ShrinkOptions, shrink_file
+from isocompress.core.errors import IsocompressError
+from isocompress.exact.shrink import shrink_exact
+from isocompress.export.onnx_export import build_onnx, export_and_verify
+from isocompress.formats import io
+from isocompress.train.grow import grow
 
 MODES = ("log", "raw", "const", "none")
 WIDTHS = (5, 12, 12, 12, 3)  # hidden wider than the input: exact shrinking removes directions and moves o
@@ -308,7 +309,7 @@ def test_shrink_options_name_the_mode(tmp_path):
 def test_negative_o_breaks_the_lipschitz_bound_the_certificates_use():
     """Why lossy shrinking refuses o < 0 (docs/math.md, "Negative o"): just inside the sphere |z|² = −o the radial
     slope of f is 1 + 2|o|/3 > 1, while for o ≥ 0 it never exceeds 1."""
-    from isocompress.primitives import isotropic_tanh
+    from isocompress.core.primitives import isotropic_tanh
 
     def radial_slope(o: float, r: float, h: float = 1e-7) -> float:
         z = torch.tensor([[r - h], [r]], dtype=torch.float64)

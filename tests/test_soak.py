@@ -11,11 +11,10 @@ import dataclasses
 
 import pytest
 import torch
-
 from forked import finish, start
 
-from isocompress import io, publish
-from isocompress.model import random_model
+from isocompress.core.model import random_model
+from isocompress.formats import io, publish
 
 RUNS, DIRS = 20, 4
 

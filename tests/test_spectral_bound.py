@@ -2,9 +2,10 @@
 one: over random shapes, scales and ranks it is never below the largest singular value and within 1e-8 of it."""
 
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from isocompress.primitives import spectral_norm_upper
+from isocompress.core.primitives import spectral_norm_upper
 
 
 @given(st.integers(1, 40), st.integers(1, 40), st.integers(0, 40), st.floats(1e-6, 1e6), st.integers(0, 2**31))

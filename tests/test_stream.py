@@ -2,11 +2,15 @@
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from isocompress import api, io, stream
-from isocompress.errors import IsocompressError
-from isocompress.model import random_model
+from isocompress.api import shrink as api
+from isocompress.core.errors import IsocompressError
+from isocompress.core.model import random_model
+from isocompress.exact import stream
+from isocompress.exact.shrink import shrink_exact
+from isocompress.formats import io
 
 F64 = torch.float64
 
@@ -27,7 +31,7 @@ def test_streamed_equals_in_memory(tmp_path_factory, widths, psi, o, suffix, see
     model = random_model(widths, psi=psi, o=o, seed=seed)
     path, report, got = _streamed(tmp_path, model, suffix)
     assert report["streamed"] is True
-    expected = api.shrink_exact(io.load(path))
+    expected = shrink_exact(io.load(path))
     assert got.widths == expected.widths and [l.kind for l in got.layers] == [l.kind for l in expected.layers]
     for a, b in zip(expected.layers, got.layers):
         for name in ("weight", "bias", "psi", "o"):
@@ -150,8 +154,8 @@ def test_the_rule_pass_gives_the_originals_outputs_on_the_probes(tmp_path, case)
 
 
 def test_the_rule_pass_uses_the_same_lipschitz_chain_as_the_in_memory_path(tmp_path):
-    """The streamed pass frees each layer before its eigenvalue step; the chain must still be layers.layer_norms'."""
-    from isocompress.layers import layer_norms, lipschitz_after
+    """The streamed pass frees each layer before its eigenvalue step; the chain must still be constants.layer_norms'."""
+    from isocompress.exact.constants import layer_norms, lipschitz_after
 
     model = random_model([6, 11, 8, 8, 2], psi=True, o=(0.0, 1.5), seed=4)
     path = tmp_path / "m.safetensors"

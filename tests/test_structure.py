@@ -1,4 +1,5 @@
-"""The package's import graph has no cycles: a lower floor never imports a higher one (even inside a function)."""
+"""The package's structure: subpackages by concern on floors, a lower floor never importing a higher one (even inside a
+function), no import cycles between modules, and short functions."""
 
 import ast
 from pathlib import Path
@@ -7,22 +8,56 @@ import isocompress
 
 PACKAGE = Path(isocompress.__file__).parent
 
+# Each subpackage's floor: a module may import its own floor or a lower one, never a higher one. The top-level
+# modules (the lazy __init__ and the `isocompress.nn` alias) stand above everything.
+FLOORS = {
+    "core": 0,
+    "formats": 1,
+    "exact": 2, "bounds": 2, "export": 2,
+    "prune": 3,
+    "api": 4,
+    "check": 5, "train": 5,
+    "cli": 6,
+}
+TOP_FLOOR = 7
 
-def imported_modules(path: Path) -> set[str]:
-    """isocompress modules imported anywhere in `path` (top level or inside functions)."""
+
+def module_name(path: Path) -> str:
+    """'core.model' for isocompress/core/model.py, 'cli' for isocompress/cli/__init__.py, 'nn' for isocompress/nn.py."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> dict[str, Path]:
+    return {module_name(p): p for p in PACKAGE.rglob("*.py") if module_name(p)}
+
+
+def imported_modules(path: Path, known: set[str]) -> set[str]:
+    """isocompress modules imported anywhere in `path` (top level or inside functions), as module names."""
     deps = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "isocompress":
-            parts = node.module.split(".")
-            deps |= {a.name for a in node.names} if len(parts) == 1 else {parts[1]}
+            base = node.module.removeprefix("isocompress").lstrip(".")
+            for alias in node.names:
+                name = f"{base}.{alias.name}" if base else alias.name
+                deps.add(name if name in known else base)
         elif isinstance(node, ast.Import):
-            deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("isocompress.")}
-    return deps
+            deps |= {a.name.removeprefix("isocompress.") for a in node.names if a.name.startswith("isocompress.")}
+    return {d for d in deps if d in known}
 
 
 def import_graph() -> dict[str, set[str]]:
-    modules = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__"}
-    return {m: (imported_modules(PACKAGE / f"{m}.py") & modules) - {m} for m in modules}
+    found = modules()
+    return {m: imported_modules(p, set(found)) - {m} for m, p in found.items()}
+
+
+def floor(module: str) -> int:
+    return FLOORS.get(module.split(".")[0], TOP_FLOOR) if "." in module or module in FLOORS else TOP_FLOOR
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    """'a → b' for every import of a higher floor's module."""
+    return sorted(f"{m} → {d}" for m, deps in graph.items() for d in deps if floor(d) > floor(m))
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -51,8 +86,26 @@ def test_find_cycle_detects_a_cycle():
 
 def test_package_has_no_import_cycles():
     graph = import_graph()
-    assert "api" in graph and "prune" in graph  # the graph was really read
+    assert "api.shrink" in graph and "prune.budget" in graph and "cli" in graph  # the graph was really read
+    assert graph["cli"] >= {"cli.base", "cli.shrink"}
     assert find_cycle(graph) is None, f"import cycle: {' → '.join(find_cycle(graph))}"
+
+
+def test_every_subpackage_has_a_floor_and_no_module_is_left_flat():
+    found = modules()
+    packages = {m.split(".")[0] for m in found if "." in m}
+    assert packages == set(FLOORS), f"subpackages without a floor, or floors without a package: {packages ^ set(FLOORS)}"
+    flat = sorted(m for m in found if "." not in m and m not in FLOORS)
+    assert flat == ["__main__", "nn"], f"top-level modules besides `python -m isocompress` and the nn alias: {flat}"
+
+
+def test_upward_imports_are_found():
+    assert upward_imports({"core.model": {"api.shrink"}, "api.shrink": {"core.model"}}) == ["core.model → api.shrink"]
+
+
+def test_no_lower_floor_imports_a_higher_one():
+    found = upward_imports(import_graph())
+    assert found == [], "imports from a lower floor to a higher one: " + "; ".join(found)
 
 
 MAX_FUNCTION_LINES = 60
@@ -79,7 +132,7 @@ def test_long_functions_are_found(tmp_path):
 
 
 def test_no_function_is_over_60_lines():
-    found = [f for path in sorted(PACKAGE.glob("*.py")) for f in long_functions(path)]
+    found = [f for path in sorted(PACKAGE.rglob("*.py")) for f in long_functions(path)]
     assert found == [], "functions over 60 lines (split them): " + "; ".join(found)
 
 
@@ -126,11 +179,11 @@ def test_a_command_that_computes_does_import_torch(tmp_path):
 
 
 def test_lazy_package_names_still_resolve():
-    import isocompress.api
-    import isocompress.model
+    import isocompress.api.shrink
+    import isocompress.core.model
 
-    assert isocompress.shrink_file is isocompress.api.shrink_file
-    assert isocompress.Layer is isocompress.model.Layer
+    assert isocompress.shrink_file is isocompress.api.shrink.shrink_file
+    assert isocompress.Layer is isocompress.core.model.Layer
     assert set(isocompress.__all__) <= set(dir(isocompress))
     try:
         isocompress.no_such_name  # noqa: B018
@@ -141,6 +194,7 @@ def test_lazy_package_names_still_resolve():
 
 
 def test_the_check_commands_error_measures_are_the_configs():
-    from isocompress import check_config, cli_check
+    from isocompress.check import config as check_config
+    from isocompress.cli import check as cli_check
 
     assert cli_check.ERROR_MEASURES == check_config.MEASURES

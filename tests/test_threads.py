@@ -7,8 +7,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from isocompress import threads
 from isocompress.cli import main
+from isocompress.core import threads
 
 
 @pytest.fixture

@@ -6,18 +6,11 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from isocompress.api import shrink_exact
-from isocompress.layers import (
-    alternate_diagonalise,
-    choose_alternating_layers,
-    diagonalise_full,
-    diagonalise_left,
-    remove_all_constant_directions,
-    remove_constant_directions,
-    rotate_hidden,
-)
-from isocompress.model import IsoMLP, Layer, random_model
-from isocompress.primitives import random_orthogonal, svd64
+from isocompress.core.layers import diagonalise_full, diagonalise_left, remove_constant_directions, rotate_hidden
+from isocompress.core.model import IsoMLP, Layer, random_model
+from isocompress.core.primitives import random_orthogonal, svd64
+from isocompress.exact.constants import remove_all_constant_directions
+from isocompress.exact.shrink import alternate_diagonalise, choose_alternating_layers, shrink_exact
 
 F64_RTOL = 1e-10
 F32_RTOL = 1e-5
@@ -223,7 +216,7 @@ def test_alternating_choice_is_the_best_non_adjacent_set(widths):
     """Brute force over every non-adjacent subset of the diagonalisable layers."""
     from itertools import combinations
 
-    from isocompress.layers import diagonal_savings, diagonalisable_layers
+    from isocompress.core.layers import diagonal_savings, diagonalisable_layers
 
     model = random_model(widths)
     candidates = diagonalisable_layers(model)

@@ -1,0 +1,293 @@
+"""Recipes: a named, versioned compression written as TOML (`recipes/*.toml`), used by `shrink --recipe` and `check`.
+
+    name = "edge-10pct"              # optional, default: the file's stem
+    version = 1                      # optional, int or string, default "1"
+    description = "..."              # optional
+    budget = "10%"                   # or 0.1 (fraction), 20000 (count); or max-error = 0.05 | "1%"; or exact = true
+    basis = "auto"                   # auto | data-free | data-aware
+    calibration = "../models/x.npy"  # relative to the recipe file; labels likewise
+    input-radius = 5.0
+    formats = ["safetensors", "onnx"]
+    onnx-tol = 1e-4
+    dtype = "float32"
+
+Neither budget nor max-error means exact (lossless). Unknown keys and bad values are `IsocompressError`s naming the
+file and the key. `Recipe` validates itself, round-trips through `to_dict`/`from_dict` (the TOML keys) and converts to
+`api.ShrinkOptions`. Value parsers shared with `isocompress.check.run` live here too.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from isocompress.api.shrink import ShrinkOptions
+from isocompress.core.errors import IsocompressError
+from isocompress.core.parsing import (  # noqa: F401  (re-exported: recipe.X as before)
+    COMMAND_LINE,
+    FLAGS_ONLY,
+    FORMATS,
+    check_keys,
+    fail,
+    is_number,
+    parse_budget,
+    parse_choice,
+    parse_formats,
+    parse_fraction,
+    parse_max_error,
+    parse_path,
+    parse_percent,
+    parse_positive,
+    parse_text,
+    show,
+)
+
+BASES = ("auto", "data-free", "data-aware")
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+RECIPE_KEYS = ("name", "version", "description", "exact", "budget", "max-error", "min-certified-top1", "basis",
+               "calibration", "labels", "input-radius", "certify-radius", "certify-data", "test-data", "test-labels",
+               "formats", "onnx-tol", "dtype", "ref-intrinsic-length")
+GOAL_KEYS = ("exact", "budget", "max-error", "min-certified-top1")
+DATA_KEYS = ("calibration", "labels", "certify-data", "test-data", "test-labels")  # paths, relative to the recipe
+FIELD_KEYS = {"max_error": "max-error", "max_error_percent": "max-error", "input_radius": "input-radius",
+              "onnx_tol": "onnx-tol", "certify_radius": "certify-radius", "min_certified_top1": "min-certified-top1",
+              "certify_data": "certify-data", "test_data": "test-data", "test_labels": "test-labels",
+              "ref_intrinsic_length": "ref-intrinsic-length"}
+REF_MODES = ("log", "raw")
+
+
+def parse_version(value, where: str) -> str:
+    if is_number(value) and isinstance(value, int) and value >= 0:
+        return str(value)
+    if isinstance(value, str) and value.strip() and "\n" not in value and len(value) <= 64:
+        return value.strip()
+    raise fail(where, "version", f"is {show(value)}; use a whole number (1) or a version string (\"1.2.0\")")
+
+
+def read_toml(path: str | os.PathLike, what: str) -> dict:
+    """A TOML file as a dict; every failure (missing, unreadable, not UTF-8, bad syntax) one line naming the file."""
+    path = Path(path)
+    from isocompress.formats.io import input_exists
+
+    if not input_exists(path) or not path.is_file():
+        hint = "is a directory" if path.is_dir() else "no such file"
+        raise IsocompressError(f"{path}: {hint}; expected a {what} (.toml)")
+    from isocompress.core.limits import MAX_TEXT_BYTES
+
+    try:
+        if path.stat().st_size > MAX_TEXT_BYTES:
+            raise IsocompressError(f"{path}: is {path.stat().st_size:,} bytes; a {what} is limited to {MAX_TEXT_BYTES:,}")
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise IsocompressError(f"{path}: cannot read the {what} ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise IsocompressError(f"{path}: is not UTF-8 text; a {what} must be a UTF-8 TOML file") from None
+    return parse_toml_text(text, str(path), what)
+
+
+def parse_toml_text(text: str, where: str, what: str) -> dict:
+    """TOML text as a dict, after the size and nesting limits of isocompress.core.limits (no RecursionError)."""
+    from isocompress.core.limits import check_parsed_depth, check_text
+
+    check_text(text, where, what, toml=True)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise IsocompressError(f"{where}: not valid TOML ({one_line(exc)}); fix the {what}") from None
+    except RecursionError:
+        raise IsocompressError(f"{where}: nests too deeply; flatten the {what}") from None
+    check_parsed_depth(data, where, what)
+    return data
+
+
+def one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
+# --- the recipe ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Recipe:
+    """One compression. No budget, max_error or max_error_percent: exact. `path`: where it was read from (not a key)."""
+
+    name: str
+    version: str = "1"
+    description: str = ""
+    budget: float | None = None
+    max_error: float | None = None
+    max_error_percent: float | None = None
+    basis: str = "auto"
+    calibration: str | None = None
+    labels: str | None = None
+    input_radius: float | None = None
+    formats: tuple[str, ...] = FORMATS
+    onnx_tol: float = 1e-4
+    dtype: str | None = None
+    ref_intrinsic_length: str | None = None
+    certify_radius: float | None = None
+    min_certified_top1: float | None = None
+    certify_data: str | None = None
+    test_data: str | None = None
+    test_labels: str | None = None
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        where = self.where
+        object.__setattr__(self, "name", parse_text(self.name, where, "name"))
+        object.__setattr__(self, "version", parse_version(self.version, where))
+        object.__setattr__(self, "description", parse_text(self.description, where, "description", allow_empty=True))
+        object.__setattr__(self, "formats", parse_formats(self.formats, where))
+        for key in ("calibration", "labels", "certify_data", "test_data", "test_labels"):
+            if getattr(self, key) is not None:
+                object.__setattr__(self, key, parse_path(getattr(self, key), where, FIELD_KEYS.get(key, key), None))
+        if self.labels is not None and self.calibration is None:
+            raise fail(where, "labels", "needs 'calibration' (the inputs the labels belong to)")
+        if self.test_labels is not None and self.test_data is None:
+            raise fail(where, "test-labels", "needs 'test-data' (the inputs the labels belong to)")
+        for name in ("budget", "max_error", "max_error_percent", "input_radius", "onnx_tol", "certify_radius",
+                     "min_certified_top1"):
+            value = getattr(self, name)
+            if value is not None and not is_number(value):
+                raise fail(where, FIELD_KEYS.get(name, name), f"is {show(value)}; it must be a number")
+        try:
+            self.to_options()
+        except IsocompressError as exc:
+            raise IsocompressError(f"{where}: {exc}") from None
+
+    @property
+    def where(self) -> str:
+        if self.path is None and self.name == FLAGS_ONLY:
+            return COMMAND_LINE
+        return self.path or f"recipe {show(self.name)}"
+
+    @property
+    def exact(self) -> bool:
+        return all(v is None for v in (self.budget, self.max_error, self.max_error_percent, self.min_certified_top1))
+
+    def to_options(self) -> ShrinkOptions:
+        relative = None if self.max_error_percent is None else self.max_error_percent / 100.0
+        return ShrinkOptions(budget=self.budget, max_error=self.max_error, max_error_relative=relative,
+                             basis=self.basis, input_radius=self.input_radius, formats=self.formats,
+                             onnx_tol=self.onnx_tol, dtype=self.dtype, certify_radius=self.certify_radius,
+                             min_certified_top1=self.min_certified_top1,
+                             ref_intrinsic_length=self.ref_intrinsic_length)
+
+    def to_dict(self) -> dict:
+        """The recipe as its TOML keys (what `from_dict` reads back); `exact` always, the goal key if lossy."""
+        data: dict = {"name": self.name, "version": self.version, "description": self.description, "exact": self.exact}
+        if self.budget is not None:
+            data["budget"] = int(self.budget) if self.budget > 1 else self.budget
+        if self.max_error is not None:
+            data["max-error"] = self.max_error
+        if self.max_error_percent is not None:
+            percent = self.max_error_percent
+            data["max-error"] = f"{int(percent) if percent == int(percent) and percent < 1e15 else percent!r}%"
+        if self.min_certified_top1 is not None:
+            data["min-certified-top1"] = self.min_certified_top1
+        data["basis"] = self.basis
+        optional = {"calibration": self.calibration, "labels": self.labels, "input-radius": self.input_radius,
+                    "dtype": self.dtype, "certify-radius": self.certify_radius, "certify-data": self.certify_data,
+                    "test-data": self.test_data, "test-labels": self.test_labels,
+                    "ref-intrinsic-length": self.ref_intrinsic_length}
+        data.update({k: v for k, v in optional.items() if v is not None})
+        data.update({"formats": list(self.formats), "onnx-tol": self.onnx_tol})
+        return data
+
+    @classmethod
+    def from_dict(cls, data, where: str = "recipe", base_dir: Path | None = None, default_name: str | None = None,
+                  path: str | None = None) -> "Recipe":
+        """Reads the TOML keys; relative calibration/labels paths are taken relative to `base_dir`."""
+        if not isinstance(data, dict):
+            raise IsocompressError(f"{where}: a recipe must be a table of keys, got {type(data).__name__}")
+        check_keys(data, RECIPE_KEYS, where)
+        kwargs = {"path": path, **_goal(data, where)}
+        kwargs["name"] = parse_text(data["name"], where, "name") if "name" in data else default_name
+        if kwargs["name"] is None:
+            raise fail(where, "name", "is missing; give the recipe a name")
+        if "version" in data:
+            kwargs["version"] = parse_version(data["version"], where)
+        if "description" in data:
+            kwargs["description"] = parse_text(data["description"], where, "description", allow_empty=True)
+        if "basis" in data:
+            kwargs["basis"] = parse_choice(data["basis"], BASES, where, "basis")
+        for key in DATA_KEYS:
+            if key in data:
+                kwargs[key.replace("-", "_")] = parse_path(data[key], where, key, base_dir)
+        if "input-radius" in data:
+            kwargs["input_radius"] = parse_positive(data["input-radius"], where, "input-radius")
+        if "certify-radius" in data:
+            kwargs["certify_radius"] = parse_positive(data["certify-radius"], where, "certify-radius")
+        if "formats" in data:
+            kwargs["formats"] = parse_formats(data["formats"], where)
+        if "onnx-tol" in data:
+            kwargs["onnx_tol"] = parse_positive(data["onnx-tol"], where, "onnx-tol")
+        if "dtype" in data:
+            kwargs["dtype"] = parse_choice(data["dtype"], DTYPES, where, "dtype")
+        if "ref-intrinsic-length" in data:
+            kwargs["ref_intrinsic_length"] = parse_choice(data["ref-intrinsic-length"], REF_MODES, where,
+                                                          "ref-intrinsic-length")
+        return cls(**kwargs)
+
+    def with_overrides(self, **flags) -> tuple["Recipe", list[str]]:
+        """Command-line flags over recipe values (None: not given). A goal flag (exact, budget, max_error,
+        max_error_percent) replaces the recipe's goal. Returns (effective recipe, names of the overridden keys)."""
+        given = {k: v for k, v in flags.items() if v is not None and v is not False}
+        goal_flags = {"exact", "budget", "max_error", "max_error_percent", "min_certified_top1"}
+        if goal_flags & set(given):
+            base = replace(self, budget=None, max_error=None, max_error_percent=None, min_certified_top1=None)
+        else:
+            base = self
+        given.pop("exact", None)
+        if "calibration" in given and "labels" not in given:
+            given["labels"] = None  # the recipe's labels belong to the recipe's calibration inputs
+        if "test_data" in given and "test_labels" not in given:
+            given["test_labels"] = None
+        names = {f.name for f in fields(self)}
+        unknown = set(given) - names
+        if unknown:
+            raise IsocompressError(f"cannot override recipe key {sorted(unknown)[0]!r}")
+        overridden = sorted({FIELD_KEYS.get(k, k) for k in flags if flags[k] is not None and flags[k] is not False})
+        return replace(base, **given), overridden
+
+    def provenance(self, overridden: list[str] | None = None) -> dict:
+        """What report.json's "recipe" records beside the options: which recipe, which version, what was overridden."""
+        return {"name": self.name, "version": self.version, "description": self.description, "path": self.path,
+                "overridden": list(overridden or [])}
+
+
+def _goal(data: dict, where: str) -> dict:
+    """exact = true | budget | max-error: at most one; exact = false needs one of the others."""
+    given = [k for k in GOAL_KEYS if k in data]
+    if "exact" in data and not isinstance(data["exact"], bool):
+        raise fail(where, "exact", f"is {show(data['exact'])}; use true or false")
+    lossy = [k for k in given if k != "exact"]
+    if len(lossy) > 1:
+        raise fail(where, lossy[1], f"cannot be combined with {lossy[0]!r}; give one goal")
+    if data.get("exact") is True and lossy:
+        raise fail(where, lossy[0], "cannot be combined with 'exact = true'; drop one of them")
+    if data.get("exact") is False and not lossy:
+        raise fail(where, "exact", "is false but there is no 'budget', 'max-error' or 'min-certified-top1'; give one,"
+                   " or drop 'exact'")
+    if "budget" in data:
+        return {"budget": parse_budget(data["budget"], where)}
+    if "max-error" in data:
+        absolute, percent = parse_max_error(data["max-error"], where)
+        return {"max_error": absolute, "max_error_percent": percent}
+    if "min-certified-top1" in data:
+        return {"min_certified_top1": parse_fraction(data["min-certified-top1"], where, "min-certified-top1")}
+    return {}
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    """Read and validate a recipe file. Paths inside it are relative to the file's directory."""
+    path = Path(path)
+    data = read_toml(path, "recipe")
+    return Recipe.from_dict(data, where=str(path), base_dir=path.parent, default_name=path.stem, path=str(path))
+
+
+def parse_recipe_text(text: str, where: str = "recipe", base_dir: Path | None = None) -> Recipe:
+    """A recipe from TOML text (for tests and tools); errors name `where`."""
+    return Recipe.from_dict(parse_toml_text(text, where, "recipe"), where=where, base_dir=base_dir,
+                            default_name="recipe", path=where)

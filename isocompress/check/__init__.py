@@ -1,0 +1,1 @@
+"""`isocompress check`: CI limits on parameters, bytes and errors (config, measurement, baseline, formatting)."""

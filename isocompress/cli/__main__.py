@@ -1,0 +1,5 @@
+"""`python -m isocompress.cli`: the same command as `isocompress`."""
+
+from isocompress.cli import main
+
+main()

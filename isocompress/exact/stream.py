@@ -1,0 +1,457 @@
+"""The exact shrink one layer at a time (issue 12): peak memory near one layer, not the model.
+
+`open_source` reads layer i of an isocompress-layout file on demand (safetensors: `safe_open` per layer, so no
+mapping of the whole file stays resident; .pt: `torch.load(mmap=True, weights_only=True)`), in float64.
+`shrink_exact_to_file` runs remove_all_constant_directions (pass 1, layer pairs, results in float64 temporary
+files) and alternate_diagonalise (pass 2, layer triples) as the in-memory verbs do, writes the output safetensors
+incrementally (`TensorWriter`: header first, then each tensor as it is final) and runs the probe inputs through the
+original, the float64 result and the saved result on the way. Other layouts (the reference's) and ONNX output use
+the in-memory path.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+
+from isocompress.core.config import ModelConfig
+from isocompress.core.errors import IsocompressError
+from isocompress.core.layers import _left_mul, _right_mul, producer_basis, remove_constant_pair
+from isocompress.core.model import Layer
+from isocompress.core.primitives import gram_matrix, isotropic_tanh, spectral_norm_from_gram, svd64
+from isocompress.exact.constants import (
+    constant_floor,
+    constant_record,
+    layer_input_bound,
+    layer_norms,
+    lipschitz_after,
+    psi_norm,
+)
+from isocompress.exact.shrink import choose_alternating_layers
+from isocompress.formats import io
+
+F64 = torch.float64
+ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+# --- reading one layer at a time --------------------------------------------------------------------------------
+class LayerSource:
+    """Layer i of an isocompress-layout checkpoint with a stored config, read when asked (float64, validated)."""
+
+    def __init__(self, path: Path, config: ModelConfig, dtype: torch.dtype, keys: set[str], mapped: dict | None):
+        self.path, self.config, self.dtype, self.keys, self._mapped = path, config, dtype, keys, mapped
+
+    @property
+    def n_layers(self) -> int:
+        return self.config.n_layers
+
+    def _get(self, names: list[str]) -> dict[str, torch.Tensor]:
+        if self._mapped is not None:
+            return {k: self._mapped[k] for k in names}
+        return read_safetensors(self.path, names)
+
+    def layer(self, i: int) -> Layer:
+        """Layer i in float64; for a memory-mapped .pt the layer's file pages are dropped again afterwards."""
+        raw = self._get([f"layers.{i}.{n}" for n in ("weight", "bias", "psi", "o") if f"layers.{i}.{n}" in self.keys])
+        try:
+            return self._layer(i, raw)
+        finally:
+            if self._mapped is not None:
+                for t in raw.values():
+                    drop_pages(t, self.path)
+
+    def _layer(self, i: int, raw: dict[str, torch.Tensor]) -> Layer:
+        where, c = str(self.path), self.config
+        get = lambda n: io._float64(raw, f"layers.{i}.{n}", where) if f"layers.{i}.{n}" in raw else None  # noqa: E731
+        weight, bias, psi, o = get("weight"), get("bias"), get("psi"), get("o")
+        n_in, n_out = c.widths[i], c.widths[i + 1]
+        shape = (n_out, n_in) if c.kinds[i] == "dense" else (min(n_out, n_in),)
+        hidden = i < c.n_layers - 1
+        if weight is None or bias is None or tuple(weight.shape) != shape or tuple(bias.shape) != (n_out,) \
+                or (psi is not None) != c.has_psi[i] or (psi is not None and tuple(psi.shape) != (n_out,)) \
+                or (o is None) == hidden or (o is not None and o.numel() != 1):
+            raise IsocompressError(f"{where}: layer {i}'s tensors do not match the stored config; re-save the model")
+        return Layer(weight=weight, bias=bias, n_in=n_in, psi=psi, o=None if o is None else o.reshape(()))
+
+
+def read_safetensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file read with plain reads (no mapping: only what is asked for becomes resident)."""
+    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32}
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+        out = {}
+        for name in names:
+            entry = header[name]
+            dtype, (start, end) = table.get(entry["dtype"]), entry["data_offsets"]
+            if dtype is None:  # int8, bool, …: read as stored by safetensors; the layer's check then names the problem
+                out[name] = _read_as_stored(path, name)
+                continue
+            handle.seek(8 + length + start)
+            out[name] = _read_as_float64(handle, dtype, end - start, path, name).reshape(entry["shape"])
+    return out
+
+
+def _read_as_stored(path: Path, name: str) -> torch.Tensor:
+    from safetensors.torch import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return handle.get_tensor(name)
+
+
+def _read_as_float64(handle, dtype: torch.dtype, size: int, path: Path, name: str, chunk: int = 1 << 22):
+    """`size` bytes of `dtype` values from the file's position, as float64 (floating dtypes; others as stored),
+    read `chunk` bytes at a time so that the stored copy never exists whole beside the float64 one."""
+    count = size // dtype.itemsize
+    out = torch.empty(count, dtype=torch.float64 if dtype.is_floating_point else dtype)
+    buffer = torch.empty(chunk - chunk % dtype.itemsize, dtype=torch.uint8)
+    done = 0
+    while done < count:
+        n = min(count - done, buffer.numel() // dtype.itemsize)
+        view = buffer[: n * dtype.itemsize]
+        if handle.readinto(view.numpy()) != view.numel():
+            raise IsocompressError(f"{path}: tensor {name!r} is cut short; is the file truncated?")
+        out[done:done + n] = view.view(dtype)
+        done += n
+    return out
+
+
+def _file_mapped(first: int, last: int, path: Path) -> bool:
+    """Whether [first, last) lies inside one mapping of `path` (/proc/self/maps): only then may its pages be dropped
+    (on anonymous memory MADV_DONTNEED would zero them)."""
+    target = str(Path(path).resolve())
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                lo, hi = (int(v, 16) for v in fields[0].split("-"))
+                if lo <= first and last <= hi:
+                    return len(fields) == 6 and fields[5].strip() == target
+    except (OSError, ValueError):
+        return False
+    return False
+
+
+def drop_pages(tensor: torch.Tensor, path: Path) -> None:
+    """madvise(MADV_DONTNEED) on the whole pages of a memory-mapped tensor's bytes: the kernel drops them (clean file
+    pages: read again if ever touched), so a .pt read layer by layer does not stay resident. Best effort."""
+    import ctypes
+    import mmap
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        page = mmap.PAGESIZE
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        first, last = (start + page - 1) // page * page, end // page * page  # pages wholly inside the tensor
+        if last > first and _file_mapped(first, last, path):
+            libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
+    except (OSError, AttributeError):
+        pass
+
+
+def open_source(path: str | Path) -> LayerSource | None:
+    """A LayerSource when the file is in isocompress's own layout with its config, else None (the in-memory path
+    then reads it and reports any problem)."""
+    path = Path(path)
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                config_json, keys = (handle.metadata() or {}).get(io.CONFIG_KEY), set(handle.keys())
+                dtype = handle.get_slice(sorted(keys)[0]).get_dtype() if keys else None
+            dtype, mapped = _dtype_of(dtype), None
+        elif path.suffix.lower() in (".pt", ".pth"):
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            config_json, mapped = obj.get(io.CONFIG_KEY), obj.get("state_dict")
+            keys = set(mapped)
+            dtype = next((t.dtype for t in mapped.values() if t.is_floating_point()), torch.float32)
+        else:
+            return None
+        if not isinstance(config_json, str) or not keys or not all(io.OWN_KEY.match(k) for k in keys):
+            return None
+        return LayerSource(path, ModelConfig.from_json(config_json), dtype, keys, mapped)
+    except Exception:  # noqa: BLE001  (anything unusual: the in-memory path reads the file and says what is wrong)
+        return None
+
+
+def _dtype_of(name) -> torch.dtype:
+    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    return table.get(str(name), torch.float32)
+
+
+# --- writing one tensor at a time ---------------------------------------------------------------------------------
+class TensorWriter:
+    """A safetensors file written incrementally: the header (every name, dtype, shape) first, then each tensor's
+    bytes in header order as it becomes available. Write into an io.atomic_path."""
+
+    def __init__(self, path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str]):
+        header, offset = {}, 0
+        for name, dtype, shape in specs:
+            size = dtype.itemsize
+            for d in shape:
+                size *= d
+            header[name] = {"dtype": ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        header["__metadata__"] = metadata
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        self._order = [name for name, _, _ in specs]
+        self._dtypes = {name: dtype for name, dtype, _ in specs}
+        self._handle = open(path, "wb")
+        self._handle.write(struct.pack("<Q", len(text)) + text)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if not self._order or self._order[0] != name:
+            raise AssertionError(f"tensor {name!r} written out of order")
+        self._order.pop(0)
+        data = tensor.detach().to(self._dtypes[name]).contiguous().reshape(-1)
+        self._handle.write(data.view(torch.uint8).numpy().tobytes())
+
+    def close(self, complete: bool = True) -> None:
+        self._handle.close()
+        if complete and self._order:
+            raise AssertionError(f"tensors never written: {self._order[:3]}")
+
+
+def layer_tensors(i: int, layer: Layer) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of layer i in isocompress's state_dict order."""
+    out = [(f"layers.{i}.weight", layer.weight), (f"layers.{i}.bias", layer.bias)]
+    if layer.psi is not None:
+        out.append((f"layers.{i}.psi", layer.psi))
+    if layer.o is not None:
+        out.append((f"layers.{i}.o", layer.o))
+    return out
+
+
+def checked_cast(name: str, value: torch.Tensor, dtype: torch.dtype, where: str) -> torch.Tensor:
+    """value in dtype, refusing overflow to inf (as io.model_tensors)."""
+    cast = value.to(dtype)
+    if not bool(torch.isfinite(cast).all()) and bool(torch.isfinite(value).all()):
+        raise IsocompressError(f"{where}: {name} has values beyond the {str(dtype).replace('torch.', '')} range; save"
+                               " in float64 (--dtype float64) or rescale the model")
+    return cast
+
+
+# --- the forward, one layer at a time -------------------------------------------------------------------------------
+@dataclass
+class Forward:
+    """Inputs x carried through layers fed in order: after the output layer, `y` holds the outputs (float64)."""
+
+    h: torch.Tensor
+    g: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def feed(self, layer: Layer, chunk: int = 128) -> None:
+        """One layer, `chunk` rows at a time (the temporaries of a wide layer stay small)."""
+        layer = layer.cast(F64)
+        n = self.h.shape[0]
+        out = torch.empty(n, layer.n_out, dtype=F64)
+        gains = None if layer.is_output else torch.empty(n, 1, dtype=F64)
+        for start in range(0, n, chunk):
+            rows = slice(start, start + chunk)
+            z = layer.apply_weight(self.h[rows]) + layer.bias
+            if layer.psi is not None:
+                z = z + layer.psi * self.g[rows]
+            if gains is None:
+                out[rows] = z
+            else:
+                out[rows], gains[rows] = isotropic_tanh(z, layer.o)
+        if gains is None:
+            self.y = out
+        else:
+            self.h, self.g = out, gains
+
+
+def summary(i: int, layer: Layer) -> dict:
+    """One row of api.layer_summary."""
+    return {"index": i, "kind": layer.kind, "shape": [layer.n_out, layer.n_in], "params": layer.num_params(),
+            "psi": layer.psi is not None, "o": None if layer.o is None else float(layer.o)}
+
+
+# --- the two passes ---------------------------------------------------------------------------------------------------
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def return_freed_memory_to_the_system() -> None:
+    """Fix glibc's mmap threshold at 1 MiB (it otherwise rises to 32 MiB after the first large free, so every freed
+    layer-sized buffer stays in the heap and the process's memory grows like the model instead of one layer). A
+    process-wide allocator setting, harmless elsewhere; ignored where there is no glibc."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
+def _save_layer(layer: Layer, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k.split(".")[-1]: v.contiguous() for k, v in layer_tensors(0, layer)}, str(path))
+
+
+def _load_layer(path: Path, n_in: int) -> Layer:
+    from safetensors.torch import load_file
+
+    t = load_file(str(path))
+    return Layer(weight=t["weight"], bias=t["bias"], n_in=n_in, psi=t.get("psi"), o=t.get("o"))
+
+
+def constant_rule(src: LayerSource, x: torch.Tensor, probes: torch.Tensor | None = None) -> SimpleNamespace:
+    """Pass 0 of a streamed exact shrink: what layers.remove_constant_directions_accounted needs before it visits a
+    hidden space (issue 13's output-relative rule): after[i] = L_{i+1}, the Lipschitz constant of everything after
+    hidden space i (from every original layer's ‖W‖₂, |psi| and o), the output scale Y = max |y| on x and R = max |x|;
+    and y_probes, the original's outputs on `probes` (default x) from the same forward (no second forward of the
+    original is held beside its wide layers later)."""
+    rows, joint = _probe_rows(x, probes)
+    fwd, norms, o = Forward(joint.to(F64)), [], []
+    for i in range(src.n_layers):
+        layer_norm, layer_o = _feed_and_norms(src, i, fwd)
+        norms.append(layer_norm)
+        o.append(layer_o)
+    after = lipschitz_after(norms, o)
+    scale = max(float(torch.linalg.vector_norm(fwd.y[: x.shape[0]], dim=-1).max()), torch.finfo(F64).tiny)
+    return SimpleNamespace(after=after, scale=scale, radius=float(torch.linalg.vector_norm(x, dim=-1).max()),
+                           y_probes=fwd.y[rows])
+
+
+def _probe_rows(x: torch.Tensor, probes: torch.Tensor | None) -> tuple[slice, torch.Tensor]:
+    """(rows of the probes' outputs, the inputs to run): x alone when the probes are x or its last rows (the rule's
+    inputs are the probes, or the probes plus calibration data with the calibration data last), else x then probes."""
+    n = x.shape[0]
+    if probes is None:
+        return slice(0, n), x
+    p = probes.shape[0]
+    if p <= n and torch.equal(x[n - p:].to(F64), probes.to(F64)):
+        return slice(n - p, n), x
+    return slice(n, n + p), torch.cat([x.to(F64), probes.to(F64)])
+
+
+def _feed_and_norms(src: LayerSource, i: int, fwd: Forward) -> tuple[tuple[float, float], float | None]:
+    """Layer i fed to `fwd`, then (layers.layer_norms of it, its o): the same numbers, but the layer is freed before
+    the eigenvalue step, so only its Gram matrix and eigvalsh's copy of it are resident there (peak memory)."""
+    layer = src.layer(i)
+    fwd.feed(layer)
+    o = None if layer.is_output else float(layer.o)
+    if layer.kind == "diag" or layer.weight.numel() == 0:
+        return layer_norms(layer), o
+    psi = psi_norm(layer)
+    gram, inner = gram_matrix(layer.weight), max(layer.weight.shape)
+    del layer
+    return (spectral_norm_from_gram(gram, inner), psi), o
+
+
+def remove_constants_pass(src: LayerSource, tmp: Path, step: Callable[[str], None],
+                          rule: SimpleNamespace) -> tuple[list[dict], list[SimpleNamespace], dict]:
+    """remove_all_constant_directions, one pair of layers at a time, with the rule and record of
+    layers.remove_constant_directions_accounted; layer i of the result goes to tmp/i. The producer's SVD runs before
+    its consumer is read (one wide layer and the SVD's workspace are never resident together). Returns (summaries of the original layers, shapes of the result's layers, the record)."""
+    before, shapes, pending, o_before = [], [], None, None
+    record = constant_record(None, rule.scale, rule.radius)
+    for i in range(src.n_layers):
+        if pending is not None:
+            b = layer_input_bound(i - 1, rule.radius, o_before, pending.psi is not None)
+            basis = producer_basis(pending, sigma_floor=constant_floor(b, rule.after[i - 1], rule.scale))
+        original = src.layer(i)
+        before.append(summary(i, original))
+        if pending is not None:
+            pair, sigma = remove_constant_pair(pending, original, basis=basis)
+            del basis
+            kept, original = (pending, original) if pair is None else pair
+            record["dropped"].append(pending.n_out - kept.n_out)
+            record["largest_dropped_sigma"].append(sigma)
+            record["bound"] += sigma * b * rule.after[i - 1]
+            o_before = float(kept.o)
+            _save_layer(kept, tmp / f"{i - 1}")
+            shapes.append(SimpleNamespace(n_out=kept.n_out, n_in=kept.n_in, kind=kept.kind, psi=kept.psi is not None))
+            step(f"remove constant directions, hidden space {i - 1}")
+        pending = original
+    _save_layer(pending, tmp / f"{src.n_layers - 1}")
+    shapes.append(SimpleNamespace(n_out=pending.n_out, n_in=pending.n_in, kind=pending.kind, psi=pending.psi is not None))
+    return before, shapes, record
+
+
+def final_specs(shapes: list[SimpleNamespace], chosen: set[int], dtype: torch.dtype):
+    """(name, dtype, shape) of every output tensor and the output's ModelConfig, after diagonalising `chosen`."""
+    specs, kinds = [], []
+    for j, s in enumerate(shapes):
+        kind = "diag" if j in chosen else ("dense" if {j - 1, j + 1} & chosen else s.kind)
+        kinds.append(kind)
+        specs.append((f"layers.{j}.weight", dtype, (s.n_out, s.n_in) if kind == "dense" else (min(s.n_out, s.n_in),)))
+        specs.append((f"layers.{j}.bias", dtype, (s.n_out,)))
+        if s.psi:
+            specs.append((f"layers.{j}.psi", dtype, (s.n_out,)))
+        if j < len(shapes) - 1:
+            specs.append((f"layers.{j}.o", dtype, ()))
+    config = ModelConfig(widths=(shapes[0].n_in,) + tuple(s.n_out for s in shapes), kinds=tuple(kinds),
+                         has_psi=tuple(s.psi for s in shapes))
+    return specs, config
+
+
+def diagonalise_pass(shapes: list[SimpleNamespace], tmp: Path, emit: Callable[[int, Layer], None],
+                     step: Callable[[str], None]) -> None:
+    """alternate_diagonalise, reading tmp/j in order; every final layer goes to emit(j, layer) in order."""
+    chosen = set(choose_alternating_layers(SimpleNamespace(layers=shapes)))
+    pending, u_prev = None, None
+    for j, s in enumerate(shapes):
+        layer = _load_layer(tmp / f"{j}", s.n_in)
+        if j - 1 in chosen:
+            layer = _right_mul(layer, u_prev)
+        if j in chosen:
+            u, sv, vh = svd64(layer.dense_weight(), full=True)
+            pending = _left_mul(vh, pending)
+            layer = Layer(weight=sv, bias=u.T @ layer.bias, n_in=layer.n_in,
+                          psi=None if layer.psi is None else u.T @ layer.psi, o=layer.o)
+            u_prev = u
+            step(f"diagonalise layer {j}")
+        if pending is not None:
+            emit(j - 1, pending)
+        pending = layer
+    emit(len(shapes) - 1, pending)
+
+
+def shrink_exact_to_file(src: LayerSource, out_path: Path, dtype: torch.dtype, probes: torch.Tensor,
+                         step: Callable[[str], None], rule_inputs: torch.Tensor | None = None) -> dict:
+    """shrink_exact of src's model written to out_path (safetensors, `dtype`), one layer in memory at a time, with
+    the constant-direction rule of layers.remove_constant_directions_accounted set on `rule_inputs` (default: the
+    probes). Returns layer summaries before/after, the probe outputs of the original, the float64 result and the
+    saved file, and the rule's record (report.json's constant_directions)."""
+    return_freed_memory_to_the_system()
+    rule = constant_rule(src, probes if rule_inputs is None else rule_inputs, probes)
+    fwd64, fwd_saved, after = Forward(probes.to(F64)), Forward(probes.to(F64)), []
+    with tempfile.TemporaryDirectory(prefix=".isocompress-stream-", dir=out_path.parent) as tmp_name:
+        before, shapes, record = remove_constants_pass(src, Path(tmp_name), step, rule)
+        chosen = set(choose_alternating_layers(SimpleNamespace(layers=shapes)))
+        specs, config = final_specs(shapes, chosen, dtype)
+        with io.atomic_path(out_path) as tmp_out:
+            writer = TensorWriter(tmp_out, specs, {io.CONFIG_KEY: config.to_json()})
+
+            def emit(j: int, layer: Layer) -> None:
+                after.append(summary(j, layer))
+                fwd64.feed(layer)
+                cast = {}
+                for name, value in layer_tensors(j, layer):
+                    cast[name.split(".")[-1]] = checked_cast(name, value, dtype, str(out_path))
+                    writer.write(name, cast[name.split(".")[-1]])
+                fwd_saved.feed(replace(layer, **cast))
+
+            try:
+                diagonalise_pass(shapes, Path(tmp_name), emit, step)
+            except BaseException:
+                writer.close(complete=False)
+                raise
+            writer.close()
+    return {"layers_before": before, "layers": after, "widths_before": list(src.config.widths),
+            "widths_after": list(config.widths), "y": rule.y_probes, "y_float64": fwd64.y, "y_saved": fwd_saved.y,
+            "constant_directions": record}

@@ -1,0 +1,1 @@
+"""Export: the ONNX graph, built directly and verified in onnxruntime."""

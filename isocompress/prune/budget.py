@@ -1,0 +1,618 @@
+"""Lossy pruning to a parameter budget (or an error limit) with three kinds of error bound (issue 4).
+
+Pipeline: exact removal of constant directions (float64) → rounds of {rotate every hidden space to its scoring basis,
+score every direction, remove the cheapest directions per stored parameter saved} → alternating full
+diagonalisation (exact). A removed direction j of hidden space i is replaced by a constant c_j and absorbed exactly as
+in `layers.remove_constant_directions`: o_i += c_j², psi_{i+1} += W_{i+1}[:, j] c_j (docs/math.md, "Neurodegeneration").
+
+The work is done on the *embedded* form (`State`): the full-width network in the current bases, a mask of removed
+coordinates and their constants; `materialize` turns it into the compact model, `bounds.certified_bound` reads it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
+
+import torch
+
+from isocompress.bounds import certified as bounds
+from isocompress.bounds import local as local_bounds
+from isocompress.core import threads
+from isocompress.core.errors import CheckFailed, IsocompressError
+from isocompress.core.layers import as_float64
+from isocompress.core.measure import output_scale, probe_inputs
+from isocompress.core.model import IsoMLP, Layer
+from isocompress.core.progress import progress_bar
+from isocompress.exact.constants import remove_constant_directions_accounted
+from isocompress.exact.shrink import alternate_diagonalise, choose_alternating_layers
+
+F64 = torch.float64
+ROUND_FRACTION = 0.25  # each round removes about this share of the parameters still over budget
+FINAL_ROUND_SHARE = 0.02  # ... and everything left once the excess is below this share of the original size
+ROUNDING_ALLOWANCE = 1e-10  # float64 rounding of the exact steps, relative to a bound on |y| (docs/bounds.md, §5)
+DOWNSTREAM_WEIGHT = 0.0  # exponent of the downstream Lipschitz product in the data-free cost (0: the paper's plain σ)
+
+
+@dataclass
+class State:
+    layers: list[Layer]  # full width, dense, float64: the exact network in the current bases
+    removed: list[torch.Tensor]  # per hidden space: bool mask of removed coordinates
+    consts: list[torch.Tensor]  # per hidden space: the constants replacing the removed coordinates
+    scores: list[list[float]]  # per hidden space: score of each removed direction, in removal order
+    constant_bound: float = 0.0  # D: proven bound on what the exact step before pruning dropped (issue 13)
+
+    @classmethod
+    def of(cls, model: IsoMLP, constant_bound: float = 0.0) -> "State":
+        layers = [layer.as_dense() for layer in as_float64(model).layers]
+        hidden = [layer.n_out for layer in layers[:-1]]
+        return cls(layers, [torch.zeros(n, dtype=torch.bool) for n in hidden],
+                   [torch.zeros(n, dtype=F64) for n in hidden], [[] for _ in hidden], constant_bound)
+
+    def copy(self) -> "State":
+        return State(list(self.layers), [m.clone() for m in self.removed], [c.clone() for c in self.consts],
+                     [list(s) for s in self.scores], self.constant_bound)
+
+    def kept(self, i: int) -> torch.Tensor:
+        return (~self.removed[i]).nonzero().flatten()
+
+
+def materialize(state: State) -> IsoMLP:
+    """The compact model: kept rows/columns only; constants absorbed into o and the next layer's psi."""
+    out = []
+    n_hidden = len(state.removed)
+    for l, layer in enumerate(state.layers):
+        rows = state.kept(l) if l < n_hidden else torch.arange(layer.n_out)
+        w = layer.weight[rows]
+        psi = None if layer.psi is None else layer.psi[rows]
+        cols = torch.arange(layer.n_in)
+        if l > 0:
+            gone = state.removed[l - 1]
+            cols = state.kept(l - 1)
+            if bool(gone.any()):
+                extra = w[:, gone] @ state.consts[l - 1][gone]
+                psi = extra if psi is None else psi + extra
+        o = None
+        if l < n_hidden:
+            c = state.consts[l][state.removed[l]]
+            o = layer.o + c @ c
+        out.append(Layer(weight=w[:, cols], bias=layer.bias[rows], n_in=int(cols.numel()), psi=psi, o=o))
+    return IsoMLP(out)
+
+
+def rotate_kept(state: State, i: int, q: torch.Tensor) -> None:
+    """Rotate the kept block of hidden space i by the orthogonal q (exact, docs/math.md "Symmetry"); removed coordinates
+    stay put."""
+    idx = state.kept(i)
+    r = torch.eye(state.layers[i].n_out, dtype=F64)
+    r[idx[:, None], idx] = q
+    prod, cons = state.layers[i], state.layers[i + 1]
+    state.layers[i] = replace(prod, weight=r.T @ prod.weight, bias=r.T @ prod.bias,
+                              psi=None if prod.psi is None else r.T @ prod.psi)
+    state.layers[i + 1] = replace(cons, weight=cons.weight @ r)
+
+
+# --- parameter arithmetic of the final stored form ------------------------------------------------------------------
+def stored_params(widths: list[int], has_psi: list[bool]) -> int:
+    """num_params() of the model after alternating diagonalisation, from its widths alone."""
+    shapes = [SimpleNamespace(n_in=a, n_out=b) for a, b in zip(widths[:-1], widths[1:])]
+    diag = set(choose_alternating_layers(SimpleNamespace(layers=shapes)))
+    total = 0
+    for l, s in enumerate(shapes):
+        total += (min(s.n_in, s.n_out) if l in diag else s.n_in * s.n_out) + s.n_out
+        total += s.n_out if has_psi[l] else 0
+        total += 1 if l < len(shapes) - 1 else 0
+    return total
+
+
+def _shape(state: State) -> tuple[list[int], list[bool]]:
+    widths = [state.layers[0].n_in] + [int((~m).sum()) for m in state.removed] + [state.layers[-1].n_out]
+    psi = [layer.psi is not None or (l > 0 and bool(state.removed[l - 1].any())) for l, layer in enumerate(state.layers)]
+    return widths, psi
+
+
+def current_params(state: State) -> int:
+    return stored_params(*_shape(state))
+
+
+def smallest_params(state: State) -> int:
+    """Every hidden space keeps one direction; every layer after the first may carry psi."""
+    widths, _ = _shape(state)
+    n = len(widths) - 1
+    return stored_params([widths[0]] + [1] * (n - 1) + [widths[-1]], [False] + [True] * (n - 1))
+
+
+def savings(state: State) -> list[int]:
+    """Stored parameters saved by removing one more direction from each hidden space."""
+    widths, psi = _shape(state)
+    now = stored_params(widths, psi)
+    out = []
+    for i in range(len(state.removed)):
+        w2 = list(widths)
+        w2[i + 1] -= 1
+        p2 = list(psi)
+        p2[i + 1] = True
+        out.append(max(now - stored_params(w2, p2), 1))
+    return out
+
+
+# --- scoring bases ------------------------------------------------------------------------------------------------
+def rotate_principal(state: State, x: torch.Tensor) -> None:
+    """Data-aware basis: principal axes of each hidden space's pre-activations on the calibration data."""
+    with torch.no_grad():
+        _, zs, _ = materialize(state).forward_with_hidden(x)
+    for i, z in enumerate(zs):
+        centred = z - z.mean(0)
+        with threads.for_matrix(*centred.shape):
+            _, vecs = torch.linalg.eigh(centred.T @ centred)
+        rotate_kept(state, i, vecs.flip(-1))
+
+
+def data_aware_costs(state: State, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """First-order output error of replacing each direction by its calibration mean:
+    cost_j² = mean_x |∂y/∂z_j|² (z_j − mean z_j)². Returns (costs, means) per hidden space."""
+    x = x.detach().clone().requires_grad_(True)
+    y, zs, _ = materialize(state).forward_with_hidden(x)
+    sq = [torch.zeros_like(z) for z in zs]
+    for k in range(y.shape[1]):
+        grads = torch.autograd.grad(y[:, k].sum(), zs, retain_graph=k < y.shape[1] - 1)
+        sq = [s + g * g for s, g in zip(sq, grads)]
+    costs, means = [], []
+    for z, s in zip(zs, sq):
+        z = z.detach()
+        mean = z.mean(0)
+        costs.append((s * (z - mean) ** 2).mean(0).sqrt())
+        means.append(mean)
+    return costs, means
+
+
+def rotate_singular(state: State) -> None:
+    """Data-free basis: left singular vectors of each hidden space's producing layer (the paper's rule)."""
+    compact = materialize(state)
+    for i in range(len(state.removed)):
+        with threads.for_matrix(*compact.layers[i].weight.shape):
+            u, _, _ = torch.linalg.svd(compact.layers[i].weight, full_matrices=True)
+        rotate_kept(state, i, u)
+
+
+def data_free_costs(state: State, radius: float | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """cost_j = (σ_j ρ + |psi_j| δg) × (Π_{l>i} ‖W_l‖₂)^DOWNSTREAM_WEIGHT: the certified bound's introduced error of
+    direction j (docs/bounds.md, eq. 3). Weighting by the downstream Lipschitz product (weight 1) over-protected early
+    layers on a trained digits model (3% budget: 36% accuracy against 95% unweighted), so it is off by default.
+    Constants: bias + psi·(mid gain) (the paper's rule, made psi-aware).
+
+    radius None (no input domain): `scale_free_costs`, no radius enters, so a probe set far outside any data cannot
+    make every layer look saturated (issue 10: widths collapsed to 1 at a 2% budget)."""
+    compact = materialize(state)
+    layers = compact.layers
+    if radius is None:
+        return scale_free_costs(layers, len(state.removed))
+    balls = bounds.reachable_balls(list(layers), radius)
+    norms = [bounds.spectral_norm(layer.weight) for layer in layers]
+    costs, consts = [], []
+    for i in range(len(state.removed)):
+        layer = layers[i]
+        if i == 0:
+            rho, g_mid, g_half = radius, 0.0, 0.0
+        else:
+            rho, g_mid, g_half = balls[i - 1].h_radius, balls[i - 1].g_mid, balls[i - 1].g_half
+        cost = torch.linalg.vector_norm(layer.weight, dim=1) * rho
+        const = layer.bias.clone()
+        if layer.psi is not None:
+            cost = cost + layer.psi.abs() * g_half
+            const = const + layer.psi * g_mid
+        costs.append(cost * math.prod(norms[i + 1:]) ** DOWNSTREAM_WEIGHT)
+        consts.append(const)
+    return costs, consts
+
+
+def scale_free_costs(layers: list[Layer], n_hidden: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """No input domain (docs/bounds.md, §7): in the left-singular basis of its producing layer, direction j of hidden
+    space i costs σ_j + |psi_j| g(√o_{i−1})/2 (the half-width of the range of z_j = σ_j v_j·h + b_j + psi_j g over
+    |h| < 1, g ∈ (0, g(√o_{i−1})]) and is replaced by the paper's constant b*_j = b_j (psi_j g dropped: exact in the
+    saturated limit |h| → 1, g → 0 that σ_j · 1 describes). The first hidden space's input is taken at unit scale, as
+    the paper's rule does (σ_j alone)."""
+    costs, consts = [], []
+    for i in range(n_hidden):
+        layer = layers[i]
+        cost = torch.linalg.vector_norm(layer.weight, dim=1)  # rows are σ_j v_jᵀ
+        if layer.psi is not None and i > 0:
+            cost = cost + layer.psi.abs() * bounds.gain(math.sqrt(max(float(layers[i - 1].o), 0.0))) / 2.0
+        costs.append(cost)
+        consts.append(layer.bias.clone())
+    return costs, consts
+
+
+def score_round(state: State, basis: str, x: torch.Tensor | None, radius: float | None):
+    if basis == "data-aware":
+        rotate_principal(state, x)
+        return data_aware_costs(state, x)
+    rotate_singular(state)
+    return data_free_costs(state, radius)
+
+
+# --- selection and removal ----------------------------------------------------------------------------------------
+def select(state: State, costs: list[torch.Tensor], goal: int) -> list[tuple[int, int, float]]:
+    """Cheapest (hidden space, compact index, cost) removals by squared error cost per stored parameter saved, until
+    about `goal` parameters are saved. Every hidden space keeps its most costly direction."""
+    saved = savings(state)
+    candidates = []
+    for i, cost in enumerate(costs):
+        keep = int(cost.argmax())
+        candidates += [(float(c) ** 2 / saved[i], i, j, float(c)) for j, c in enumerate(cost.tolist()) if j != keep]
+    candidates.sort()
+    chosen, total = [], 0
+    for _, i, j, c in candidates:
+        if total >= goal:
+            break
+        chosen.append((i, j, c))
+        total += saved[i]
+    return chosen
+
+
+def remove(state: State, chosen, consts: list[torch.Tensor]) -> None:
+    for i in range(len(state.removed)):
+        picks = [(j, c) for (h, j, c) in chosen if h == i]
+        if not picks:
+            continue
+        idx = state.kept(i)
+        for j, c in picks:
+            state.consts[i][idx[j]] = consts[i][j]
+            state.scores[i].append(c)
+        state.removed[i][idx[[j for j, _ in picks]]] = True
+
+
+def prune_round(state: State, basis: str, x, radius: float, goal: int) -> int:
+    costs, consts = score_round(state, basis, x, radius)
+    chosen = select(state, costs, goal)
+    remove(state, chosen, consts)
+    return len(chosen)
+
+
+def prune_to_target(state: State, target: int, basis: str, x, radius: float, step=None) -> State:
+    total = current_params(state)
+    while current_params(state) > target:
+        excess = current_params(state) - target
+        # near the target one direction per round, rescored each time: a round's estimated savings drift as widths
+        # shrink, and a batch overshot the budget by up to 20% on small models (issue 10)
+        goal = 1 if excess <= FINAL_ROUND_SHARE * total else max(int(ROUND_FRACTION * excess), 1)
+        if prune_round(state, basis, x, radius, goal) == 0:
+            break
+        if step is not None:
+            step(f"{current_params(state):,} parameters", current_params(state))
+    return state
+
+
+def prune_to_error(state: State, limit: float, basis: str, x, radius: float, step=None) -> State:
+    """As far as possible with the certified bound ≤ limit."""
+    return prune_while(state, lambda trial: certify(trial, radius) <= limit, basis, x, radius, step)
+
+
+def prune_while(state: State, acceptable, basis: str, x, radius, step=None) -> State:
+    """Prune in rounds as long as `acceptable(state)` holds: rounds that overshoot are retried at half the size."""
+    goal = max(int(ROUND_FRACTION * current_params(state)), 1)
+    while goal >= 1 and current_params(state) > smallest_params(state):
+        trial = state.copy()
+        if prune_round(trial, basis, x, radius, goal) == 0:
+            break
+        if acceptable(trial):
+            state = trial
+            if step is not None:
+                step(f"{current_params(state):,} parameters", current_params(state))
+        else:
+            goal //= 2
+    return state
+
+
+def certify(state: State, radius: float) -> float:
+    raw = bounds.certified_bound(state.layers, state.removed, state.consts, radius)["bound"]
+    return raw + rounding_allowance(state)
+
+
+def rounding_allowance(state: State) -> float:
+    """A float64 allowance for the exact steps, relative to |y| ≤ ‖W_L‖ + |b_L| + |psi_L| (hidden |h| < 1)."""
+    last = state.layers[-1]
+    return ROUNDING_ALLOWANCE * (bounds.spectral_norm(last.weight) + bounds.vec_norm(last.bias) + bounds.vec_norm(last.psi))
+
+
+# --- the entry point ----------------------------------------------------------------------------------------------
+NO_DOMAIN = ("no certified bound computed: it needs an input domain (give --input-radius R, or --calibration FILE for"
+             " |x| ≤ its largest norm); --certify-radius with calibration data gives local certificates")
+
+
+def resolve_basis(basis: str, calibration) -> str:
+    if basis == "auto":
+        return "data-aware" if calibration is not None else "data-free"
+    if basis == "data-aware" and calibration is None:
+        raise IsocompressError("--basis data-aware needs --calibration FILE (inputs to compute principal axes on)")
+    return basis
+
+
+def resolve_radius(options, calibration) -> tuple[float | None, str]:
+    """The global bound's domain |x| ≤ R: --input-radius, else the largest calibration norm, else none (issue 10: a
+    radius made up from probe inputs made every layer look saturated and its bound useless)."""
+    if options.input_radius is not None:
+        return float(options.input_radius), "--input-radius"
+    if calibration is not None:
+        return float(torch.linalg.vector_norm(calibration, dim=-1).max()), "largest calibration-input norm"
+    return None, "none"
+
+
+def resolve_certify_radius(options, centres) -> tuple[float | None, str]:
+    """ε of the local certificates: --certify-radius, else DEFAULT_RADIUS_FRACTION of the centres' median norm."""
+    if centres is None:
+        return None, "none"
+    if options.certify_radius is not None:
+        return float(options.certify_radius), "--certify-radius"
+    median = float(torch.linalg.vector_norm(centres, dim=-1).median())
+    fraction = local_bounds.DEFAULT_RADIUS_FRACTION
+    return max(fraction * median, 1e-12), f"{fraction:.0%} of the median input norm of the certified points ({median:.4g})"
+
+
+def resolve_target(budget: float, original_params: int, smallest: int) -> int:
+    target = int(math.floor(budget * original_params)) if budget <= 1 else int(budget)
+    if target < smallest:
+        raise IsocompressError(
+            f"--budget {budget:g} ({target:,} parameters) is unreachable: the smallest reachable size is {smallest:,}"
+            f" parameters ({smallest / original_params:.4%}); use --budget {smallest} or more")
+    return target
+
+
+def local_certificates(state: State, centres: torch.Tensor, eps: float) -> dict:
+    """Proven per-point bounds and top-1 certificates (isocompress.bounds.local, docs/bounds.md §8)."""
+    # allowance: rounding, plus D (the exact step's drop, proven over these balls too: exact_step): β grows by it and
+    # each margin shrinks by 2D, so the certificates compare with the original network, not the exact-shrunk one.
+    return local_bounds.local_bounds(state.layers, state.removed, state.consts, centres, eps,
+                                     allowance=rounding_allowance(state) + state.constant_bound)
+
+
+def certified_fraction(state: State, centres: torch.Tensor, eps: float) -> float:
+    return float(local_certificates(state, centres, eps)["top1"].double().mean())
+
+
+def prune_to_certified(state: State, limit: float, basis: str, x, radius, centres, eps: float, step=None) -> State:
+    """As far as possible with the certified top-1 fraction at radius ε ≥ limit (issue 10, --min-certified-top1)."""
+    return prune_while(state, lambda trial: certified_fraction(trial, centres, eps) >= limit, basis, x, radius, step)
+
+
+def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, progress: bool = False,
+                    search_restarts: int = 48, search_steps: int = 150, certify_data=None, test_data=None,
+                    test_labels=None):
+    """Prune to `options.budget` (fraction ≤ 1 or count > 1), as far as `options.max_error` (certified) allows, or
+    as far as `options.min_certified_top1` (local certificates) allows. Returns (pruned model, report dict)."""
+    started = time.perf_counter()
+    original = as_float64(original)
+    basis = resolve_basis(options.basis, calibration)
+    x = None if calibration is None else calibration.to(F64)
+    radius, radius_source = resolve_radius(options, x)
+    centres = certify_data.to(F64) if certify_data is not None else x
+    eps, eps_source = resolve_certify_radius(options, centres)
+    goal_check(options, radius, centres)
+    exact, constant = exact_step(original, x, radius, centres, eps)
+    state = State.of(exact, constant_bound=constant["bound"] or 0.0)
+    if options.min_certified_top1 is not None:
+        start = certified_fraction(state, centres, eps)
+        if start < options.min_certified_top1:
+            raise IsocompressError(
+                f"--min-certified-top1 {options.min_certified_top1:.2%} cannot be met: even the exactly shrunk model"
+                f" (nothing pruned) is certified for only {start:.2%} of the points at ε = {eps:.4g}; lower the limit"
+                " or --certify-radius")
+    exact_params = current_params(state)
+    target = None
+    if options.budget is not None:
+        target = resolve_target(options.budget, original.num_params(), smallest_params(state))
+    elif options.max_error is not None:
+        reachable = certify(state, radius) + state.constant_bound
+        if reachable > options.max_error:
+            raise IsocompressError(
+                f"--max-error {options.max_error:.4g} cannot be met: the smallest certified error reachable is"
+                f" {reachable:.4g} (the exactly shrunk model, |x| ≤ {radius:.4g}); give --max-error {reachable:.3g}"
+                " or more")
+    floor = target if target is not None else smallest_params(state)  # the bar's total: parameters that can go
+    with progress_bar(max(exact_params - floor, 0), "prune", enabled=progress, unit="parameter") as bar:
+        step = lambda name, left: bar(name, exact_params - left)  # noqa: E731  (removed so far)
+        if options.budget is not None:
+            state = prune_to_target(state, target, basis, x, radius, step)
+        elif options.max_error is not None:
+            state = prune_to_error(state, max(options.max_error - state.constant_bound, 0.0), basis, x, radius, step)
+        else:
+            state = prune_to_certified(state, options.min_certified_top1, basis, x, radius, centres, eps, step)
+    pruned = alternate_diagonalise(materialize(state))
+    probes = x if x is not None else probe_inputs(original.widths[0], per_scale=64)
+    report = build_report(original, pruned, state, basis, radius, radius_source, probes, labels,
+                          search_restarts, search_steps, calibrated=x is not None)
+    account_constant_directions(report, constant)
+    if centres is not None:
+        report["local"] = local_report(state, centres, eps, eps_source,
+                                       "certify data" if certify_data is not None else "calibration data",
+                                       networks=(original, pruned))
+    else:
+        report["local"] = {"computed": False, "note": "no local certificates: give --calibration FILE or"
+                           " --certify-data FILE (points to certify around) and optionally --certify-radius EPS"}
+    if test_data is not None:
+        report["test"] = test_report(original, pruned, test_data, test_labels)
+        report["empirical"]["inputs"] = report["empirical"]["inputs"].replace("; give --test-data", "")
+    report.update(params_original=original.num_params(), params_exact=exact_params, target=target,
+                  seconds=round(time.perf_counter() - started, 3))
+    return pruned, report
+
+
+def exact_step(original: IsoMLP, x, radius, centres, eps) -> tuple[IsoMLP, dict]:
+    """The exact shrink, with the proven bound D on what it dropped (layers.remove_constant_directions_accounted) over
+    every input a certificate here speaks of: |x| ≤ radius, and the balls |x − c_i| ≤ ε of the local certificates."""
+    probes = x if x is not None else probe_inputs(original.widths[0], per_scale=64)
+    reach = [] if radius is None else [radius]
+    if centres is not None and eps is not None:
+        reach.append(float(torch.linalg.vector_norm(centres, dim=-1).max()) + eps)
+    return remove_constant_directions_accounted(original, input_radius=max(reach) if reach else None,
+                                                output_scale=output_scale(original, probes))
+
+
+def account_constant_directions(report: dict, constant: dict) -> None:
+    """The certified bound covers the exact step too (issue 13): the bounds above compare the pruned network with the
+    exact-shrunk one, which differs from the original by at most constant["bound"] (layers.
+    remove_constant_directions_accounted; docs/bounds.md, "Constant directions"). By the triangle inequality the sum
+    bounds |y_pruned − y_original|. A search that finds more than the certified value is a failed run, not a report."""
+    report["constant_directions"] = constant
+    cert = report["certified"]
+    if cert.get("max_abs") is None:  # no domain: nothing certified, nothing to add to
+        return
+    cert["constant_directions"] = constant["bound"]
+    cert["max_abs"] += constant["bound"]
+    adversarial = report["adversarial"]["max_abs"]
+    if adversarial > 0 and cert["max_abs"] > 0:
+        report["tightness"] = cert["max_abs"] / adversarial
+    if adversarial > cert["max_abs"]:
+        raise CheckFailed(f"the adversarial search found |Δy| = {adversarial:.6g} above the certified bound"
+                          f" {cert['max_abs']:.6g}; the certificate is not sound for this model — nothing was written;"
+                          " please report this model")
+
+
+def goal_check(options, radius, centres) -> None:
+    if options.max_error is not None and radius is None:
+        raise IsocompressError("--max-error needs an input domain for its certified bound: give --calibration FILE"
+                               " (|x| ≤ its largest norm) or --input-radius R")
+    if getattr(options, "min_certified_top1", None) is not None and centres is None:
+        raise IsocompressError("--min-certified-top1 needs points to certify: give --calibration FILE or"
+                               " --certify-data FILE")
+
+
+def local_report(state: State, centres: torch.Tensor, eps: float, eps_source: str, points: str,
+                 networks=None) -> dict:
+    """report.json["pruning"]["local"]: the certificates and, for classifiers with `networks` = (original, pruned),
+    the three-way verdict per point: certified, refuted (a verified counterexample) or undecided."""
+    started = time.perf_counter()
+    out = local_certificates(state, centres, eps)
+    bound = out["bound"]
+    classifier = state.layers[-1].n_out >= 2
+    top1 = out["top1"].tolist() if classifier else None
+    report = {
+        "radius": eps,
+        "radius_source": eps_source,
+        "points": points,
+        "n_points": int(len(centres)),
+        "certified_top1": float(out["top1"].double().mean()) if classifier else None,
+        "n_certified": int(out["top1"].sum()) if classifier else None,
+        "bounds": [float(b) for b in bound],
+        "top1_certified": top1,
+        "summary": {"bound_max": float(bound.max()), "bound_median": float(bound.median()),
+                    "bound_mean": float(bound.mean())},
+        "method": "per-point forms c + Aδ + w of both networks and of their difference (docs/bounds.md §8)",
+    }
+    if classifier and networks is not None:
+        report.update(refutation_report(state, centres, eps, out["top1"], *networks))
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    return report
+
+
+COUNTEREXAMPLES_SHOWN = 16  # report.json keeps the inputs of this many counterexamples (all are verified)
+
+
+def refutation_report(state: State, centres: torch.Tensor, eps: float, certified: torch.Tensor, original: IsoMLP,
+                      pruned: IsoMLP) -> dict:
+    """The disagreement search on the points that are not certified (docs/bounds.md §8.5): searched on the exact-shrunk
+    network (the original to within D, and smaller), every counterexample verified on the original and the pruned."""
+    started = time.perf_counter()
+    todo = (~certified).nonzero()[:, 0]
+    refuted = torch.zeros(len(centres), dtype=torch.bool)
+    shown = []
+    if len(todo):
+        found = local_bounds.disagreement_search(IsoMLP(state.layers), pruned, centres[todo].to(F64), eps,
+                                                 verify=(original, pruned))
+        refuted[todo] = found["refuted"]
+        for j in found["refuted"].nonzero()[:, 0][:COUNTEREXAMPLES_SHOWN].tolist():
+            shown.append({"point": int(todo[j]), "original_class": int(found["classes"][j, 0]),
+                          "pruned_class": int(found["classes"][j, 1]), "distance": float(found["distance"][j]),
+                          "x": [float(v) for v in found["counterexample"][j]]})
+    check_verdicts(certified, refuted)
+    n, n_refuted = len(centres), int(refuted.sum())
+    n_undecided = n - int(certified.sum()) - n_refuted
+    return {
+        "refuted": refuted.tolist(), "n_refuted": n_refuted, "refuted_fraction": n_refuted / n,
+        "n_undecided": n_undecided, "undecided_fraction": n_undecided / n,
+        "counterexamples": shown,
+        "refutation": {
+            "starts": local_bounds.DISAGREE_STARTS, "steps": local_bounds.DISAGREE_STEPS,
+            "bisection_steps": local_bounds.BISECT_STEPS, "points_searched": int(len(todo)),
+            "seconds": round(time.perf_counter() - started, 3),
+            "note": "refuted: a point x with |x − x_i| ≤ ε where the pruned network's top-1 differs from the"
+                    " original's, found by projected gradient descent (the starts × steps above, on the points not"
+                    " certified) and verified by a float64 forward of both networks — a proof that top-1 is NOT"
+                    " unchanged on that ball, so no sound certificate can claim it; undecided: neither certified nor"
+                    f" refuted. The first {COUNTEREXAMPLES_SHOWN} counterexamples are listed (docs/bounds.md §8.5)"},
+    }
+
+
+def check_verdicts(certified: torch.Tensor, refuted: torch.Tensor) -> None:
+    """A point both certified and refuted would be a proof and a counterexample of the same claim: a soundness bug."""
+    both = (certified & refuted).nonzero()[:, 0]
+    if len(both):
+        raise CheckFailed(f"internal error: {len(both)} point(s) (first: {int(both[0])}) are certified unchanged and"
+                          " have a verified counterexample; the local certificate is not sound for this model —"
+                          " nothing was written; please report this model")
+
+
+def test_report(original: IsoMLP, pruned: IsoMLP, x: torch.Tensor, labels) -> dict:
+    with torch.no_grad():
+        y, y2 = original(x.to(F64)), pruned(x.to(F64))
+    return {"inputs": "test data (held out: not used for pruning)", **bounds.empirical_errors(y, y2, labels)}
+
+
+def build_report(original, pruned, state, basis, radius, radius_source, probes, labels, restarts, steps,
+                 calibrated: bool) -> dict:
+    with torch.no_grad():
+        y, y2 = original(probes), pruned(probes)
+    empirical = bounds.empirical_errors(y, y2, labels if calibrated else None)
+    if not calibrated:
+        inputs = f"{len(probes)} Gaussian probe inputs (no data given: not a measure of accuracy)"
+    elif basis == "data-aware":
+        inputs = "calibration data (the data-aware basis was fitted to it: not a held-out measure; give --test-data)"
+    else:
+        inputs = "calibration data"
+    report = {"basis": basis, "radius": radius, "radius_source": radius_source,
+              "empirical": {"inputs": inputs, **empirical}}
+    if radius is None:
+        report.update(certified={"max_abs": None, "computed": False, "note": NO_DOMAIN},
+                      adversarial={"max_abs": None, "computed": False, "note": NO_DOMAIN}, tightness=None,
+                      layers=layer_details(state, None, probes))
+        return report
+    errors = torch.linalg.vector_norm(y2 - y, dim=-1)
+    inside = torch.linalg.vector_norm(probes, dim=-1) <= radius * (1 + 1e-12)
+    report["empirical"]["inputs_outside_radius"] = int((~inside).sum())
+    worst = probes[inside][errors[inside].argsort(descending=True)[:8]]
+    # search against the exact-shrunk network (the same function to ~1e-14, much cheaper); the reported value is
+    # measured against the original at the winning point
+    search = bounds.adversarial_search(IsoMLP(state.layers), pruned, radius, starts=worst, restarts=restarts,
+                                       steps=steps, verify=original)
+    in_domain_max = float(errors[inside].max()) if bool(inside.any()) else 0.0
+    adversarial = max(search["max_abs"], in_domain_max)
+    cert = bounds.certified_bound(state.layers, state.removed, state.consts, radius)
+    certified = cert["bound"] + rounding_allowance(state)
+    report.update(
+        certified={"max_abs": certified, "rounding_allowance": rounding_allowance(state),
+                   "method": cert.get("method", "chain"), "chain_bound": cert.get("chain_bound", cert["bound"])},
+        adversarial={**search, "max_abs": adversarial},
+        tightness=certified / adversarial if cert["bound"] > 0 and adversarial > 0 else None,  # None: nothing lossy
+        layers=layer_details(state, cert, probes))
+    return report
+
+
+def layer_details(state: State, cert: dict | None, x: torch.Tensor) -> list[dict]:
+    with torch.no_grad():
+        _, zs, _ = IsoMLP(state.layers).forward_with_hidden(x)
+    out = []
+    for i, mask in enumerate(state.removed):
+        e = torch.linalg.vector_norm(zs[i][:, mask] - state.consts[i][mask], dim=-1) if bool(mask.any()) else torch.zeros(1)
+        out.append({
+            "hidden_space": i,
+            "width_exact": int(mask.numel()),
+            "width_after": int((~mask).sum()),
+            "removed": int(mask.sum()),
+            "scores": [round(s, 6) for s in state.scores[i]],
+            "introduced_certified": None if cert is None else cert["introduced"][i],
+            "introduced_empirical_max": float(e.max()),
+            "error_bound_after": None if cert is None else cert["after_layer"][i],
+        })
+    return out

@@ -1,0 +1,1 @@
+"""Training: trainable isotropic modules, restructuring a live network with its optimiser, neurogenesis."""
