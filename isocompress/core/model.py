@@ -55,6 +55,11 @@ class Layer:
         count += 0 if self.o is None else 1
         return count
 
+    def flops(self) -> int:
+        """Floating-point operations of the layer's linear maps per input (2 per multiply-add: weight and psi); the
+        bias and the activation add O(n_out) more, not counted."""
+        return 2 * (self.weight.numel() + (0 if self.psi is None else self.psi.numel()))
+
     def cast(self, dtype: torch.dtype) -> "Layer":
         def c(t):
             return None if t is None else t.to(dtype)
@@ -130,6 +135,10 @@ class IsoMLP(nn.Module):
 
     def num_params(self) -> int:
         return sum(layer.num_params() for layer in self.layers)
+
+    def flops(self) -> int:
+        """FLOPs of one forward pass per input (Layer.flops: 2 per multiply-add of the linear maps)."""
+        return sum(layer.flops() for layer in self.layers)
 
     def cast(self, dtype: torch.dtype) -> "IsoMLP":
         """A copy with every tensor in `dtype` (the model itself is unchanged)."""
