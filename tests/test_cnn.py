@@ -1,7 +1,6 @@
 """Isotropic CNNs: the geometry, the exact transforms against the untransformed network (float64 and float32, input
 scales 0.01–1000, hypothesis over geometries), the file format, ONNX, and the operator-norm bounds."""
 
-import math
 
 import pytest
 import torch
