@@ -4,6 +4,7 @@ One spawned pair of processes per scenario (tests/ddp_workers.py); the tests com
 by tensor, here in the parent. Every run has a deadline, and every collective a timeout, so a hung process group
 fails the test instead of hanging the suite."""
 
+import json
 import os
 import subprocess
 import sys
@@ -121,17 +122,36 @@ def test_run_local_stops_processes_that_hang():
         run_local(ddp_workers.hang, 2, timeout_s=2, collective_timeout_s=30)
 
 
-@pytest.mark.slow
-def test_the_script_trains_on_two_processes_and_reports_identical_ranks(tmp_path):
-    command = [sys.executable, str(ROOT / "scripts" / "train_adaptive.py"), "--nproc", "2", "--quick",
-               "--out", str(tmp_path), "--quiet"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+def run_to_end(command, timeout_s=300):
+    """(exit status, stdout, stderr) of a command in its own session; on timeout the session is killed (the command
+    and the processes it spawned)."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                                start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
-        stdout, stderr = process.communicate(timeout=300)
+        stdout, stderr = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)  # the script and the processes it spawned
+        os.killpg(process.pid, 9)
+        process.communicate()
         raise
-    assert process.returncode == 0, stderr[-3000:]
+    return process.returncode, stdout, stderr
+
+
+@pytest.mark.slow
+def test_the_script_trains_on_two_processes_and_reports_identical_ranks(tmp_path):
+    code, stdout, stderr = run_to_end([sys.executable, "scripts/train_adaptive.py", "--nproc", "2", "--quick",
+                                       "--out", str(tmp_path), "--quiet"])
+    assert code == 0, stderr[-3000:]
     assert stdout.splitlines()[-1] == "ranks identical: max |diff| = 0"
-    assert (tmp_path / "digits.pt").exists()
+    assert (tmp_path / "digits.pt").exists() and (tmp_path / "adaptive.json").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_reach_one_process_accuracy_within_seed_noise():
+    """benchmarks/bench_ddp.py, short: digits, 3 seeds, 1 process against 2 with the same global batch."""
+    code, stdout, stderr = run_to_end([sys.executable, "benchmarks/bench_ddp.py", "--seeds", "3", "--epochs", "3",
+                                       "--json"])
+    assert code == 0, stderr[-3000:]
+    result = json.loads(stdout)
+    noise = 3 * result["standard_error"] + 1 / result["test_size"]  # one test sample: the resolution of accuracy
+    assert abs(result["difference"]) <= noise, result
+    assert result["mean_ddp"] > 0.2  # trained (chance is 0.1)

@@ -95,8 +95,9 @@ def resolve(distributed) -> RankSync:
 
 def rank_difference(tensors: Sequence[torch.Tensor], sync: RankSync | None = None) -> float:
     """max |t − t_src| over these tensors and every rank (the same number on every rank): 0 exactly when every
-    rank holds bit-identical values and shapes (two NaNs in the same place count as equal); inf when the ranks hold
-    different numbers of values. A collective: every rank calls it with its own tensors, in the same order."""
+    rank holds the same values and shapes (compared in float64, which holds float32 and bfloat16 exactly; two NaNs in
+    the same place count as equal); inf when the ranks hold different numbers of values. A collective: every rank
+    calls it with its own tensors, in the same order."""
     sync = resolve(sync or True)
     device = sync.device()
     shapes = [float(d) for t in tensors for d in (t.dim(), *t.shape)]
