@@ -497,10 +497,12 @@ def test_concurrent_runs_never_mix_files_and_a_reader_excludes_publishes(tmp_pat
     before = snapshot(out)
     with publish.read_lock(out):
         pid, log = start(["shrink", A, "--out", out, "--quiet"])
-        deadline = time.time() + 6
-        while time.time() < deadline and os.waitpid(pid, os.WNOHANG) == (0, 0):
-            time.sleep(0.1)
-        result["finished_under_lock"] = time.time() < deadline
+        deadline = time.time() + 120  # until its stage is sealed (report.json written): it is about to publish
+        while time.time() < deadline and not any(out.glob(publish.STAGE_PREFIX + "*/report.json")):
+            time.sleep(0.05)
+        result["sealed_under_lock"] = time.time() < deadline
+        time.sleep(2)
+        result["finished_under_lock"] = os.waitpid(pid, os.WNOHANG) != (0, 0)
         result["same_under_lock"] = snapshot(out) == before
     if not result["finished_under_lock"]:
         result["after_lock"] = finish(pid, log)
@@ -516,7 +518,7 @@ def test_concurrent_runs_never_mix_files_and_a_reader_excludes_publishes(tmp_pat
     assert got["listing"] == sorted(["report.json", *got["set"]])
     assert got["widths"][0] == got["widths"][1] and got["model"] in (models["a"], models["b"])
     assert got["stages"] == []
-    assert not got["finished_under_lock"], "a publish ran while a reader held the lock"
+    assert got["sealed_under_lock"] and not got["finished_under_lock"], "a publish ran while a reader held the lock"
     assert got["same_under_lock"]
     assert got["after_lock"][0] == 0 and got["after_set"] == ["model.onnx", "model.safetensors"]
 
