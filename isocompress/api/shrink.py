@@ -30,17 +30,7 @@ from isocompress.formats import io
 
 
 def layer_summary(model: IsoMLP) -> list[dict]:
-    return [
-        {
-            "index": i,
-            "kind": layer.kind,
-            "shape": [layer.n_out, layer.n_in],
-            "params": layer.num_params(),
-            "psi": layer.psi is not None,
-            "o": None if layer.o is None else float(layer.o),
-        }
-        for i, layer in enumerate(model.layers)
-    ]
+    return [layer.record(i) for i, layer in enumerate(model.layers)]
 
 
 # --- files -------------------------------------------------------------------------------------------------------
@@ -201,18 +191,18 @@ def shrink_file(
         return streamed  # issue 12: exact, safetensors only: one layer in memory at a time
     model_path = Path(model_path)
     original, saved_dtype, notes = load_model(model_path, options)
-    calib = load_inputs(calibration, original.widths[0]) if calibration is not None else None
+    calib = load_inputs(calibration, original.input_shape) if calibration is not None else None
     label_data = load_labels(labels) if labels is not None else None
-    extra = load_extra_data(original.widths[0], calibration, calib, labels, label_data, certify_data, test_data,
+    extra = load_extra_data(original.input_shape, calibration, calib, labels, label_data, certify_data, test_data,
                             test_labels)
     out = Path(out_dir) if out_dir is not None else default_out_dir(model_path)
-    probes = calib if calib is not None else probe_inputs(original.widths[0])
+    probes = calib if calib is not None else probe_inputs(original.input_shape)
     inputs = [model_path] + [Path(p) for p in (calibration, labels, certify_data, test_data, test_labels) if p]
     check_ranges(original, calib, saved_dtype, options, model_path, calibration)
     effective, resolved = resolve_relative_error(options, original, probes)
     with output_dir(out, inputs) as stage:
         shrunk, prune_report = compress(original, effective, calib, label_data, progress,
-                                        probes=exact_rule_inputs(original.widths[0], calib), extra=extra)
+                                        probes=exact_rule_inputs(original.input_shape, calib), extra=extra)
         constant = prune_report.pop("constant_directions") if not options.lossy else None
         files, onnx_report = write_outputs(shrunk, stage, options, saved_dtype, probes)
         reloaded = io.load(files["safetensors"]) if "safetensors" in files else shrunk.cast(saved_dtype)
@@ -256,7 +246,7 @@ def check_ranges(original: IsoMLP, calib, saved_dtype: torch.dtype, options: Shr
     """Values that do not fit the dtypes the run computes or saves in are input errors, before any work (issue 13)."""
     from isocompress.core import ranges
 
-    ranges.check_run(original, probe_inputs(original.widths[0]), calib, saved_dtype, "onnx" in options.formats,
+    ranges.check_run(original, probe_inputs(original.input_shape), calib, saved_dtype, "onnx" in options.formats,
                      str(model_path), None if calibration is None else str(calibration))
 
 
@@ -272,6 +262,8 @@ def check_exact(probe: dict, constant: dict) -> None:
 def shape_record(original: IsoMLP, shrunk: IsoMLP, model_path: Path, files: dict, saved_dtype: torch.dtype) -> dict:
     """report.json's sizes before and after: parameters, widths, bytes, layers."""
     return {"params_before": original.num_params(), "params_after": shrunk.num_params(),
+            "flops_before": original.flops(), "flops_after": shrunk.flops(),
+            "input_shape": list(original.input_shape),
             "widths_before": list(original.widths), "widths_after": list(shrunk.widths),
             "bytes_before": model_path.stat().st_size,
             "bytes_after": {name: Path(p).stat().st_size for name, p in files.items()},
@@ -313,19 +305,22 @@ def shrink_streaming(model_path, out_dir, options: ShrinkOptions, calibration, p
     if source is None:
         return None
     saved_dtype = parse_dtype(options.dtype, source.dtype)
-    calib = load_inputs(calibration, source.config.widths[0]) if calibration is not None else None
-    probes = calib if calib is not None else probe_inputs(source.config.widths[0])
+    calib = load_inputs(calibration, source.input_shape) if calibration is not None else None
+    probes = calib if calib is not None else probe_inputs(source.input_shape)
     out = Path(out_dir) if out_dir is not None else default_out_dir(model_path)
     inputs = [model_path] + ([Path(calibration)] if calibration is not None else [])
     with output_dir(out, inputs) as stage:
         with progress_bar(source.n_layers - 1 + (source.n_layers - 1) // 2, "shrink", enabled=progress) as step:
             done = stream.shrink_exact_to_file(source, stage / "model.safetensors", saved_dtype, probes, step,
-                                               exact_rule_inputs(source.config.widths[0], calib))
+                                               exact_rule_inputs(source.input_shape, calib))
         report = {
             "model": str(model_path), "exact": True,
             "recipe": recipe_record(options, recipe, calibration=calibration, labels=None),
             "params_before": sum(r["params"] for r in done["layers_before"]),
             "params_after": sum(r["params"] for r in done["layers"]),
+            "flops_before": sum(r["flops"] for r in done["layers_before"]),
+            "flops_after": sum(r["flops"] for r in done["layers"]),
+            "input_shape": list(source.input_shape),
             "widths_before": done["widths_before"], "widths_after": done["widths_after"],
             "bytes_before": model_path.stat().st_size,
             "bytes_after": {"safetensors": (stage / "model.safetensors").stat().st_size},
@@ -367,7 +362,7 @@ def refuse_negative_o(model: IsoMLP, where: str) -> None:
         )
 
 
-def load_extra_data(n_in: int, calibration, calib, labels, label_data, certify_data, test_data, test_labels) -> dict:
+def load_extra_data(n_in: int | tuple[int, ...], calibration, calib, labels, label_data, certify_data, test_data, test_labels) -> dict:
     """Issue 10: certify points, test data and labels, with label counts checked (a wrong count is an input error,
     never silently dropped)."""
     from isocompress.formats import data
@@ -408,8 +403,9 @@ def write_outputs(model: IsoMLP, out: Path, options: ShrinkOptions, dtype: torch
     if "onnx" in options.formats:
         from isocompress.export import onnx_export  # issue 3
 
-        # float32 unless the weights are saved in float64 (onnxruntime's CPU kernels for float16/bfloat16 are partial).
-        onnx_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        # float32 unless the weights are saved in float64 (onnxruntime's CPU kernels for float16/bfloat16 are partial;
+        # it has no float64 Conv or AveragePool, so a CNN's file is float32).
+        onnx_dtype = torch.float64 if dtype == torch.float64 and model.is_mlp else torch.float32
         onnx_report = onnx_export.export_and_verify(model, out / "model.onnx", probes=probes, rtol=options.onnx_tol,
                                                     dtype=onnx_dtype)
         files["onnx"] = out / "model.onnx"
@@ -419,11 +415,14 @@ def write_outputs(model: IsoMLP, out: Path, options: ShrinkOptions, dtype: torch
     return files, onnx_report
 
 
-def load_inputs(path: str | Path, n_in: int) -> torch.Tensor:
-    """Calibration inputs from .npy, .npz, .safetensors or .pt (one 2-D tensor n × n_in). float64."""
+def load_inputs(path: str | Path, shape: int | tuple[int, ...]) -> torch.Tensor:
+    """Calibration inputs from .npy, .npz, .safetensors or .pt: n × n_in for an MLP (`shape` = n_in or (n_in,)); for a
+    CNN, n × input_shape, given as such or flattened (n × C·L, n × C·H·W, e.g. MNIST-1D's n × 40 for a (1, 40)
+    model). float64."""
     from isocompress.formats import data  # a small module: reading arrays safely
 
-    return data.load_array(path, expect_columns=n_in)
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    return data.load_array(path, expect_columns=math.prod(shape)).reshape(-1, *shape)
 
 
 def load_labels(path: str | Path) -> torch.Tensor:

@@ -46,6 +46,8 @@ def spectral_norm(matrix: torch.Tensor) -> float:
     if matrix.numel() == 0:
         return 0.0
     m = matrix.to(F64)
+    if m.dim() == 1:
+        return float(torch.linalg.vector_norm(m))
     if min(m.shape) == 1:
         return float(torch.linalg.vector_norm(m))
     with threads.for_matrix(*m.shape):
@@ -59,18 +61,42 @@ def vec_norm(v: torch.Tensor | None) -> float:
     return 0.0 if v is None or v.numel() == 0 else float(torch.linalg.vector_norm(v))
 
 
+def op_norm(layer: Layer, rows: torch.Tensor | None = None) -> float:
+    """An upper bound on the operator norm of (rows of) a layer's weight map on its whole input map: ‖M_rows‖₂ times
+    the pooling's norm and sqrt(overlap) (docs/bounds.md, "Convolutional layers"); ‖W_rows‖₂ for a dense layer."""
+    m = layer.matrix() if rows is None else layer.matrix()[rows]
+    return spectral_norm(m) * layer.geometry.input_op_norm()
+
+
+def psi_op_norm(layer: Layer, rows: torch.Tensor | None = None) -> float:
+    """The same for the psi map (|psi_rows| for a dense layer's vector)."""
+    if layer.psi is None:
+        return 0.0
+    m = layer.psi_matrix() if rows is None else layer.psi_matrix()[rows]
+    return spectral_norm(m) * layer.geometry.input_op_norm()
+
+
+def joint_op_norm(layer: Layer, rows: torch.Tensor) -> float:
+    """The operator norm bound of the stacked map [W, Ψ] (rows) on the stacked input [h; g]."""
+    m = torch.cat([layer.matrix()[rows], layer.psi_matrix()[rows]], dim=1)
+    return spectral_norm(m) * layer.geometry.input_op_norm()
+
+
 @dataclass(frozen=True)
 class Ball:
     """The reachable set of one hidden space of the *original* network: z ∈ B(z_center, z_radius), and what
-    follows for h = f(z) ∈ B(h_center, h_radius) and g ∈ [g_mid − g_half, g_mid + g_half]."""
+    follows for h = f(z) ∈ B(h_center, h_radius) and g ∈ [g_mid − g_half, g_mid + g_half]. On a map, the balls are of
+    the whole map and g_mid, g_half are maps (one value per position); on a vector, numbers."""
 
     z_center: torch.Tensor
     z_radius: float
     h_center: torch.Tensor
     h_radius: float
-    g_mid: float
-    g_half: float
+    g_mid: float | torch.Tensor
+    g_half: float | torch.Tensor
     o: float
+    m_lo: float = 0.0  # the smallest m over the ball (over every position of a map)
+    positions: int = 1
 
 
 def m_range(center_norm: float, radius: float, o: float) -> tuple[float, float]:
@@ -81,97 +107,132 @@ def m_range(center_norm: float, radius: float, o: float) -> tuple[float, float]:
 
 def reachable_balls(layers: list[Layer], radius: float) -> list[Ball]:
     """Balls containing every hidden pre-activation, gain and output of the network for |x| ≤ radius
-    (docs/bounds.md, Lemma 3)."""
+    (docs/bounds.md, Lemma 3; on maps, "Convolutional layers": the ball is the whole map's, and each position's
+    channel vector lies within z_radius of its centre)."""
     balls: list[Ball] = []
-    h_center = torch.zeros(layers[0].n_in, dtype=F64)
+    first = layers[0]
+    h_center = torch.zeros(first.n_in, *first.geometry.in_spatial, dtype=F64)
     h_radius, g_mid, g_half = float(radius), None, 0.0
     for layer in layers[:-1]:
-        w = layer.dense_weight()
-        z_center = w @ h_center + layer.bias
-        z_radius = spectral_norm(w) * h_radius
-        if layer.psi is not None:
-            z_center = z_center + layer.psi * g_mid
-            z_radius += vec_norm(layer.psi) * g_half
-        o = float(layer.o)
-        m_lo, m_hi = m_range(vec_norm(z_center), z_radius, o)
-        h_center, _ = isotropic_tanh(z_center, o)
-        h_radius = gain(m_lo) * z_radius  # f is g(m_lo)-Lipschitz on the ball (Lemma 1)
-        if vec_norm(h_center) + h_radius > 1.0:  # every hidden output lies in the unit ball
-            h_center, h_radius = torch.zeros_like(h_center), 1.0
-        g_lo, g_hi = gain(m_hi), gain(m_lo)
-        g_mid, g_half = (g_lo + g_hi) / 2.0, (g_hi - g_lo) / 2.0
-        balls.append(Ball(z_center, z_radius, h_center, h_radius, g_mid, g_half, o))
+        z_center = ball_centre(layer, h_center, g_mid)
+        z_radius = op_norm(layer) * h_radius + (psi_op_norm(layer) * _gain_norm(g_half) if layer.psi is not None else 0.0)
+        ball = (_map_ball if layer.geometry.out_spatial else _vector_ball)(z_center, z_radius, float(layer.o))
+        balls.append(ball)
+        h_center, h_radius, g_mid, g_half = ball.h_center, ball.h_radius, ball.g_mid, ball.g_half
     return balls
 
 
-def _input_ball(balls: list[Ball], i: int, radius: float, n_in: int) -> tuple[torch.Tensor, float, float, float]:
+def ball_centre(layer: Layer, h_center: torch.Tensor, g_mid) -> torch.Tensor:
+    """The layer's pre-activation at the centre of its input ball (W h + b + psi g for a dense layer)."""
+    if h_center.dim() == 1 and layer.kind == "dense" and layer.weight.dim() == 2:
+        z = layer.weight @ h_center + layer.bias
+        return z if layer.psi is None else z + layer.psi * g_mid
+    return layer.pre_activation(h_center[None], None if g_mid is None else g_mid[None])[0]
+
+
+def _vector_ball(z_center: torch.Tensor, z_radius: float, o: float) -> Ball:
+    m_lo, m_hi = m_range(vec_norm(z_center), z_radius, o)
+    h_center, _ = isotropic_tanh(z_center, o)
+    h_radius = gain(m_lo) * z_radius  # f is g(m_lo)-Lipschitz on the ball (Lemma 1)
+    if vec_norm(h_center) + h_radius > 1.0:  # every hidden output lies in the unit ball
+        h_center, h_radius = torch.zeros_like(h_center), 1.0
+    g_lo, g_hi = gain(m_hi), gain(m_lo)
+    return Ball(z_center, z_radius, h_center, h_radius, (g_lo + g_hi) / 2.0, (g_hi - g_lo) / 2.0, o, m_lo, 1)
+
+
+def _map_ball(z_center: torch.Tensor, z_radius: float, o: float) -> Ball:
+    """A hidden space that is a map (C × spatial): every position's channel vector is within z_radius of its centre,
+    so m has a range per position; f is g(min m_lo)-Lipschitz on the whole map; |h_p| < 1 gives |h| ≤ sqrt(P)."""
+    norms = torch.linalg.vector_norm(z_center, dim=0)  # |z_center| at every position
+    low = (norms - z_radius).clamp_min(0.0)
+    m_lo_map, m_hi_map = torch.sqrt(o + low * low), torch.sqrt(o + (norms + z_radius) ** 2)
+    h_center = isotropic_tanh(z_center.movedim(0, -1), o)[0].movedim(-1, 0)
+    m_lo = float(m_lo_map.min())
+    h_radius = gain(m_lo) * z_radius
+    positions = int(norms.numel())
+    if vec_norm(h_center) + h_radius > math.sqrt(positions):
+        h_center, h_radius = torch.zeros_like(h_center), math.sqrt(positions)
+    g_hi, g_lo = gain_map(m_lo_map), gain_map(m_hi_map)
+    return Ball(z_center, z_radius, h_center, h_radius, ((g_lo + g_hi) / 2.0)[None], ((g_hi - g_lo) / 2.0)[None], o,
+                m_lo, positions)
+
+
+def gain_map(m: torch.Tensor) -> torch.Tensor:
+    """g(m) = tanh(m)/m at every position (1 at m = 0)."""
+    return torch.where(m < 1e-8, torch.ones_like(m), torch.tanh(m) / m.clamp_min(1e-300))
+
+
+def _gain_norm(g_half) -> float:
+    """|g_half| over the map (the number itself on a vector)."""
+    return float(torch.linalg.vector_norm(g_half)) if isinstance(g_half, torch.Tensor) else float(g_half)
+
+
+def _input_ball(balls: list[Ball], i: int, radius: float, layer: Layer) -> tuple[torch.Tensor, float, object, object]:
     """(h center, h radius, g mid, g half) of the input of weight layer i."""
     if i == 0:
-        return torch.zeros(n_in, dtype=F64), float(radius), 0.0, 0.0
+        return torch.zeros(layer.n_in, *layer.geometry.in_spatial, dtype=F64), float(radius), None, 0.0
     b = balls[i - 1]
     return b.h_center, b.h_radius, b.g_mid, b.g_half
 
 
 def introduced_error(layer: Layer, removed: torch.Tensor, consts: torch.Tensor, h_center, h_radius, g_mid, g_half):
     """sup over the reachable inputs of |P_S z − c_S|: the error of replacing the removed coordinates by constants
-    (docs/bounds.md, eq. 3)."""
+    (docs/bounds.md, eq. 3; on a map, over every position: the removed channels' offset map at the centre plus the
+    spread of the removed rows' maps over the input ball)."""
     if not bool(removed.any()):
         return 0.0
-    w = layer.dense_weight()[removed]
-    offset = w @ h_center + layer.bias[removed] - consts[removed]
-    spread_sq = (spectral_norm(w) * h_radius) ** 2
+    centre = ball_centre(layer, h_center, g_mid)[removed]
+    offset = centre - consts[removed].reshape(-1, *([1] * (centre.dim() - 1)))
+    spread = op_norm(layer, removed) * h_radius
     if layer.psi is not None:
-        psi = layer.psi[removed]
-        offset = offset + psi * g_mid
-        joint = spectral_norm(torch.cat([w, psi[:, None]], dim=1)) * math.hypot(h_radius, g_half)
-        return vec_norm(offset) + min(math.sqrt(spread_sq) + vec_norm(psi) * g_half, joint)
-    return vec_norm(offset) + math.sqrt(spread_sq)
+        g_spread = _gain_norm(g_half)
+        separate = spread + psi_op_norm(layer, removed) * g_spread
+        joint = joint_op_norm(layer, removed) * math.hypot(h_radius, g_spread)
+        return vec_norm(offset) + min(separate, joint)
+    return vec_norm(offset) + spread
 
 
 def propagated_error(layer: Layer, kept: torch.Tensor, dh: float, dg: float) -> float:
     """Bound on |P_K(W Δh + psi Δg)| (docs/bounds.md, eq. 4)."""
-    w = layer.dense_weight()[kept]
     if layer.psi is None or dg == 0.0:
-        return spectral_norm(w) * dh
-    psi = layer.psi[kept]
-    separate = spectral_norm(w) * dh + vec_norm(psi) * dg
-    joint = spectral_norm(torch.cat([w, psi[:, None]], dim=1)) * math.hypot(dh, dg)
+        return op_norm(layer, kept) * dh
+    separate = op_norm(layer, kept) * dh + psi_op_norm(layer, kept) * dg
+    joint = joint_op_norm(layer, kept) * math.hypot(dh, dg)
     return min(separate, joint)
 
 
 def activation_error(ball: Ball, dz: float) -> tuple[float, float]:
     """(|Δh|, |Δg|) bounds from |Δz| ≤ dz: z and z' lie in the ball B(z_center, z_radius + dz), where f is
-    g(m_lo)-Lipschitz and z ↦ g is sup|g'|-Lipschitz (Lemmas 1, 2)."""
-    m_lo, m_hi = m_range(vec_norm(ball.z_center), ball.z_radius + dz, ball.o)
-    dh = min(gain(m_lo) * dz, 2.0)
-    dg = min(slope_sup(m_lo) * dz, gain(m_lo) - gain(m_hi))  # g is decreasing in m
+    g(m_lo)-Lipschitz and z ↦ g is sup|g'|-Lipschitz (Lemmas 1, 2); on a map, m_lo is the smallest over the positions,
+    both networks' h lie in the ball |h_p| < 1 at each position, and g's change is bounded position by position."""
+    if ball.positions == 1:
+        m_lo, m_hi = m_range(vec_norm(ball.z_center), ball.z_radius + dz, ball.o)
+        dh = min(gain(m_lo) * dz, 2.0)
+        dg = min(slope_sup(m_lo) * dz, gain(m_lo) - gain(m_hi))  # g is decreasing in m
+        return dh, dg
+    norms = torch.linalg.vector_norm(ball.z_center, dim=0)
+    low = (norms - (ball.z_radius + dz)).clamp_min(0.0)
+    m_lo_map = torch.sqrt(ball.o + low * low)
+    m_hi_map = torch.sqrt(ball.o + (norms + ball.z_radius + dz) ** 2)
+    m_lo = float(m_lo_map.min())
+    dh = min(gain(m_lo) * dz, 2.0 * math.sqrt(ball.positions))
+    dg = min(slope_sup(m_lo) * dz, vec_norm(gain_map(m_lo_map) - gain_map(m_hi_map)))
     return dh, dg
+
+
+def is_vector_network(layers: list[Layer]) -> bool:
+    """Every space a vector (an MLP): where the case-split and split-chain refinements apply."""
+    return all(not layer.geometry.in_spatial and not layer.geometry.out_spatial for layer in layers)
 
 
 def certified_bound(layers: list[Layer], removed: list[torch.Tensor], consts: list[torch.Tensor], radius: float,
                     symbolic: bool = True) -> dict:
     """A proven upper bound on |y' − y| for every |x| ≤ radius (docs/bounds.md, Theorem). `layers`: the full-width
     network in the final bases; `removed[i]`/`consts[i]`: mask and constants of hidden space i. The smallest of the
-    layer-by-layer chain (§3), the case-split symbolic bound (§4) and the split chain (§4c); all are proven, so their
-    minimum is too."""
-    balls = reachable_balls(layers, radius)
-    dh = dg = 0.0
-    introduced, after = [], []
-    for i, layer in enumerate(layers):
-        last = i == len(layers) - 1
-        mask = torch.zeros(layer.n_out, dtype=torch.bool) if last else removed[i]
-        c_h, r_h, g_mid, g_half = _input_ball(balls, i, radius, layer.n_in)
-        e = 0.0 if last else introduced_error(layer, mask, consts[i], c_h, r_h, g_mid, g_half)
-        a = propagated_error(layer, ~mask, dh, dg) if i > 0 else 0.0
-        dz = math.hypot(a, e)  # kept and removed coordinates are orthogonal
-        introduced.append(e)
-        after.append(dz)
-        if last:
-            chain = {"bound": dz, "radius": float(radius), "introduced": introduced[:-1], "after_layer": after,
-                     "chain_bound": dz, "method": "chain"}
-            break
-        dh, dg = activation_error(balls[i], dz)
-    if not any(bool(m.any()) for m in removed):
+    layer-by-layer chain (§3; on maps, "Convolutional layers"), and for MLPs the case-split symbolic bound (§4) and the
+    split chain (§4c); all are proven, so their minimum is too."""
+    chain = chain_bound(layers, removed, consts, radius)
+    if not any(bool(m.any()) for m in removed) or not is_vector_network(layers):
         return chain
     out = chain
     sym = symbolic_bound(layers, removed, consts, radius) if symbolic else None
@@ -182,6 +243,27 @@ def certified_bound(layers: list[Layer], removed: list[torch.Tensor], consts: li
     out = _tighter(out, split, "split chain")
     out["split_bound"] = split["bound"]
     return out
+
+
+def chain_bound(layers: list[Layer], removed: list[torch.Tensor], consts: list[torch.Tensor], radius: float) -> dict:
+    """The layer-by-layer chain (§3): the introduced error of each hidden space and its propagation."""
+    balls = reachable_balls(layers, radius)
+    dh = dg = 0.0
+    introduced, after = [], []
+    for i, layer in enumerate(layers):
+        last = i == len(layers) - 1
+        mask = torch.zeros(layer.n_out, dtype=torch.bool) if last else removed[i]
+        c_h, r_h, g_mid, g_half = _input_ball(balls, i, radius, layer)
+        e = 0.0 if last else introduced_error(layer, mask, consts[i], c_h, r_h, g_mid, g_half)
+        a = propagated_error(layer, ~mask, dh, dg) if i > 0 else 0.0
+        dz = math.hypot(a, e)  # kept and removed coordinates are orthogonal
+        introduced.append(e)
+        after.append(dz)
+        if last:
+            break
+        dh, dg = activation_error(balls[i], dz)
+    return {"bound": after[-1], "radius": float(radius), "introduced": introduced[:-1], "after_layer": after,
+            "chain_bound": after[-1], "method": "chain"}
 
 
 def _tighter(out: dict, other: dict, method: str) -> dict:
@@ -261,17 +343,18 @@ def adversarial_search(reference, candidate, radius: float, starts: torch.Tensor
     restarts, steps = search_effort(network_params(reference) + network_params(candidate), restarts, steps, extra,
                                     max_work)
     gen = torch.Generator().manual_seed(seed)
-    first = reference.layers[0]
-    rand = _random_in_ball(gen, restarts, first.n_in, radius)
+    shape = input_shape(reference)
+    reference, candidate, verify = (None if net is None else on_flat_inputs(net, shape)
+                                    for net in (reference, candidate, verify))
+    width = math.prod(shape)
+    rand = _random_in_ball(gen, restarts, width, radius)
     # screening, all norms from 0 to R: the best of many cheap forward evaluations are better starts than blind ones
     # (the landscape is flat where the networks saturate, and the maximum may lie deep inside the ball)
-    screen = _random_in_ball(gen, SCREEN_PER_RESTART * restarts, first.n_in, radius, min_fraction=0.0)
+    screen = _random_in_ball(gen, SCREEN_PER_RESTART * restarts, width, radius, min_fraction=0.0)
     screened = screen[_difference(reference, candidate, screen).topk(min(restarts, len(screen))).indices]
-    w = first.dense_weight().to(F64)
-    _, _, vh = torch.linalg.svd(w, full_matrices=False)
-    centre = -(torch.linalg.pinv(w) @ first.bias.to(F64))
-    structured = torch.cat([centre[None], radius * vh[:4], -radius * vh[:4]])
-    pieces = [structured, screened, rand] if starts is None else [starts.to(F64), structured, screened, rand]
+    pieces = [first_layer_starts(reference.layers[0], radius), screened, rand]
+    if starts is not None:
+        pieces.insert(0, starts.to(F64).reshape(len(starts), -1))
     x0 = _project(torch.cat(pieces), radius)
     best, best_x = _difference(reference, candidate, x0), x0.clone()
     x = x0.clone().requires_grad_(True)
@@ -298,6 +381,33 @@ def adversarial_search(reference, candidate, radius: float, starts: torch.Tensor
     value = float(_difference(verify if verify is not None else reference, candidate, best_x[i:i + 1])[0])
     return {"max_abs": value, "x_norm": float(best_x[i].norm()), "starts": int(x0.shape[0]), "steps": steps,
             "effort_cut": (restarts, steps) != asked}
+
+
+def input_shape(net) -> tuple[int, ...]:
+    return tuple(net.input_shape) if hasattr(net, "input_shape") else (net.layers[0].n_in,)
+
+
+class on_flat_inputs:
+    """A network called on flattened inputs (N × prod(shape)): the search works in the flat input space, a CNN
+    reads its maps."""
+
+    def __init__(self, net, shape: tuple[int, ...]):
+        self.net, self.shape, self.layers = net, shape, net.layers
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net(x.reshape(x.shape[0], *self.shape) if len(self.shape) > 1 else x)
+        return y.reshape(y.shape[0], -1)
+
+
+def first_layer_starts(first: Layer, radius: float) -> torch.Tensor:
+    """The point where a dense first layer's pre-activation is smallest (both networks nearly linear there, where gains
+    are largest) and ± R times its top right singular vectors; none for a convolution (its operator is not its matrix)."""
+    if first.geometry.in_spatial:
+        return torch.zeros(0, first.n_in * first.geometry.in_positions, dtype=F64)
+    w = first.dense_weight().to(F64)
+    _, _, vh = torch.linalg.svd(w, full_matrices=False)
+    centre = -(torch.linalg.pinv(w) @ first.bias.to(F64))
+    return torch.cat([centre[None], radius * vh[:4], -radius * vh[:4]])
 
 
 def _random_in_ball(gen: torch.Generator, n: int, n_in: int, radius: float, min_fraction: float = 0.5) -> torch.Tensor:
@@ -790,6 +900,6 @@ def _sup_removed(layers, balls, srcs, radius, i: int, mask, consts, t: torch.Ten
         psi = None if layer.psi is None else t @ layer.psi[mask]
         layer = replace(layer.as_dense(), weight=t @ layer.dense_weight()[mask], bias=t @ layer.bias[mask], psi=psi)
         consts, mask = t @ consts[mask], torch.ones(t.shape[0], dtype=torch.bool)
-    c_h, r_h, g_mid, g_half = _input_ball(balls, i, radius, layer.n_in)
+    c_h, r_h, g_mid, g_half = _input_ball(balls, i, radius, layer)
     value = introduced_error(layer, mask, consts, c_h, r_h, g_mid, g_half)
     return value if i == 0 else min(value, shell_introduced(layer, mask, consts, srcs[i - 1]))

@@ -134,12 +134,12 @@ def measure_model(spec: CheckSpec) -> Measurement:
     model = io.load(spec.model, ref_intrinsic_length=spec.ref_intrinsic_length)
     m = Measurement(params=model.num_params(), bytes=Path(spec.model).stat().st_size, bytes_measure="file")
     if spec.test_labels is not None:
-        x, labels = load_labelled(spec.test_data, spec.test_labels, model.widths[0])
+        x, labels = load_labelled(spec.test_data, spec.test_labels, model.input_shape)
         with torch.no_grad():
             m.accuracy = accuracy(model(x), labels)
         m.accuracy_note = f"the model on {len(labels)} test inputs"
     elif spec.labels is not None:
-        x, labels = load_labelled(spec.calibration, spec.labels, model.widths[0])
+        x, labels = load_labelled(spec.calibration, spec.labels, model.input_shape)
         with torch.no_grad():
             m.accuracy = accuracy(model(x), labels)
         m.accuracy_note = f"the model on {len(labels)} calibration inputs"
@@ -199,7 +199,7 @@ def measurement_of_report(report: dict) -> Measurement:
                        certified_top1_note=top1_note)
 
 
-def load_labelled(calibration: str, labels: str, n_in: int) -> tuple[torch.Tensor, torch.Tensor]:
+def load_labelled(calibration: str, labels: str, n_in: int | tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = api.load_inputs(calibration, n_in), api.load_labels(labels)
     if len(x) != len(y):
         raise IsocompressError(f"{labels}: has {len(y)} labels but {calibration} has {len(x)} inputs; they must match")

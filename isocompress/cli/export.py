@@ -42,11 +42,11 @@ def export_file(model_path: str | Path, out_dir: str | Path | None, formats=("on
     notes: list[str] = []
     model = io.load(model_path, ref_intrinsic_length=ref_intrinsic_length,
                     notify=lambda text: (notes.append(text), io.print_note(text)))
-    calib = api.load_inputs(calibration, model.widths[0]) if calibration is not None else None
-    probes = calib if calib is not None else api.probe_inputs(model.widths[0])
+    calib = api.load_inputs(calibration, model.input_shape) if calibration is not None else None
+    probes = calib if calib is not None else api.probe_inputs(model.input_shape)
     from isocompress.core import ranges
 
-    ranges.check_run(model, api.probe_inputs(model.widths[0]), calib, saved_dtype, "onnx" in formats,
+    ranges.check_run(model, api.probe_inputs(model.input_shape), calib, saved_dtype, "onnx" in formats,
                      str(model_path), None if calibration is None else str(calibration))
     out = Path(out_dir) if out_dir is not None else Path.cwd() / f"{model_path.stem}.export"
     inputs = [model_path] + ([Path(calibration)] if calibration is not None else [])

@@ -72,7 +72,7 @@ def grow(model: Path, layer: int, add: int, scale: float, seed: int, out: Path |
     check_out_path(model, out)
     grown = grow_model(original, layer, add, scale=scale, seed=seed)
     io.save(grown, out, dtype=io.stored_dtype(model))
-    diff = output_difference(original, grown, probe_inputs(original.widths[0], per_scale=64))
+    diff = output_difference(original, grown, probe_inputs(original.input_shape, per_scale=64))
     report = {
         "model": str(model), "layer": layer, "added": add, "scale": scale, "seed": seed,
         "widths_before": list(original.widths), "widths_after": list(grown.widths),

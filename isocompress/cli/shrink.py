@@ -109,11 +109,15 @@ def parse_budget(text: str) -> float:
 def format_shrink_table(report: dict) -> str:
     before, after = report["params_before"], report["params_after"]
     probe = report["probe"]
-    rows = [
+    shape = report.get("input_shape", [])
+    rows = [("input", "×".join(map(str, shape)), "×".join(map(str, shape)))] if len(shape) > 1 else []
+    rows += [
         ("widths", "→".join(map(str, report["widths_before"])), "→".join(map(str, report["widths_after"]))),
         ("kinds", ",".join(layer["kind"] for layer in report["layers_before"]),
          ",".join(layer["kind"] for layer in report["layers"])),
         ("parameters", f"{before:,}", f"{after:,} ({100.0 * after / before:.2f}%)"),
+        ("FLOPs", f"{report['flops_before']:,}",
+         f"{report['flops_after']:,} ({100.0 * report['flops_after'] / max(report['flops_before'], 1):.2f}%)"),
         ("file bytes", f"{report['bytes_before']:,}",
          ", ".join(f"{size:,} ({name})" for name, size in report["bytes_after"].items())),
     ]

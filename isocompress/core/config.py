@@ -1,6 +1,10 @@
-"""`ModelConfig`: the shapes and layer kinds of an isotropic MLP; validates itself and round-trips through JSON.
+"""`ModelConfig`: the shapes, layer kinds and geometry of an isotropic network; validates itself and round-trips through
+JSON.
 
 It is stored beside the weights (safetensors metadata, or the `.pt` dict) so that a shrunk model reloads by its shapes.
+Version 1 (an MLP with tanh activations: widths, kinds, has_psi) is what isocompress writes for such a model, so
+older readers keep reading it; version 2 adds each layer's geometry (how it reads its input map: positions, pooling,
+kernel, stride, padding, dilation, flatten; `isocompress.core.geometry`) and each hidden layer's activation σ.
 """
 
 from __future__ import annotations
@@ -11,8 +15,11 @@ from dataclasses import asdict, dataclass
 from isocompress.core.errors import IsocompressError
 
 FORMAT_NAME = "isocompress"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this isocompress reads (and writes where a model needs it)
+VERSIONS = (1, 2)
 LAYER_KINDS = ("dense", "diag")
+ACTIVATIONS = ("tanh", "log1p")
+KEYS = ("widths", "kinds", "has_psi", "format", "version", "geometry", "activations")
 
 
 @dataclass(frozen=True)
@@ -23,20 +30,23 @@ class ModelConfig:
     kinds: tuple[str, ...]
     has_psi: tuple[bool, ...]
     format: str = FORMAT_NAME
-    version: int = FORMAT_VERSION
+    version: int = 1
+    geometry: tuple[dict, ...] | None = None  # version 2: Geometry.to_dict() of every layer
+    activations: tuple[str, ...] | None = None  # version 2: σ of every hidden layer
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "widths", tuple(self.widths))
-        object.__setattr__(self, "kinds", tuple(self.kinds))
-        object.__setattr__(self, "has_psi", tuple(self.has_psi))
+        for name in ("widths", "kinds", "has_psi", "geometry", "activations"):
+            if getattr(self, name) is not None and isinstance(getattr(self, name), (list, tuple)):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         self._validate()
+        self._validate_v2()
 
     def _validate(self) -> None:
         if self.format != FORMAT_NAME:
             raise IsocompressError(f"config 'format' is {self.format!r}; expected {FORMAT_NAME!r}")
-        if self.version != FORMAT_VERSION:
+        if self.version not in VERSIONS or isinstance(self.version, bool):
             raise IsocompressError(
-                f"config 'version' is {self.version!r}; this isocompress reads version {FORMAT_VERSION}: upgrade isocompress"
+                f"config 'version' is {self.version!r}; this isocompress reads versions 1 and 2: upgrade isocompress"
             )
         if len(self.widths) < 2:
             raise IsocompressError(f"config 'widths' needs at least 2 entries (input and output), got {list(self.widths)}")
@@ -55,12 +65,31 @@ class ModelConfig:
         if self.has_psi[0]:
             raise IsocompressError("config 'has_psi' is true for layer 0; the first layer has no previous activation")
 
+    def _validate_v2(self) -> None:
+        if self.version == 1:
+            for key in ("geometry", "activations"):
+                if getattr(self, key) is not None:
+                    raise IsocompressError(f"config key {key!r} needs 'version': 2")
+            return
+        if self.geometry is None or len(self.geometry) != self.n_layers:
+            raise IsocompressError(f"config 'geometry' must list one geometry per layer ({self.n_layers})")
+        if self.activations is None or len(self.activations) != self.n_layers - 1:
+            raise IsocompressError(f"config 'activations' must list one activation per hidden layer ({self.n_layers - 1})")
+        bad = [a for a in self.activations if a not in ACTIVATIONS]
+        if bad:
+            raise IsocompressError(f"config 'activations' has {bad[0]!r}; each must be one of {list(ACTIVATIONS)}")
+        if any(not isinstance(g, dict) for g in self.geometry):
+            raise IsocompressError("config 'geometry' entries must be objects (kernel, stride, padding, …)")
+
     @property
     def n_layers(self) -> int:
         return len(self.widths) - 1
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        data = asdict(self)
+        if self.version == 1:  # byte-for-byte what version-1 readers expect
+            del data["geometry"], data["activations"]
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
@@ -74,13 +103,13 @@ class ModelConfig:
             raise IsocompressError(f"config is not valid JSON ({exc}); re-save the model with isocompress") from None
         if not isinstance(data, dict):
             raise IsocompressError("config JSON must be an object with 'widths', 'kinds' and 'has_psi'")
-        unknown = sorted(set(data) - {"widths", "kinds", "has_psi", "format", "version"})
+        unknown = sorted(set(data) - set(KEYS))
         if unknown:
-            raise IsocompressError(f"config has unknown key {unknown[0]!r}; allowed: widths, kinds, has_psi, format, version")
+            raise IsocompressError(f"config has unknown key {unknown[0]!r}; allowed: {', '.join(KEYS)}")
         missing = [k for k in ("widths", "kinds", "has_psi") if k not in data]
         if missing:
             raise IsocompressError(f"config is missing key {missing[0]!r}")
-        for key in ("widths", "kinds", "has_psi"):
-            if not isinstance(data[key], list):
+        for key in ("widths", "kinds", "has_psi", "geometry", "activations"):
+            if key in data and not isinstance(data[key], list):
                 raise IsocompressError(f"config key {key!r} must be a list")
         return cls(**data)

@@ -13,7 +13,7 @@ import torch
 
 from isocompress.core.errors import IsocompressError
 from isocompress.core.model import IsoMLP, Layer
-from isocompress.core.primitives import numerical_rank, svd64
+from isocompress.core.primitives import contract_channels, numerical_rank, rotate_columns, rotate_rows, svd64
 
 F64 = torch.float64
 
@@ -40,20 +40,21 @@ def _check_hidden(model: IsoMLP, i: int) -> None:
 
 
 def _left_mul(rt: torch.Tensor, layer: Layer) -> Layer:
-    """Rows of the producing layer in a new basis: W → Rᵀ W, b → Rᵀ b, psi → Rᵀ psi (rt = Rᵀ, possibly r × n)."""
+    """Output channels of the producing layer in a new basis: W → Rᵀ W, b → Rᵀ b, psi → Rᵀ psi (rt = Rᵀ, possibly
+    r × n; for a convolution, the rows of the reshaped kernel)."""
     dense = layer.as_dense()
     return replace(
         dense,
-        weight=rt @ dense.weight,
+        weight=rotate_rows(rt, dense.weight),
         bias=rt @ dense.bias,
-        psi=None if dense.psi is None else rt @ dense.psi,
+        psi=None if dense.psi is None else rotate_rows(rt, dense.psi),
     )
 
 
 def _right_mul(layer: Layer, r: torch.Tensor) -> Layer:
-    """Columns of the consuming layer in the new basis: W → W R (R is n × r)."""
+    """Input channels of the consuming layer in the new basis: W → W R at every kernel offset (R is n × r)."""
     dense = layer.as_dense()
-    return replace(dense, weight=dense.weight @ r, n_in=int(r.shape[1]))
+    return replace(dense, weight=rotate_columns(dense.weight, r), n_in=int(r.shape[1]))
 
 
 def rotate_hidden(model: IsoMLP, i: int, rotation: torch.Tensor) -> IsoMLP:
@@ -74,13 +75,15 @@ def diagonalise_left(model: IsoMLP, i: int) -> IsoMLP:
     space i by U. Row j of the new W_i is σ_j v_jᵀ, ordered by σ_j."""
     model = as_float64(model)
     _check_hidden(model, i)
-    u, _, _ = svd64(model.layers[i].dense_weight(), full=True)
+    u, _, _ = svd64(model.layers[i].matrix(), full=True)
     return rotate_hidden(model, i, u)
 
 
 def diagonalisable_layers(model: IsoMLP) -> list[int]:
-    """Layers whose input and output are both hidden spaces (1 ≤ i ≤ L−2): the ones full diagonalisation can act on."""
-    return list(range(1, len(model.layers) - 1))
+    """Pointwise layers (dense, or a 1×1 kernel) whose input and output are both hidden spaces (1 ≤ i ≤ L−2): the
+    ones full diagonalisation can act on (a k×k kernel cannot be made diagonal by channel rotations)."""
+    layers = model.layers
+    return [i for i in range(1, len(layers) - 1) if layers[i].geometry.pointwise]
 
 
 def diagonalise_full(model: IsoMLP, i: int) -> IsoMLP:
@@ -89,35 +92,30 @@ def diagonalise_full(model: IsoMLP, i: int) -> IsoMLP:
     model = as_float64(model)
     if i not in diagonalisable_layers(model):
         raise IsocompressError(
-            f"layer {i} cannot be fully diagonalised: both its input and output must be hidden spaces"
-            f" (layers 1..{len(model.layers) - 2})"
+            f"layer {i} cannot be fully diagonalised: it must be pointwise (dense or 1×1) and both its input and output"
+            f" must be hidden spaces (layers 1..{len(model.layers) - 2})"
         )
     layers = model.layers
-    u, s, vh = svd64(layers[i].dense_weight(), full=True)
     current = layers[i]
-    diagonal = Layer(
-        weight=s,
-        bias=u.T @ current.bias,
-        n_in=current.n_in,
-        psi=None if current.psi is None else u.T @ current.psi,
-        o=current.o,
-    )
+    u, s, vh = svd64(current.matrix(), full=True)
+    diagonal = replace(current, weight=s, bias=u.T @ current.bias,
+                       psi=None if current.psi is None else rotate_rows(u.T, current.psi))
     return model.with_layers(
         {i - 1: _left_mul(vh, layers[i - 1]), i: diagonal, i + 1: _right_mul(layers[i + 1], u)}
     )
 
 
 def diagonal_savings(layer: Layer) -> int:
-    """Parameters saved by storing this layer's weight as its diagonal."""
+    """Parameters saved by storing this (pointwise) layer's weight as its diagonal."""
     return layer.n_out * layer.n_in - min(layer.n_out, layer.n_in)
 
 
 def varying_basis(layer: Layer, rtol: float | None = None, sigma_floor: float | None = None):
-    """Orthonormal basis (n × r) of the directions of range([W, psi]) that vary with the input. With `sigma_floor`:
-    those with singular value above it (and the largest dropped σ is returned too); else those above rtol·σ_max
-    (a numerical rank). At least one direction is kept so no hidden space is empty."""
-    w = layer.dense_weight()
-    a = w if layer.psi is None else torch.cat([w, layer.psi[:, None]], dim=1)
+    """Orthonormal basis (n × r) of the directions of range([M, Ψ]) that vary with the input (M, Ψ: the reshaped
+    kernel and psi kernel; W and psi for a dense layer). With `sigma_floor`: those with singular value above it (and
+    the largest dropped σ is returned too); else those above rtol·σ_max (a numerical rank). At least one direction is
+    kept so no hidden space is empty."""
+    a = varying_matrix(layer)
     u, s, _ = svd64(a, full=False)
     if sigma_floor is None:
         rank = max(numerical_rank(s, tuple(a.shape), rtol), 1)
@@ -128,13 +126,21 @@ def varying_basis(layer: Layer, rtol: float | None = None, sigma_floor: float | 
     return u[:, :rank], float(s[rank]) if rank < s.numel() else 0.0
 
 
+def varying_matrix(layer: Layer) -> torch.Tensor:
+    """[M, Ψ]: what a hidden space's varying part is the range of (uᵀ[M, Ψ] = 0 makes uᵀz = uᵀb at every position and
+    for every input, padded borders included: zero padding only drops terms)."""
+    m = layer.matrix()
+    return m if layer.psi is None else torch.cat([m, layer.psi_matrix()], dim=1)
+
+
 def remove_constant_directions(model: IsoMLP, i: int, rtol: float | None = None,
                                sigma_floor: float | None = None) -> IsoMLP:
     """Exact removal of every constant direction of hidden space i (docs/math.md, "Exact removal").
 
     With Q (n × r) an orthonormal basis of range([W_i, psi_i]), z_i = Q q + b⊥ where b⊥ = b_i − QQᵀb_i is the same
     for every input. So |z_i|² = |q|² + |b⊥|² (absorb o_i += |b⊥|²) and W_{i+1} h_i = W_{i+1}Q (g q) + g·W_{i+1}b⊥
-    (absorb psi_{i+1} += W_{i+1} b⊥). Only the r varying directions are kept; no full basis is ever formed.
+    (absorb psi_{i+1} += W_{i+1} b⊥). Only the r varying directions are kept; no full basis is ever formed. For a
+    convolution the same holds at every position, and the consumer's psi kernel gains Σ_j W_{i+1}[:, j, …] b⊥_j.
     `sigma_floor`: directions with singular value ≤ it count as constant (see `remove_all_constant_directions`).
     """
     return _remove_constant(model, i, rtol, sigma_floor)[0]
@@ -172,7 +178,7 @@ def remove_constant_pair(producer: Layer, consumer: Layer, rtol: float | None = 
     kept = _left_mul(q.T, producer)
     constant = producer.bias - q @ kept.bias
     kept = replace(kept, o=producer.o + constant @ constant)
-    extra_psi = consumer.weight @ constant
+    extra_psi = contract_channels(consumer.weight, constant)
     new_consumer = _right_mul(consumer, q)
     if consumer.psi is not None or bool(extra_psi.abs().max() > 0):
         base = torch.zeros_like(extra_psi) if consumer.psi is None else consumer.psi

@@ -15,30 +15,46 @@ from isocompress.core import threads
 SMALL_M2 = 1e-8
 
 
-def isotropic_gain(m2: torch.Tensor) -> torch.Tensor:
-    """g(m) = tanh(m)/m as a function of m² ≥ 0, finite with finite gradients everywhere (including m² = 0).
-    (The caller passes m² = |o + |z|²|; see `isotropic_tanh`.)
+SIGMAS = ("tanh", "log1p")  # the radial functions σ of f(z) = σ(m)/m · z that isocompress handles
 
-    Series near 0: tanh(m)/m = 1 − m²/3 + 2m⁴/15 − …; `where` keeps the untaken branch's argument finite so
-    that no NaN gradient leaks through it.
-    """
+
+def isotropic_gain(m2: torch.Tensor, sigma: str = "tanh") -> torch.Tensor:
+    """g(m) = σ(m)/m as a function of m² ≥ 0, finite with finite gradients everywhere (including m² = 0).
+    (The caller passes m² = |o + |z|²|; see `isotropic`.)
+
+    Series near 0: tanh(m)/m = 1 − m²/3 + 2m⁴/15 − …, log1p(m)/m = 1 − m/2 + m²/3 − …; `where` keeps the untaken
+    branch's argument finite so that no NaN gradient leaks through it. log1p's series is in m, not m²: its small
+    branch takes sqrt(m² + 1e-200), whose gradient stays finite at 0 (g itself is not differentiable there)."""
     small = m2 < SMALL_M2
     safe_m2 = torch.where(small, torch.ones_like(m2), m2)
     m = torch.sqrt(safe_m2)
-    series = 1.0 - m2 / 3.0 + 2.0 * m2 * m2 / 15.0
-    return torch.where(small, series, torch.tanh(m) / m)
+    if sigma == "tanh":
+        series = 1.0 - m2 / 3.0 + 2.0 * m2 * m2 / 15.0
+        return torch.where(small, series, torch.tanh(m) / m)
+    if sigma == "log1p":
+        root = torch.sqrt(torch.where(small, m2, torch.zeros_like(m2)) + 1e-200)
+        series = 1.0 - root / 2.0 + m2 / 3.0
+        return torch.where(small, series, torch.log1p(m) / m)
+    raise ValueError(f"unknown activation {sigma!r}; one of {SIGMAS}")
 
 
-def isotropic_tanh(z: torch.Tensor, o: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
-    """f(z) = g·z with g = tanh(m)/m, m = sqrt(|o + |z|²|) over the last axis. Returns (h, g), g of shape (..., 1).
+def isotropic(z: torch.Tensor, o: torch.Tensor | float, sigma: str = "tanh",
+              dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """f(z) = g·z with g = σ(m)/m, m = sqrt(|o + |z|²|), |z| over the channel axis `dim` (the last axis of a vector,
+    axis 1 of an N × C × positions map). Returns (h, g), g with the channel axis kept as size 1.
 
     The absolute value is the reference code's semantics for a raw (possibly negative) intrinsic length; for o ≥ 0
     it changes nothing. For o < 0, m = 0 on the sphere |z|² = −o (g = 1 there; docs/math.md, "Negative o")."""
-    m2 = (z * z).sum(dim=-1, keepdim=True) + o
+    m2 = (z * z).sum(dim=dim, keepdim=True) + o
     if _may_be_negative(o):
         m2 = m2.abs()
-    g = isotropic_gain(m2)
+    g = isotropic_gain(m2, sigma)
     return g * z, g
+
+
+def isotropic_tanh(z: torch.Tensor, o: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`isotropic` with σ = tanh over the last axis (the MLP case)."""
+    return isotropic(z, o, "tanh", -1)
 
 
 def _may_be_negative(o: torch.Tensor | float) -> bool:
@@ -95,6 +111,30 @@ def numerical_rank(singular_values: torch.Tensor, shape: tuple[int, int], rtol: 
     if top <= 0:
         return 0
     return int((singular_values > rtol * top).sum())
+
+
+def rotate_rows(rt: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Rᵀ applied to the output channels of a weight C_out × C_in × kernel (or a bias/psi C_out × kernel): the rows of
+    the reshaped kernel M = W.reshape(C_out, −1) in a new basis (rt = Rᵀ, possibly r × C_out)."""
+    if w.dim() <= 2:
+        return rt @ w
+    return (rt @ w.reshape(w.shape[0], -1)).reshape(rt.shape[0], *w.shape[1:])
+
+
+def rotate_columns(w: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """W R on the input channels of a weight C_out × C_in × kernel: every kernel offset's C_out × C_in slice times R
+    (C_in × r). For a dense matrix, W @ R."""
+    if w.dim() == 2:
+        return w @ r
+    return (w.movedim(1, -1) @ r).movedim(-1, 1)
+
+
+def contract_channels(w: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Σ_j W[:, j, …] c_j: a weight's input channels against a vector c, giving C_out × kernel (W @ c for a matrix):
+    the psi kernel that a constant channel direction c contributes (docs/math.md, "Exact removal")."""
+    if w.dim() == 2:
+        return w @ c
+    return w.movedim(1, -1) @ c
 
 
 def diag_matmul(diagonal: torch.Tensor, x: torch.Tensor, n_out: int) -> torch.Tensor:

@@ -12,61 +12,101 @@ from isocompress.core.layers import F64, _remove_constant, as_float64, forward_f
 from isocompress.core.model import IsoMLP, Layer
 from isocompress.core.primitives import spectral_norm_upper
 
-# --- which directions are constant (issue 13) ---------------------------------------------------------------------
 EXACT_RTOL = 1e-10  # drop a direction only if its proven effect on the output is ≤ this × the output scale
-
-
-GAIN_LIPSCHITZ = 0.34343  # ≥ sup_m |g'(m)| (bounds.SLOPE_MAX): g(m(z)) is this-Lipschitz in z, as |∇_z g| ≤ |g'(m)|
-
-
+GAIN_LIPSCHITZ = 0.34343  # ≥ sup_m |g'(m)| for tanh (bounds.SLOPE_MAX): g(m(z)) is this-Lipschitz in z
+LOG1P_GAIN_LIPSCHITZ = 0.5  # = sup_m |g'(m)| for g = log1p(m)/m, reached as m → 0 (docs/bounds.md, "log1p")
 DEFAULT_PROBE_SCALES = (0.01, 1.0, 10.0, 1000.0)  # the inputs the tolerance is set on when the caller gives none
 
 
-def activation_constants(o: float) -> tuple[float, float, float]:
+def activation_constants(o: float, sigma: str = "tanh") -> tuple[float, float, float]:
     """(Lipschitz constant of f, Lipschitz constant of g, sup |f|) in z for intrinsic length o (docs/bounds.md,
-    "Constant directions"). o ≥ 0: (1, G', 1). o < 0, m = sqrt(|o + |z|²|): the radial slope of f is at most
-    1 + 2|o|/3 and its tangential one g ≤ 1, |∇g| = |g'(m)|·|z|/m ≤ G' + (2/3)·sqrt|o| (|g'(m)|/m ≤ 2/3), and
-    |f| ≤ sqrt(1 + |o|)."""
+    "Constant directions"). tanh, o ≥ 0: (1, G', 1). tanh, o < 0, m = sqrt(|o + |z|²|): the radial slope of f is at
+    most 1 + 2|o|/3 and its tangential one g ≤ 1, |∇g| = |g'(m)|·|z|/m ≤ G' + (2/3)·sqrt|o| (|g'(m)|/m ≤ 2/3), and
+    |f| ≤ sqrt(1 + |o|). log1p, o ≥ 0: (1, 1/2, ∞): f is unbounded (|f| ≤ log(1 + m)), so `activation_sup` bounds
+    it from the reachable |z| instead."""
+    if sigma == "log1p":
+        if o < 0:
+            raise ValueError("log1p activations with o < 0 are not supported")
+        return 1.0, LOG1P_GAIN_LIPSCHITZ, math.inf
     if o >= 0:
         return 1.0, GAIN_LIPSCHITZ, 1.0
     return 1.0 + 2.0 * abs(o) / 3.0, GAIN_LIPSCHITZ + (2.0 / 3.0) * math.sqrt(abs(o)), math.sqrt(1.0 + abs(o))
 
 
-def lipschitz_after(norms: list[tuple[float, float]], o: list[float | None]) -> list[float]:
+def lipschitz_after(norms: list[tuple[float, float]], o: list[float | None],
+                    sigmas: list[str] | None = None) -> list[float]:
     """after[i] = L_{i+1} = ∏_{k ≥ i+1} chain_factor(norms[k], o[k − 1]): a Lipschitz constant of z_i ↦ y, for every
-    hidden space i at once (suffix products; `norms` and `o` per weight layer, `layer_norms` and its o)."""
+    hidden space i at once (suffix products; `norms` and `o` per weight layer, `layer_norms` and its o; on maps, the
+    whole map's norm, docs/bounds.md "Convolutional layers")."""
+    sigmas = sigmas or ["tanh"] * len(norms)
     after, running = [1.0] * len(norms), 1.0
     for k in range(len(norms) - 1, 0, -1):
-        running *= chain_factor(norms[k], o[k - 1])
+        running *= chain_factor(norms[k], o[k - 1], sigmas[k - 1])
         after[k - 1] = running
     return after
 
 
 def layer_norms(layer: Layer) -> tuple[float, float]:
-    """(‖W‖₂, |psi|) of one layer: what its factor in the Lipschitz chain needs."""
-    w = float(layer.weight.abs().max()) if layer.kind == "diag" else spectral_norm_upper(layer.weight)
-    return w, psi_norm(layer)
+    """Upper bounds on the operator norms of one layer's weight and psi maps: (‖W‖₂, |psi|) for a dense layer; for a
+    convolution (with its pooling), sqrt(overlap)·‖pool‖ times ‖M‖₂ and ‖Ψ‖₂ of the reshaped kernels."""
+    spread = layer.geometry.input_op_norm()
+    w = float(layer.weight.abs().max()) if layer.kind == "diag" else spectral_norm_upper(layer.matrix())
+    return w * spread, psi_norm(layer) * spread
 
 
 def psi_norm(layer: Layer) -> float:
-    """|psi| of a layer (0 without psi)."""
-    return 0.0 if layer.psi is None else torch.linalg.vector_norm(layer.psi).item()
+    """‖Ψ‖₂ of a layer's reshaped psi kernel (|psi| for a dense layer's vector; 0 without psi)."""
+    if layer.psi is None:
+        return 0.0
+    if layer.psi.dim() == 1:
+        return torch.linalg.vector_norm(layer.psi).item()
+    return spectral_norm_upper(layer.psi_matrix())
 
 
-def chain_factor(norms: tuple[float, float], o_before: float) -> float:
+def chain_factor(norms: tuple[float, float], o_before: float, sigma: str = "tanh") -> float:
     """‖W_k‖₂·L_f + |psi_k|·L_g: how much weight layer k can amplify a change of the pre-activation before it (whose
     activation has intrinsic length `o_before`)."""
-    lip_f, lip_g, _ = activation_constants(o_before)
+    lip_f, lip_g, _ = activation_constants(o_before, sigma)
     return norms[0] * lip_f + norms[1] * lip_g
 
 
-def input_bound(model: IsoMLP, i: int, input_radius: float) -> float:
-    """A bound on |[h; g]|, the input of weight layer i (|x| ≤ R for i = 0; after, |h| ≤ sup|f| and g ≤ 1)."""
-    o_before = None if i == 0 else float(model.layers[i - 1].o)
-    return layer_input_bound(i, input_radius, o_before, model.layers[i].psi is not None)
+def activation_sup(model: IsoMLP, input_radius: float) -> list[float]:
+    """For every hidden space, a bound on |h_p|, one position's activation, for |x| ≤ input_radius: sup|f| where it
+    is finite (tanh); for log1p, log(1 + m_max) with |z_p| ≤ ‖M‖₂·|window of h| + |b| + ‖Ψ‖₂·|window of g| carried
+    from the input (a window of k taps of a map whose positions are ≤ s has norm ≤ sqrt(k)·s, and ≤ the map's norm)."""
+    sups, h_window = [], float(input_radius)
+    layers = model.layers
+    for i, layer in enumerate(layers[:-1]):
+        o = float(layer.o)
+        sup_f = activation_constants(o, layer.sigma)[2]
+        if math.isfinite(sup_f):
+            sups.append(sup_f)
+        else:
+            w, p = layer_norms(layer)
+            spread = layer.geometry.input_op_norm()
+            z_max = w / spread * h_window + float(torch.linalg.vector_norm(layer.bias))
+            z_max += p / spread * math.sqrt(layer.geometry.taps) if layer.psi is not None else 0.0
+            sups.append(math.log1p(math.sqrt(max(o, 0.0) + z_max * z_max)))
+        nxt = layers[i + 1].geometry
+        h_window = sups[-1] * math.sqrt(min(nxt.taps, nxt.in_positions) if nxt.kernel else nxt.in_positions)
+    return sups
+
+
+def input_bound(model: IsoMLP, i: int, input_radius: float, sups: list[float] | None = None) -> float:
+    """A bound on the norm of what weight layer i reads, the windows of [pool(h); pool(g)] stacked over its output
+    positions: ‖pool‖·sqrt(overlap)·|[h; g]| with |x| ≤ R for i = 0, and after, |h_p| ≤ `activation_sup`, g ≤ 1 at
+    each of the P positions (for a dense layer: |[h; g]| itself)."""
+    layer = model.layers[i]
+    spread = layer.geometry.input_op_norm()
+    if i == 0:
+        return float(input_radius) * spread
+    sup_h = (activation_sup(model, input_radius) if sups is None else sups)[i - 1]
+    whole = math.sqrt(layer.geometry.in_positions) * (math.hypot(sup_h, 1.0) if layer.psi is not None else sup_h)
+    return whole * spread
 
 
 def layer_input_bound(i: int, input_radius: float, o_before: float | None, has_psi: bool) -> float:
+    """`input_bound` of a dense tanh layer from its scalars alone (the streamed shrink, which holds one layer)."""
     if i == 0:
         return float(input_radius)
     sup_h = activation_constants(o_before)[2]
@@ -89,9 +129,9 @@ def constant_floor(input_bound_i: float, lipschitz_after: float, output_scale: f
 def default_scales(model: IsoMLP, seed: int = 0) -> tuple[float, float]:
     """(input radius, output scale) on seeded Gaussian inputs at several scales (measure.probe_inputs' recipe)."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.cat([torch.randn(64, model.widths[0], dtype=F64, generator=gen) * s for s in DEFAULT_PROBE_SCALES])
+    x = torch.cat([torch.randn(64, *model.input_shape, dtype=F64, generator=gen) * s for s in DEFAULT_PROBE_SCALES])
     y = forward_float64(model, x)
-    return float(torch.linalg.vector_norm(x, dim=-1).max()), float(torch.linalg.vector_norm(y, dim=-1).max())
+    return float(x.flatten(1).norm(dim=1).max()), float(y.flatten(1).norm(dim=1).max())
 
 
 def remove_all_constant_directions(model: IsoMLP, rtol: float | None = None, progress=None,
@@ -105,8 +145,9 @@ def remove_all_constant_directions(model: IsoMLP, rtol: float | None = None, pro
 def remove_constant_directions_accounted(model: IsoMLP, rtol: float | None = None, progress=None,
                                          input_radius: float | None = None,
                                          output_scale: float | None = None) -> tuple[IsoMLP, dict]:
-    """`remove_all_constant_directions` and what it dropped (issue 13). A direction of hidden space i with singular
-    value σ in [W_i, psi_i] moves z_i by at most σ·|[h; g]|, and so y by at most σ·B_i·L_{i+1} (B_i = input_bound,
+    """`remove_all_constant_directions` and what it dropped. A direction of hidden space i with singular value σ in
+    [M_i, Ψ_i] moves z_i by at most σ·|[h; g]| (on maps, σ times the norm of the windows read), and so y by at most
+    σ·B_i·L_{i+1} (B_i = input_bound,
     L_{i+1} = lipschitz_after). It is dropped only if that is ≤ EXACT_RTOL × output_scale (the largest |y| on
     the inputs; |x| ≤ input_radius). Returns (model, record): record["bound"] = Σ_i σ_i,dropped·B_i·L_{i+1}, a proven
     bound on |y − y_shrunk| for |x| ≤ input_radius (docs/bounds.md, "Constant directions")."""
@@ -116,13 +157,16 @@ def remove_constant_directions_accounted(model: IsoMLP, rtol: float | None = Non
         input_radius = default_r if input_radius is None else input_radius
         output_scale = default_y if output_scale is None else output_scale
     scale = max(float(output_scale), torch.finfo(F64).tiny)
-    lipschitz = lipschitz_after([layer_norms(layer) for layer in model.layers],
-                                [None if layer.o is None else float(layer.o) for layer in model.layers])
+    layers = model.layers
+    lipschitz = lipschitz_after([layer_norms(layer) for layer in layers],
+                                [None if layer.o is None else float(layer.o) for layer in layers],
+                                [layer.sigma for layer in layers])
+    sups = activation_sup(model, input_radius)
     record = constant_record(rtol, scale, input_radius)
-    for i in range(len(model.layers) - 1):
+    for i in range(len(layers) - 1):
         width = model.layers[i].n_out
         floor = None
-        b = input_bound(model, i, input_radius)
+        b = input_bound(model, i, input_radius, sups)
         if rtol is None:
             floor = constant_floor(b, lipschitz[i], scale)
         model, sigma = _remove_constant(model, i, rtol, floor)

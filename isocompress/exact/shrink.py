@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from isocompress.core.layers import as_float64, diagonal_savings, diagonalisable_layers, diagonalise_full
-from isocompress.core.measure import output_scale
+from isocompress.core.measure import output_scale, sample_norms
 from isocompress.core.model import IsoMLP
 from isocompress.exact.constants import remove_constant_directions_accounted
 
@@ -51,7 +51,7 @@ def shrink_exact_accounted(model: IsoMLP, progress: Callable[[str], None] | None
     model = as_float64(model)
     radius = scale = None
     if x is not None:
-        radius = float(torch.linalg.vector_norm(x.to(torch.float64), dim=-1).max())
+        radius = float(sample_norms(x.to(torch.float64)).max())
         scale = output_scale(model, x)
     model, record = remove_constant_directions_accounted(model, progress=progress, input_radius=radius,
                                                          output_scale=scale)

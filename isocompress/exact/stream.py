@@ -52,6 +52,10 @@ class LayerSource:
     def n_layers(self) -> int:
         return self.config.n_layers
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.config.widths[0],)
+
     def _get(self, names: list[str]) -> dict[str, torch.Tensor]:
         if self._mapped is not None:
             return {k: self._mapped[k] for k in names}
@@ -179,7 +183,10 @@ def open_source(path: str | Path) -> LayerSource | None:
             return None
         if not isinstance(config_json, str) or not keys or not all(io.OWN_KEY.match(k) for k in keys):
             return None
-        return LayerSource(path, ModelConfig.from_json(config_json), dtype, keys, mapped)
+        config = ModelConfig.from_json(config_json)
+        if config.version != 1:  # a CNN (or a log1p MLP): read whole by the in-memory path
+            return None
+        return LayerSource(path, config, dtype, keys, mapped)
     except Exception:  # noqa: BLE001  (anything unusual: the in-memory path reads the file and says what is wrong)
         return None
 
@@ -275,8 +282,7 @@ class Forward:
 
 def summary(i: int, layer: Layer) -> dict:
     """One row of api.layer_summary."""
-    return {"index": i, "kind": layer.kind, "shape": [layer.n_out, layer.n_in], "params": layer.num_params(),
-            "psi": layer.psi is not None, "o": None if layer.o is None else float(layer.o)}
+    return layer.record(i)
 
 
 # --- the two passes ---------------------------------------------------------------------------------------------------
@@ -374,11 +380,13 @@ def remove_constants_pass(src: LayerSource, tmp: Path, step: Callable[[str], Non
             record["bound"] += sigma * b * rule.after[i - 1]
             o_before = float(kept.o)
             _save_layer(kept, tmp / f"{i - 1}")
-            shapes.append(SimpleNamespace(n_out=kept.n_out, n_in=kept.n_in, kind=kept.kind, psi=kept.psi is not None))
+            shapes.append(SimpleNamespace(n_out=kept.n_out, n_in=kept.n_in, kind=kept.kind, psi=kept.psi is not None,
+                                          geometry=kept.geometry))
             step(f"remove constant directions, hidden space {i - 1}")
         pending = original
     _save_layer(pending, tmp / f"{src.n_layers - 1}")
-    shapes.append(SimpleNamespace(n_out=pending.n_out, n_in=pending.n_in, kind=pending.kind, psi=pending.psi is not None))
+    shapes.append(SimpleNamespace(n_out=pending.n_out, n_in=pending.n_in, kind=pending.kind, psi=pending.psi is not None,
+                                  geometry=pending.geometry))
     return before, shapes, record
 
 

@@ -41,8 +41,9 @@ import torch
 
 from isocompress.core.errors import CheckFailed, IsocompressError
 from isocompress.core.layers import forward_float64
+from isocompress.core.measure import sample_norms
 from isocompress.core.model import IsoMLP, Layer
-from isocompress.formats import io
+from isocompress.formats import io, publish
 
 # Opset 17 / IR 8 (onnx 1.12, 2022): every op used here exists in this form there (ReduceSumSquare still takes `axes`
 # as an attribute), onnxruntime ≥ 1.13 loads it, and runtimes that reject IR 10 ("max supported IR version: 9")
@@ -99,6 +100,7 @@ class Hidden:
     lead: float | None
     tail: int
     o: float
+    sigma: str = "tanh"
 
     @property
     def folded(self) -> bool:
@@ -123,7 +125,7 @@ def plan_hidden(model: IsoMLP, np_dtype) -> list[Hidden]:
         else:
             lead = 0.0 if (layer.kind == "diag" and prev_lead is not None) else None
         widen = consumer.kind == "diag" and layer.kind == "dense" and consumer.n_out > consumer.n_in
-        plan.append(Hidden(lead=lead, tail=consumer.n_out - consumer.n_in if widen else 0, o=o))
+        plan.append(Hidden(lead=lead, tail=consumer.n_out - consumer.n_in if widen else 0, o=o, sigma=layer.sigma))
     return plan
 
 
@@ -141,6 +143,8 @@ def graph_tensors(layer: Layer, before: Hidden | None, after: Hidden | None) -> 
     lead_in_n, tail_in = (0, 0) if before is None else (before.n_lead, before.tail)
     bias = _embed(layer.bias, lead_out, tail_out)
     psi = layer.psi
+    if layer.weight.dim() > 2:
+        return _kernel_tensors(layer, before, lead_out, bias)
     if layer.kind == "dense":
         w = layer.weight
         lead_col = torch.zeros(w.shape[0], lead_in_n, dtype=w.dtype)
@@ -159,14 +163,71 @@ def graph_tensors(layer: Layer, before: Hidden | None, after: Hidden | None) -> 
     return {"weight": w, "bias": bias, "psi": psi}
 
 
+def _kernel_tensors(layer: Layer, before: Hidden | None, lead_out, bias: torch.Tensor) -> dict:
+    """A convolution's kernel laid out for the graph: the carried channel of its input (sqrt(o) g at every position,
+    zero-padded like g) takes the psi kernel divided by sqrt(o) as one more input channel; the carried channel of its
+    output is a zero kernel with bias sqrt(o). Without a fold, psi stays a kernel of its own (a second Conv on g)."""
+    w, psi = layer.weight, layer.psi
+    if before is not None and before.n_lead:
+        lead = torch.zeros(w.shape[0], 1, *w.shape[2:], dtype=w.dtype)
+        if psi is not None and before.folded:
+            lead, psi = (psi / before.lead)[:, None], None
+        w = torch.cat([lead, w], dim=1)
+    if lead_out is not None:
+        w = torch.cat([torch.zeros(1, *w.shape[1:], dtype=w.dtype), w], dim=0)
+        psi = None if psi is None else torch.cat([torch.zeros(1, *psi.shape[1:], dtype=psi.dtype), psi])
+    return {"weight": w, "bias": bias, "psi": psi}
+
+
 def weight_node(b: GraphBuilder, i: int, layer: Layer, t: dict, h: str | None, z_prev: str | None = None,
                 g_prev: str | None = None) -> str:
     """z of layer i from its input h (the network input), or from the previous layer's (z, g) with h = g·z."""
+    if layer.geometry.in_spatial or layer.geometry.kernel:
+        if h is None:
+            h = b.op("Mul", [z_prev, g_prev], f"act{i - 1}/h")
+        return _map_node(b, i, layer, t, h, g_prev)
     if h is None and t["psi"] is None:
         h = b.op("Mul", [z_prev, g_prev], f"act{i - 1}/h")
     if t["weight"].dim() == 2:
         return _dense_node(b, i, t, h, z_prev, g_prev)
     return _diag_node(b, i, t, h, z_prev, g_prev)
+
+
+def _map_node(b: GraphBuilder, i: int, layer: Layer, t: dict, h: str, g_prev: str | None) -> str:
+    """A layer that reads a map: [pooling], then Conv (a kernel), Flatten + Gemm (a flatten head) or Gemm (after
+    global pooling); psi not folded into the weight is a Conv (or Gemm) of the pooled g map, added."""
+    p, geometry = f"layer{i}", layer.geometry
+    h = _pool_node(b, p, geometry, h, "pool")
+    z = _linear_node(b, p, geometry, h, t["weight"], t["bias"], "")
+    if t["psi"] is None:
+        return z
+    g = _pool_node(b, p, geometry, g_prev, "pool_g")
+    psi = t["psi"] if not geometry.kernel else t["psi"][:, None]
+    return b.op("Add", [z, _linear_node(b, p, geometry, g, psi, None, "psi_")], f"{p}/add_psi")
+
+
+def _pool_node(b: GraphBuilder, p: str, geometry, x: str, name: str) -> str:
+    pool = geometry.pool
+    if pool is None:
+        return x
+    d = len(geometry.in_spatial)
+    if pool.is_global:
+        return b.op("ReduceMean", [x], f"{p}/{name}", axes=list(range(2, 2 + d)), keepdims=0)
+    return b.op("AveragePool", [x], f"{p}/{name}", kernel_shape=list(pool.kernel), strides=list(pool.stride),
+                pads=list(pool.padding) * 2, count_include_pad=1)
+
+
+def _linear_node(b: GraphBuilder, p: str, geometry, x: str, weight: torch.Tensor, bias, prefix: str) -> str:
+    inputs = [x, b.const(f"{p}.{prefix}weight", weight if not geometry.flatten else weight.reshape(weight.shape[0], -1))]
+    if bias is not None:
+        inputs.append(b.const(f"{p}.{prefix}bias", bias))
+    if not geometry.kernel:
+        return b.op("Gemm", inputs, f"{p}/{prefix}gemm", transB=1)
+    if geometry.flatten:
+        inputs[0] = b.op("Flatten", [x], f"{p}/{prefix}flatten", axis=1)
+        return b.op("Gemm", inputs, f"{p}/{prefix}gemm", transB=1)
+    return b.op("Conv", inputs, f"{p}/{prefix}conv", kernel_shape=list(geometry.kernel), strides=list(geometry.stride),
+                pads=list(geometry.padding) * 2, dilations=list(geometry.dilation))
 
 
 def _dense_node(b: GraphBuilder, i: int, t: dict, h, z_prev, g_prev) -> str:
@@ -211,7 +272,11 @@ def activation_nodes(b: GraphBuilder, i: int, hidden: Hidden, z: str) -> str:
         if not o >= M2_FLOOR:
             m2 = b.op("Max", [m2, b.const(f"{p}.m2_floor", np.array(M2_FLOOR))], f"{p}/m2_floor")
         m = b.op("Sqrt", [m2], f"{p}/m")
-    return b.op("Div", [b.op("Tanh", [m], f"{p}/tanh"), m], f"{p}/g")
+    if hidden.sigma == "log1p":  # ONNX has no Log1p: log(1 + m)
+        sigma = b.op("Log", [b.op("Add", [m, b.const(f"{p}.one", np.array(1.0))], f"{p}/one_plus_m")], f"{p}/log1p")
+    else:
+        sigma = b.op("Tanh", [m], f"{p}/tanh")
+    return b.op("Div", [sigma, m], f"{p}/g")
 
 
 def node_counts(proto) -> list[int]:
@@ -245,10 +310,14 @@ def build_onnx(model: IsoMLP, dtype: torch.dtype = torch.float32, opset: int = D
 
     if dtype not in ONNX_DTYPES:
         raise IsocompressError(f"ONNX export in {dtype} is not supported; use float32 or float64")
+    if dtype == torch.float64 and not model.is_mlp:
+        raise IsocompressError("ONNX export of a convolutional network in float64 is not supported (onnxruntime's CPU"
+                               " provider has no float64 Conv or AveragePool); export it in float32")
     check_representable(model, dtype)
     model = IsoMLP([small_diagonals_dense(layer) for layer in model.layers])
     b = GraphBuilder(ONNX_DTYPES[dtype])
     b.widths[INPUT_NAME] = model.widths[0]
+    input_shape, output_shape = model.input_shape, model.output_shape
     plan = plan_hidden(model, b.np_dtype)
     z, g = None, None
     for i, layer in enumerate(model.layers):
@@ -261,14 +330,15 @@ def build_onnx(model: IsoMLP, dtype: torch.dtype = torch.float32, opset: int = D
     b.nodes[-1].output[0] = OUTPUT_NAME  # the output layer's last node writes y directly
     elem = TensorProto.FLOAT if dtype == torch.float32 else TensorProto.DOUBLE
     widths = model.widths
+    kind = "isotropic MLP" if model.is_mlp else f"isotropic CNN, input {list(input_shape)}"
     graph = helper.make_graph(
-        b.nodes, "isotropic_mlp",
-        [helper.make_tensor_value_info(INPUT_NAME, elem, [BATCH_DIM, widths[0]])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, elem, [BATCH_DIM, widths[-1]])],
+        b.nodes, "isotropic_mlp" if model.is_mlp else "isotropic_cnn",
+        [helper.make_tensor_value_info(INPUT_NAME, elem, [BATCH_DIM, *input_shape])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, elem, [BATCH_DIM, *output_shape])],
         initializer=b.initializers,
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="isocompress",
-                              doc_string=f"isotropic MLP, widths {list(widths)}")
+                              doc_string=f"{kind}, widths {list(widths)}")
     proto.ir_version = ir_version
     if check:
         onnx.checker.check_model(proto, full_check=True)
@@ -276,8 +346,9 @@ def build_onnx(model: IsoMLP, dtype: torch.dtype = torch.float32, opset: int = D
 
 
 def small_diagonals_dense(layer: Layer) -> Layer:
-    """The layer as written to ONNX: a diagonal layer of at most DIAG_AS_GEMM_MAX dense entries becomes dense."""
-    if layer.kind == "diag" and layer.n_out * layer.n_in <= DIAG_AS_GEMM_MAX:
+    """The layer as written to ONNX: a diagonal layer of at most DIAG_AS_GEMM_MAX dense entries becomes dense, and so
+    does a diagonal 1×1 convolution (a Conv node; its file bytes are then those of the dense kernel)."""
+    if layer.kind == "diag" and (layer.geometry.kernel or layer.n_out * layer.n_in <= DIAG_AS_GEMM_MAX):
         return layer.as_dense()
     return layer
 
@@ -306,7 +377,7 @@ def export_onnx(model: IsoMLP, path: str | Path, probes: torch.Tensor | None = N
     if probes is None:
         from isocompress.core.measure import probe_inputs
 
-        probes = probe_inputs(model.widths[0])
+        probes = probe_inputs(model.input_shape)
     return export_and_verify(model, path, torch.as_tensor(probes), rtol=rtol, dtype=dtype, opset=opset,
                              ir_version=ir_version)
 
@@ -339,8 +410,8 @@ def compare(reference: torch.Tensor, candidate: torch.Tensor) -> tuple[float, fl
     uses. NaN or Inf in the candidate gives NaN (which fails every tolerance)."""
     if not bool(torch.isfinite(candidate).all()):
         return float("nan"), float("nan")
-    diff = torch.linalg.vector_norm(candidate - reference, dim=-1).max()
-    scale = torch.linalg.vector_norm(reference, dim=-1).max().clamp_min(torch.finfo(torch.float64).tiny)
+    diff = sample_norms(candidate - reference).max()
+    scale = sample_norms(reference).max().clamp_min(torch.finfo(torch.float64).tiny)
     return float(diff), float(diff / scale)
 
 
@@ -357,8 +428,10 @@ def export_and_verify(model: IsoMLP, path: str | Path, probes: torch.Tensor, rto
     The file appears at `path` only if max_rel_diff ≤ rtol; otherwise any file at `path` is removed and CheckFailed
     is raised. Returns the verification record stored as report["onnx"]."""
     path = Path(path)
-    if probes.dim() != 2 or probes.shape[0] == 0 or probes.shape[1] != model.widths[0]:
-        raise IsocompressError(f"ONNX check needs probe inputs of shape n × {model.widths[0]}, got {tuple(probes.shape)}")
+    shape = tuple(model.input_shape)
+    if probes.dim() != 1 + len(shape) or probes.shape[0] == 0 or tuple(probes.shape[1:]) != shape:
+        raise IsocompressError(f"ONNX check needs probe inputs of shape n × {' × '.join(map(str, shape))}, got"
+                               f" {tuple(probes.shape)}")
     try:
         proto = build_onnx(model, dtype, opset, ir_version)
     except CheckFailed:
@@ -378,7 +451,8 @@ def export_and_verify(model: IsoMLP, path: str | Path, probes: torch.Tensor, rto
                     " Raise --onnx-tol if this is float32 rounding, else report a bug"
                 )
     except CheckFailed:
-        path.unlink(missing_ok=True)  # no stale file from an earlier run may stand beside a failed check
+        if path.exists():  # no stale file from an earlier run may stand beside a failed check
+            publish.discard(path)  # (retried while in use on Windows, where a failed unlink would hide the check)
         raise
     return record
 

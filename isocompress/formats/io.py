@@ -31,7 +31,8 @@ import torch
 
 from isocompress.core.config import ModelConfig
 from isocompress.core.errors import IsocompressError
-from isocompress.core.model import IsoMLP, Layer, validate_layers
+from isocompress.core.geometry import Geometry
+from isocompress.core.model import DENSE, IsoMLP, Layer, validate_layers
 
 CONFIG_KEY = "isocompress_config"
 SUFFIXES = (".pt", ".pth", ".safetensors")
@@ -357,12 +358,13 @@ def _own_layout(tensors, config_json, where) -> IsoMLP:
             raise IsocompressError(f"{where}: missing tensor 'layers.{i}.{missing}'")
         if i == 0 or config is not None:
             n_in = config.widths[i] if config is not None else _infer_n_in(weight, where, i)
-        if weight.dim() == 2 and weight.shape[1] != n_in:
+        if weight.dim() >= 2 and weight.shape[1] != n_in:
             raise IsocompressError(
                 f"{where}: 'layers.{i}.weight' has {weight.shape[1]} columns; the previous layer gives {n_in}"
             )
         o = o.reshape(()) if o is not None and o.numel() == 1 else o
-        layers.append(Layer(weight=weight, bias=bias, n_in=int(n_in), psi=psi, o=o))
+        geometry, sigma = _config_geometry(config, i, where)
+        layers.append(Layer(weight=weight, bias=bias, n_in=int(n_in), psi=psi, o=o, geometry=geometry, sigma=sigma))
         n_in = bias.shape[0] if bias.dim() == 1 else n_in
     if config is not None:
         _check_against_config(layers, config, where)
@@ -375,7 +377,21 @@ def _own_layout(tensors, config_json, where) -> IsoMLP:
     return IsoMLP(layers)
 
 
+def _config_geometry(config: ModelConfig | None, i: int, where: str) -> tuple[Geometry, str]:
+    """Layer i's geometry and activation from a version-2 config (a dense tanh layer otherwise)."""
+    if config is None or config.version == 1:
+        return DENSE, "tanh"
+    geometry = Geometry.from_dict(config.geometry[i], f"{where}: config layer {i}")
+    sigma = config.activations[i] if i < config.n_layers - 1 else "tanh"
+    return geometry, sigma
+
+
 def _infer_n_in(weight: torch.Tensor, where: str, i: int) -> int:
+    if weight.dim() > 2:
+        raise IsocompressError(
+            f"{where}: 'layers.{i}.weight' is a convolution kernel but the file has no {CONFIG_KEY!r} to give its"
+            " geometry; save it with isocompress (isocompress.save, or isocompress.from_module for a live module)"
+        )
     if weight.dim() != 2:
         raise IsocompressError(
             f"{where}: 'layers.{i}.weight' is a diagonal but the file has no {CONFIG_KEY!r} to give the input width;"
@@ -488,7 +504,11 @@ def model_tensors(model: IsoMLP, dtype: torch.dtype | None = None, where: str = 
 
 def reference_state_dict(model: IsoMLP, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The model in the reference code's IsotropicTanhMLP state_dict layout (dense weights; o stored as
-    activation.N.o_const, which every reading mode takes as o itself) — what `load` reads back unchanged."""
+    activation.N.o_const, which every reading mode takes as o itself) — what `load` reads back unchanged. MLPs with
+    tanh activations only: the reference layout has no convolutions."""
+    if not model.is_mlp or any(layer.sigma != "tanh" for layer in model.layers):
+        raise IsocompressError("the reference IsotropicTanhMLP layout holds tanh MLPs only; save this model with"
+                               " isocompress.save (its own format)")
     tensors = {}
     for i, layer in enumerate(model.layers):
         tensors[f"weight_parameters.{i}"] = layer.dense_weight().to(dtype)

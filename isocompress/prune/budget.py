@@ -23,8 +23,10 @@ from isocompress.bounds import local as local_bounds
 from isocompress.core import threads
 from isocompress.core.errors import CheckFailed, IsocompressError
 from isocompress.core.layers import as_float64
-from isocompress.core.measure import output_scale, probe_inputs
-from isocompress.core.model import IsoMLP, Layer
+from isocompress.core.measure import output_scale, probe_inputs, sample_norms
+from isocompress.core.geometry import Geometry
+from isocompress.core.model import DENSE, IsoMLP, Layer, channel_axis, positions_of
+from isocompress.core.primitives import contract_channels, rotate_columns, rotate_rows
 from isocompress.core.progress import progress_bar
 from isocompress.exact.constants import remove_constant_directions_accounted
 from isocompress.exact.shrink import alternate_diagonalise, choose_alternating_layers
@@ -72,13 +74,13 @@ def materialize(state: State) -> IsoMLP:
             gone = state.removed[l - 1]
             cols = state.kept(l - 1)
             if bool(gone.any()):
-                extra = w[:, gone] @ state.consts[l - 1][gone]
+                extra = contract_channels(w[:, gone], state.consts[l - 1][gone])
                 psi = extra if psi is None else psi + extra
         o = None
         if l < n_hidden:
             c = state.consts[l][state.removed[l]]
             o = layer.o + c @ c
-        out.append(Layer(weight=w[:, cols], bias=layer.bias[rows], n_in=int(cols.numel()), psi=psi, o=o))
+        out.append(replace(layer, weight=w[:, cols], bias=layer.bias[rows], n_in=int(cols.numel()), psi=psi, o=o))
     return IsoMLP(out)
 
 
@@ -89,28 +91,30 @@ def rotate_kept(state: State, i: int, q: torch.Tensor) -> None:
     r = torch.eye(state.layers[i].n_out, dtype=F64)
     r[idx[:, None], idx] = q
     prod, cons = state.layers[i], state.layers[i + 1]
-    state.layers[i] = replace(prod, weight=r.T @ prod.weight, bias=r.T @ prod.bias,
-                              psi=None if prod.psi is None else r.T @ prod.psi)
-    state.layers[i + 1] = replace(cons, weight=cons.weight @ r)
+    state.layers[i] = replace(prod, weight=rotate_rows(r.T, prod.weight), bias=r.T @ prod.bias,
+                              psi=None if prod.psi is None else rotate_rows(r.T, prod.psi))
+    state.layers[i + 1] = replace(cons, weight=rotate_columns(cons.weight, r))
 
 
 # --- parameter arithmetic of the final stored form ------------------------------------------------------------------
-def stored_params(widths: list[int], has_psi: list[bool]) -> int:
-    """num_params() of the model after alternating diagonalisation, from its widths alone."""
-    shapes = [SimpleNamespace(n_in=a, n_out=b) for a, b in zip(widths[:-1], widths[1:])]
+def stored_params(widths: list[int], has_psi: list[bool], geometries: list[Geometry] | None = None) -> int:
+    """num_params() of the model after alternating diagonalisation, from its widths (and layer geometries) alone."""
+    geometries = geometries or [DENSE] * (len(widths) - 1)
+    shapes = [SimpleNamespace(n_in=a, n_out=b, geometry=g) for a, b, g in zip(widths[:-1], widths[1:], geometries)]
     diag = set(choose_alternating_layers(SimpleNamespace(layers=shapes)))
     total = 0
     for l, s in enumerate(shapes):
-        total += (min(s.n_in, s.n_out) if l in diag else s.n_in * s.n_out) + s.n_out
-        total += s.n_out if has_psi[l] else 0
+        taps = s.geometry.taps
+        total += (min(s.n_in, s.n_out) if l in diag else s.n_in * s.n_out * taps) + s.n_out
+        total += s.n_out * taps if has_psi[l] else 0
         total += 1 if l < len(shapes) - 1 else 0
     return total
 
 
-def _shape(state: State) -> tuple[list[int], list[bool]]:
+def _shape(state: State) -> tuple[list[int], list[bool], list[Geometry]]:
     widths = [state.layers[0].n_in] + [int((~m).sum()) for m in state.removed] + [state.layers[-1].n_out]
     psi = [layer.psi is not None or (l > 0 and bool(state.removed[l - 1].any())) for l, layer in enumerate(state.layers)]
-    return widths, psi
+    return widths, psi, [layer.geometry for layer in state.layers]
 
 
 def current_params(state: State) -> int:
@@ -119,31 +123,33 @@ def current_params(state: State) -> int:
 
 def smallest_params(state: State) -> int:
     """Every hidden space keeps one direction; every layer after the first may carry psi."""
-    widths, _ = _shape(state)
+    widths, _, geometries = _shape(state)
     n = len(widths) - 1
-    return stored_params([widths[0]] + [1] * (n - 1) + [widths[-1]], [False] + [True] * (n - 1))
+    return stored_params([widths[0]] + [1] * (n - 1) + [widths[-1]], [False] + [True] * (n - 1), geometries)
 
 
 def savings(state: State) -> list[int]:
     """Stored parameters saved by removing one more direction from each hidden space."""
-    widths, psi = _shape(state)
-    now = stored_params(widths, psi)
+    widths, psi, geometries = _shape(state)
+    now = stored_params(widths, psi, geometries)
     out = []
     for i in range(len(state.removed)):
         w2 = list(widths)
         w2[i + 1] -= 1
         p2 = list(psi)
         p2[i + 1] = True
-        out.append(max(now - stored_params(w2, p2), 1))
+        out.append(max(now - stored_params(w2, p2, geometries), 1))
     return out
 
 
 # --- scoring bases ------------------------------------------------------------------------------------------------
 def rotate_principal(state: State, x: torch.Tensor) -> None:
-    """Data-aware basis: principal axes of each hidden space's pre-activations on the calibration data."""
+    """Data-aware basis: principal axes of each hidden space's pre-activations on the calibration data (on maps, every
+    position of every input is one sample of the channel vector)."""
     with torch.no_grad():
         _, zs, _ = materialize(state).forward_with_hidden(x)
     for i, z in enumerate(zs):
+        z = positions_of(z, state.layers[i].geometry.out_spatial)
         centred = z - z.mean(0)
         with threads.for_matrix(*centred.shape):
             _, vecs = torch.linalg.eigh(centred.T @ centred)
@@ -151,29 +157,30 @@ def rotate_principal(state: State, x: torch.Tensor) -> None:
 
 
 def data_aware_costs(state: State, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """First-order output error of replacing each direction by its calibration mean:
-    cost_j² = mean_x |∂y/∂z_j|² (z_j − mean z_j)². Returns (costs, means) per hidden space."""
+    """First-order output error of replacing each direction by its calibration mean μ_j:
+    cost_j² = mean_x Σ_k (Σ_p ∂y_k/∂z_{j,p} (z_{j,p} − μ_j))², p over positions (one for an MLP, where this is
+    mean_x |∂y/∂z_j|² (z_j − μ_j)²). Returns (costs, means) per hidden space."""
     x = x.detach().clone().requires_grad_(True)
     y, zs, _ = materialize(state).forward_with_hidden(x)
-    sq = [torch.zeros_like(z) for z in zs]
+    y = y.reshape(y.shape[0], -1)
+    spatials = [layer.geometry.out_spatial for layer in state.layers[:-1]]
+    means = [positions_of(z.detach(), sp).mean(0) for z, sp in zip(zs, spatials)]
+    offsets = [z.detach() - mu.reshape(-1, *([1] * len(sp))) for z, mu, sp in zip(zs, means, spatials)]
+    sq = [torch.zeros(z.shape[0], z.shape[channel_axis(sp)], dtype=z.dtype) for z, sp in zip(zs, spatials)]
     for k in range(y.shape[1]):
         grads = torch.autograd.grad(y[:, k].sum(), zs, retain_graph=k < y.shape[1] - 1)
-        sq = [s + g * g for s, g in zip(sq, grads)]
-    costs, means = [], []
-    for z, s in zip(zs, sq):
-        z = z.detach()
-        mean = z.mean(0)
-        costs.append((s * (z - mean) ** 2).mean(0).sqrt())
-        means.append(mean)
-    return costs, means
+        for s, g, d, sp in zip(sq, grads, offsets, spatials):
+            s += ((g * d).sum(dim=tuple(range(-len(sp), 0))) if sp else g * d) ** 2
+    return [s.mean(0).sqrt() for s in sq], means
 
 
 def rotate_singular(state: State) -> None:
     """Data-free basis: left singular vectors of each hidden space's producing layer (the paper's rule)."""
     compact = materialize(state)
     for i in range(len(state.removed)):
-        with threads.for_matrix(*compact.layers[i].weight.shape):
-            u, _, _ = torch.linalg.svd(compact.layers[i].weight, full_matrices=True)
+        matrix = compact.layers[i].matrix()
+        with threads.for_matrix(*matrix.shape):
+            u, _, _ = torch.linalg.svd(matrix, full_matrices=True)
         rotate_kept(state, i, u)
 
 
@@ -190,7 +197,7 @@ def data_free_costs(state: State, radius: float | None) -> tuple[list[torch.Tens
     if radius is None:
         return scale_free_costs(layers, len(state.removed))
     balls = bounds.reachable_balls(list(layers), radius)
-    norms = [bounds.spectral_norm(layer.weight) for layer in layers]
+    norms = [bounds.spectral_norm(layer.matrix()) for layer in layers]
     costs, consts = [], []
     for i in range(len(state.removed)):
         layer = layers[i]
@@ -198,11 +205,13 @@ def data_free_costs(state: State, radius: float | None) -> tuple[list[torch.Tens
             rho, g_mid, g_half = radius, 0.0, 0.0
         else:
             rho, g_mid, g_half = balls[i - 1].h_radius, balls[i - 1].g_mid, balls[i - 1].g_half
-        cost = torch.linalg.vector_norm(layer.weight, dim=1) * rho
+        spread = layer.geometry.input_op_norm()
+        cost = torch.linalg.vector_norm(layer.matrix(), dim=1) * rho * spread
         const = layer.bias.clone()
         if layer.psi is not None:
-            cost = cost + layer.psi.abs() * g_half
-            const = const + layer.psi * g_mid
+            psi = layer.psi_matrix()
+            cost = cost + torch.linalg.vector_norm(psi, dim=1) * largest(g_half) * spread
+            const = const + psi.sum(dim=1) * average(g_mid)
         costs.append(cost * math.prod(norms[i + 1:]) ** DOWNSTREAM_WEIGHT)
         consts.append(const)
     return costs, consts
@@ -213,16 +222,34 @@ def scale_free_costs(layers: list[Layer], n_hidden: int) -> tuple[list[torch.Ten
     space i costs σ_j + |psi_j| g(√o_{i−1})/2 (the half-width of the range of z_j = σ_j v_j·h + b_j + psi_j g over
     |h| < 1, g ∈ (0, g(√o_{i−1})]) and is replaced by the paper's constant b*_j = b_j (psi_j g dropped: exact in the
     saturated limit |h| → 1, g → 0 that σ_j · 1 describes). The first hidden space's input is taken at unit scale, as
-    the paper's rule does (σ_j alone)."""
+    the paper's rule does (σ_j alone). A convolution reads k positions, each with |h_p| < 1: σ_j and |Ψ_j| (the rows
+    of its reshaped kernels) are scaled by sqrt(k), the window's largest norm."""
     costs, consts = [], []
     for i in range(n_hidden):
         layer = layers[i]
-        cost = torch.linalg.vector_norm(layer.weight, dim=1)  # rows are σ_j v_jᵀ
+        window = 1.0 if i == 0 else math.sqrt(window_positions(layer.geometry))  # |h_p| < 1 at each position read
+        cost = torch.linalg.vector_norm(layer.matrix(), dim=1) * window  # rows are σ_j v_jᵀ
         if layer.psi is not None and i > 0:
-            cost = cost + layer.psi.abs() * bounds.gain(math.sqrt(max(float(layers[i - 1].o), 0.0))) / 2.0
+            gain = bounds.gain(math.sqrt(max(float(layers[i - 1].o), 0.0)))
+            cost = cost + torch.linalg.vector_norm(layer.psi_matrix(), dim=1) * window * gain / 2.0
         costs.append(cost)
         consts.append(layer.bias.clone())
     return costs, consts
+
+
+def window_positions(geometry) -> int:
+    """How many input positions one output position of a layer reads: its kernel's taps (at most the map's
+    positions); 1 for a dense layer."""
+    return min(geometry.taps, max(geometry.in_positions, 1)) if geometry.kernel else 1
+
+
+def largest(value) -> float:
+    """The largest entry of a per-position quantity (a float for vectors, a tensor for maps)."""
+    return float(value.max()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def average(value) -> float:
+    return float(value.mean()) if isinstance(value, torch.Tensor) else float(value)
 
 
 def score_round(state: State, basis: str, x: torch.Tensor | None, radius: float | None):
@@ -312,9 +339,28 @@ def certify(state: State, radius: float) -> float:
 
 
 def rounding_allowance(state: State) -> float:
-    """A float64 allowance for the exact steps, relative to |y| ≤ ‖W_L‖ + |b_L| + |psi_L| (hidden |h| < 1)."""
+    """A float64 allowance for the exact steps, relative to |y| ≤ ‖W_L‖ + |b_L| + |psi_L| (hidden |h| < 1; on maps,
+    |y| ≤ ‖W_L‖·sqrt(P_in) + |b_L|·sqrt(P_out) + ‖Ψ_L‖·sqrt(P_in), since |h_p| < 1 and g ≤ 1 at each position)."""
     last = state.layers[-1]
-    return ROUNDING_ALLOWANCE * (bounds.spectral_norm(last.weight) + bounds.vec_norm(last.bias) + bounds.vec_norm(last.psi))
+    inside, outside = math.sqrt(last.geometry.in_positions), math.sqrt(last.geometry.out_positions)
+    return ROUNDING_ALLOWANCE * (bounds.op_norm(last) * inside + bounds.vec_norm(last.bias) * outside
+                                 + bounds.psi_op_norm(last) * inside)
+
+
+TANH_ONLY = ("no certified bound computed: the certified bounds are derived for tanh activations (docs/bounds.md);"
+             " this network has a log1p activation")
+LOCAL_MLP_ONLY = ("no local certificates: they are computed for MLPs (vectors) with tanh activations; for this network"
+                  " the global certified bound over |x| ≤ R and the measured errors are reported")
+
+
+def certifiable(model: IsoMLP) -> bool:
+    """Whether the global certified bound applies: every hidden activation is tanh (docs/bounds.md, §3)."""
+    return all(layer.sigma == "tanh" for layer in model.layers[:-1])
+
+
+def locally_certifiable(model: IsoMLP) -> bool:
+    """Whether local certificates apply: a tanh MLP (their residues are derived for vectors, docs/bounds.md §8)."""
+    return certifiable(model) and bounds.is_vector_network(list(model.layers))
 
 
 # --- the entry point ----------------------------------------------------------------------------------------------
@@ -336,7 +382,7 @@ def resolve_radius(options, calibration) -> tuple[float | None, str]:
     if options.input_radius is not None:
         return float(options.input_radius), "--input-radius"
     if calibration is not None:
-        return float(torch.linalg.vector_norm(calibration, dim=-1).max()), "largest calibration-input norm"
+        return float(sample_norms(calibration).max()), "largest calibration-input norm"
     return None, "none"
 
 
@@ -346,7 +392,7 @@ def resolve_certify_radius(options, centres) -> tuple[float | None, str]:
         return None, "none"
     if options.certify_radius is not None:
         return float(options.certify_radius), "--certify-radius"
-    median = float(torch.linalg.vector_norm(centres, dim=-1).median())
+    median = float(sample_norms(centres).median())
     fraction = local_bounds.DEFAULT_RADIUS_FRACTION
     return max(fraction * median, 1e-12), f"{fraction:.0%} of the median input norm of the certified points ({median:.4g})"
 
@@ -386,10 +432,11 @@ def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, pr
     original = as_float64(original)
     basis = resolve_basis(options.basis, calibration)
     x = None if calibration is None else calibration.to(F64)
-    radius, radius_source = resolve_radius(options, x)
-    centres = certify_data.to(F64) if certify_data is not None else x
+    radius, radius_source = resolve_radius(options, x) if certifiable(original) else (None, TANH_ONLY)
+    centres = certify_data.to(F64) if certify_data is not None and locally_certifiable(original) else x
+    centres = centres if locally_certifiable(original) else None
     eps, eps_source = resolve_certify_radius(options, centres)
-    goal_check(options, radius, centres)
+    goal_check(options, radius, centres, original)
     exact, constant = exact_step(original, x, radius, centres, eps)
     state = State.of(exact, constant_bound=constant["bound"] or 0.0)
     if options.min_certified_top1 is not None:
@@ -420,17 +467,11 @@ def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, pr
         else:
             state = prune_to_certified(state, options.min_certified_top1, basis, x, radius, centres, eps, step)
     pruned = alternate_diagonalise(materialize(state))
-    probes = x if x is not None else probe_inputs(original.widths[0], per_scale=64)
+    probes = x if x is not None else probe_inputs(original.input_shape, per_scale=64)
     report = build_report(original, pruned, state, basis, radius, radius_source, probes, labels,
                           search_restarts, search_steps, calibrated=x is not None)
     account_constant_directions(report, constant)
-    if centres is not None:
-        report["local"] = local_report(state, centres, eps, eps_source,
-                                       "certify data" if certify_data is not None else "calibration data",
-                                       networks=(original, pruned))
-    else:
-        report["local"] = {"computed": False, "note": "no local certificates: give --calibration FILE or"
-                           " --certify-data FILE (points to certify around) and optionally --certify-radius EPS"}
+    report["local"] = local_section(state, centres, eps, eps_source, certify_data is not None, (original, pruned))
     if test_data is not None:
         report["test"] = test_report(original, pruned, test_data, test_labels)
         report["empirical"]["inputs"] = report["empirical"]["inputs"].replace("; give --test-data", "")
@@ -442,10 +483,10 @@ def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, pr
 def exact_step(original: IsoMLP, x, radius, centres, eps) -> tuple[IsoMLP, dict]:
     """The exact shrink, with the proven bound D on what it dropped (layers.remove_constant_directions_accounted) over
     every input a certificate here speaks of: |x| ≤ radius, and the balls |x − c_i| ≤ ε of the local certificates."""
-    probes = x if x is not None else probe_inputs(original.widths[0], per_scale=64)
+    probes = x if x is not None else probe_inputs(original.input_shape, per_scale=64)
     reach = [] if radius is None else [radius]
     if centres is not None and eps is not None:
-        reach.append(float(torch.linalg.vector_norm(centres, dim=-1).max()) + eps)
+        reach.append(float(sample_norms(centres).max()) + eps)
     return remove_constant_directions_accounted(original, input_radius=max(reach) if reach else None,
                                                 output_scale=output_scale(original, probes))
 
@@ -470,13 +511,30 @@ def account_constant_directions(report: dict, constant: dict) -> None:
                           " please report this model")
 
 
-def goal_check(options, radius, centres) -> None:
+def goal_check(options, radius, centres, model: IsoMLP) -> None:
+    if options.max_error is not None and not certifiable(model):
+        raise IsocompressError(f"--max-error needs a certified bound; {TANH_ONLY.removeprefix('no certified bound computed: ')}:"
+                               " give --budget instead")
+    if getattr(options, "min_certified_top1", None) is not None and not locally_certifiable(model):
+        raise IsocompressError(f"--min-certified-top1 needs local certificates; {LOCAL_MLP_ONLY.removeprefix('no local certificates: ')}:"
+                               " give --budget or --max-error instead")
     if options.max_error is not None and radius is None:
         raise IsocompressError("--max-error needs an input domain for its certified bound: give --calibration FILE"
                                " (|x| ≤ its largest norm) or --input-radius R")
     if getattr(options, "min_certified_top1", None) is not None and centres is None:
         raise IsocompressError("--min-certified-top1 needs points to certify: give --calibration FILE or"
                                " --certify-data FILE")
+
+
+def local_section(state: State, centres, eps, eps_source: str, certify_data: bool, networks) -> dict:
+    """report["pruning"]["local"]: the certificates, or one line saying why none were computed."""
+    if centres is not None:
+        return local_report(state, centres, eps, eps_source, "certify data" if certify_data else "calibration data",
+                            networks=networks)
+    if not locally_certifiable(networks[0]):
+        return {"computed": False, "note": LOCAL_MLP_ONLY}
+    return {"computed": False, "note": "no local certificates: give --calibration FILE or --certify-data FILE (points"
+            " to certify around) and optionally --certify-radius EPS"}
 
 
 def local_report(state: State, centres: torch.Tensor, eps: float, eps_source: str, points: str,
@@ -574,12 +632,13 @@ def build_report(original, pruned, state, basis, radius, radius_source, probes, 
     report = {"basis": basis, "radius": radius, "radius_source": radius_source,
               "empirical": {"inputs": inputs, **empirical}}
     if radius is None:
-        report.update(certified={"max_abs": None, "computed": False, "note": NO_DOMAIN},
-                      adversarial={"max_abs": None, "computed": False, "note": NO_DOMAIN}, tightness=None,
+        note = NO_DOMAIN if radius_source == "none" else radius_source  # TANH_ONLY: no bound for this network
+        report.update(certified={"max_abs": None, "computed": False, "note": note},
+                      adversarial={"max_abs": None, "computed": False, "note": note}, tightness=None,
                       layers=layer_details(state, None, probes))
         return report
-    errors = torch.linalg.vector_norm(y2 - y, dim=-1)
-    inside = torch.linalg.vector_norm(probes, dim=-1) <= radius * (1 + 1e-12)
+    errors = sample_norms(y2 - y)
+    inside = sample_norms(probes) <= radius * (1 + 1e-12)
     report["empirical"]["inputs_outside_radius"] = int((~inside).sum())
     worst = probes[inside][errors[inside].argsort(descending=True)[:8]]
     # search against the exact-shrunk network (the same function to ~1e-14, much cheaper); the reported value is
@@ -604,7 +663,9 @@ def layer_details(state: State, cert: dict | None, x: torch.Tensor) -> list[dict
         _, zs, _ = IsoMLP(state.layers).forward_with_hidden(x)
     out = []
     for i, mask in enumerate(state.removed):
-        e = torch.linalg.vector_norm(zs[i][:, mask] - state.consts[i][mask], dim=-1) if bool(mask.any()) else torch.zeros(1)
+        spatial = state.layers[i].geometry.out_spatial
+        c = state.consts[i][mask].reshape(-1, *([1] * len(spatial)))
+        e = sample_norms(zs[i][:, mask] - c) if bool(mask.any()) else torch.zeros(1)
         out.append({
             "hidden_space": i,
             "width_exact": int(mask.numel()),
