@@ -3,6 +3,8 @@
     python scripts/train_adaptive.py                    # both data sets, writes adaptive/ (models, PNG, JSON)
     python scripts/train_adaptive.py digits --out DIR   # one of them
     python scripts/train_adaptive.py mnist1d --seed 1   # another seed, against the fixed recipe at that seed
+    python scripts/train_adaptive.py --nproc 2 --quick  # DDP on 2 processes (gloo on CPU, NCCL on GPUs), a short run
+    torchrun --nproc-per-node 2 scripts/train_adaptive.py --quick   # the same, launched by torchrun
 
 Each run starts 16 wide in every hidden layer and trains with the fixed-width recipe of scripts/train_models.py (same
 data split, Adam, weight decay, cosine schedule, batch size, seed), with an `isocompress.train.adapt.Neuroadaptation`
@@ -11,15 +13,25 @@ into real directions, directions whose singular value decays below the threshold
 carried through every change). At the end the remaining scaffold directions are degenerated. Writes DIR/M.pt
 (shrinkable with `isocompress shrink DIR/M.pt`), DIR/adaptive.png (hidden widths and training loss against step) and
 DIR/adaptive.json (what the run measured, with the fixed-width reference of docs/models.md).
+
+`--nproc N` trains with DistributedDataParallel on N processes (or as many as torchrun started): every global batch
+of the recipe's size is split over the ranks, each restructuring is decided on rank 0 and broadcast
+(`Neuroadaptation(..., distributed=True)`) and DDP is re-wrapped after it (`isocompress.train.distributed.rewrap`);
+rank 0 writes the outputs. The last line printed is `ranks identical: max |diff| = D`, D the largest difference
+between rank 0's final parameters and any other rank's (exit status 1 unless D = 0). `--quick` is a short run for
+CI (digits, a few epochs, restructuring every 10 steps; the fixed-width numbers quoted are the shipped models').
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +41,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_models import LOADERS, RECIPES, accuracy  # noqa: E402  (same data split and recipe)
 from train_models import train as train_fixed  # noqa: E402
 
+from isocompress.core.errors import IsocompressError  # noqa: E402
 from isocompress.exact.shrink import shrink_exact  # noqa: E402
 from isocompress.formats.io import atomic_path  # noqa: E402
 from isocompress.train.adapt import Neuroadaptation  # noqa: E402
+from isocompress.train.distributed import backend_for, rank_difference, rewrap, run_local  # noqa: E402
 from isocompress.train.nn import IsotropicMLP  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parent.parent / "adaptive"
@@ -62,7 +76,37 @@ ADAPTIVE = {
 }
 
 
-def train(name: str, settings: Adaptive, x, y, seed: int = 0, log=print):
+QUICK = {"epochs": 4, "every": 10}  # --quick: a few epochs, restructuring every 10 steps
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a DDP run: its rank, the number of ranks and its device."""
+
+    rank: int
+    size: int
+    device: torch.device
+
+
+def batch_loss(model, x, y, batch, ranks: Ranks | None):
+    """The recipe's mean cross-entropy of one global batch. Under DDP each rank takes rows rank::size and scales its
+    summed loss by size / |batch|: DDP averages gradients over the ranks, so the step is the global batch's."""
+    if ranks is None:
+        return torch.nn.functional.cross_entropy(model(x[batch]), y[batch])
+    mine = batch[ranks.rank::ranks.size].to(ranks.device)
+    loss = torch.nn.functional.cross_entropy(model(x[mine]), y[mine], reduction="sum")
+    return loss * (ranks.size / len(batch))
+
+
+def wrap(net, ranks: Ranks | None):
+    if ranks is None:
+        return net
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(net, device_ids=[ranks.device.index] if ranks.device.type == "cuda" else None)
+
+
+def train(name: str, settings: Adaptive, x, y, seed: int = 0, log=print, ranks: Ranks | None = None):
     recipe = RECIPES[name]
     epochs = settings.epochs or recipe.epochs
     torch.manual_seed(seed)
@@ -70,22 +114,26 @@ def train(name: str, settings: Adaptive, x, y, seed: int = 0, log=print):
     widths = (recipe.widths[0],) + (settings.start_width,) * n_hidden + (recipe.widths[-1],)
     net = IsotropicMLP(widths, psi=recipe.psi, intrinsic_length=recipe.intrinsic_length, seed=seed,
                        weight_scale=recipe.weight_scale)
+    if ranks is not None:
+        net, x, y = net.to(ranks.device), x.to(ranks.device), y.to(ranks.device)
+    model = wrap(net, ranks)
     optimiser = torch.optim.Adam(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=epochs)
     steps_per_epoch = -(-len(x) // recipe.batch_size)
     adaptation = Neuroadaptation(net, optimiser, every=settings.every, threshold=settings.threshold,
                                  scaffold=settings.scaffold, max_width=settings.max_width, scale=settings.scale,
-                                 measure=settings.measure,
-                                 stop=int(settings.stop_fraction * epochs * steps_per_epoch), seed=seed, log=log)
+                                 measure=settings.measure, stop=int(settings.stop_fraction * epochs * steps_per_epoch),
+                                 seed=seed, log=log, distributed=ranks is not None)
     order = torch.Generator().manual_seed(seed)
-    trace = {"step": [], "loss": [], "widths": []}
+    trace = {"step": [], "loss": [], "widths": []}  # under DDP: rank 0's share of each batch's loss
     for _ in range(epochs):
         for batch in torch.randperm(len(x), generator=order).split(recipe.batch_size):
-            loss = torch.nn.functional.cross_entropy(net(x[batch]), y[batch])
+            loss = batch_loss(model, x, y, batch, ranks)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            adaptation.step()
+            if adaptation.step() and ranks is not None:
+                model = rewrap(model)  # the parameters changed: DDP's buckets and hooks are stale
             trace["step"].append(adaptation.steps)
             trace["loss"].append(float(loss.detach()))
             trace["widths"].append(list(net.widths[1:-1]))
@@ -93,9 +141,9 @@ def train(name: str, settings: Adaptive, x, y, seed: int = 0, log=print):
     return net, optimiser, trace, adaptation.history
 
 
-def finish(net, optimiser, settings: Adaptive, log=print) -> list:
+def finish(net, optimiser, settings: Adaptive, log=print, distributed: bool = False) -> list:
     """Drop the remaining scaffold: degenerate every direction below the threshold."""
-    final = net.neuroadapt(settings.final_threshold, 0, optimiser)
+    final = net.neuroadapt(settings.final_threshold, 0, optimiser, distributed=distributed)
     for change in final:
         log(f"end: {change.describe()}")
     return final
@@ -106,35 +154,68 @@ def dense_params(widths) -> int:
     return sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
 
 
-def fixed_reference(name: str, seed: int, x, y, x_test, y_test) -> dict:
-    """The shipped model's numbers (docs/models.md) for seed 0; otherwise train the fixed-width recipe at `seed`."""
-    if seed == 0:
+def fixed_reference(name: str, seed: int, x, y, x_test, y_test, quick: bool = False) -> dict:
+    """The shipped model's numbers (docs/models.md) for seed 0 (and --quick); otherwise train the fixed-width recipe at
+    `seed`."""
+    if seed == 0 or quick:
         return FIXED_REFERENCE[name]
     model = train_fixed(RECIPES[name], x, y, seed=seed).to_isomlp()
     return {"params": model.num_params(), "accuracy": accuracy(model.cast(torch.float32), x_test, y_test)}
 
 
-def build(name: str, out_dir: Path, settings: Adaptive, quiet: bool = False, seed: int = 0) -> dict:
+@dataclass
+class Run:
+    """One trained (and finally pruned) network with what its report needs."""
+
+    name: str
+    settings: Adaptive
+    seed: int
+    net: IsotropicMLP
+    trace: dict
+    history: list
+    before: dict
+    seconds: float
+    data: tuple  # x_train, y_train, x_test, y_test
+
+
+def on_cpu(net: IsotropicMLP) -> IsotropicMLP:
+    return net if next(net.parameters()).device.type == "cpu" else copy.deepcopy(net).cpu()
+
+
+def train_and_finish(name: str, settings: Adaptive, quiet: bool = False, seed: int = 0,
+                     ranks: Ranks | None = None) -> Run:
+    """Training and the final pruning: the part every rank runs (the collectives)."""
     x_train, y_train, x_test, y_test = LOADERS[name]()
+    quiet = quiet or (ranks is not None and ranks.rank != 0)
     log = (lambda message: None) if quiet else (lambda message: print(f"{name}: {message}", file=sys.stderr))
     x_test, y_test = torch.from_numpy(x_test), torch.from_numpy(y_test)
     start = time.perf_counter()
     net, optimiser, trace, history = train(name, settings, torch.from_numpy(x_train), torch.from_numpy(y_train),
-                                           seed=seed, log=log)
+                                           seed=seed, log=log, ranks=ranks)
     net.eval()
     before = {"widths": list(net.widths), "params": net.to_isomlp().num_params(),
-              "test_accuracy": accuracy(net.to_isomlp().cast(torch.float32), x_test, y_test)}
-    history = history + finish(net, optimiser, settings, log)
+              "test_accuracy": accuracy(on_cpu(net).to_isomlp().cast(torch.float32), x_test, y_test)}
+    history = history + finish(net, optimiser, settings, log, distributed=ranks is not None)
     seconds = time.perf_counter() - start
     trace["step"].append(trace["step"][-1])
     trace["loss"].append(trace["loss"][-1])
     trace["widths"].append(list(net.widths[1:-1]))
+    return Run(name, settings, seed, net, trace, history, before, seconds, (x_train, y_train, x_test, y_test))
+
+
+def report(run: Run, out_dir: Path, quick: bool = False) -> dict:
+    """Evaluate, save, shrink and print one run (rank 0 only under DDP)."""
+    name, settings, trace, history, before, seconds = run.name, run.settings, run.trace, run.history, run.before, \
+        run.seconds
+    x_train, y_train, x_test, y_test = run.data
+    net = on_cpu(run.net)
     model = net.to_isomlp()
     test_accuracy = accuracy(model.cast(torch.float32), x_test, y_test)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = net.save(out_dir / f"{name}.pt", dtype=torch.float32)
     shrunk = shrink_exact(model)
-    reference = fixed_reference(name, seed, torch.from_numpy(x_train), torch.from_numpy(y_train), x_test, y_test)
+    reference = fixed_reference(name, run.seed, torch.from_numpy(x_train), torch.from_numpy(y_train), x_test, y_test,
+                                quick)
     ends = RECIPES[name].widths[0], RECIPES[name].widths[-1]
     peak = max(dense_params([ends[0], *w, ends[1]]) for w in dict.fromkeys(map(tuple, trace["widths"])))
     result = {
@@ -158,6 +239,11 @@ def build(name: str, out_dir: Path, settings: Adaptive, quiet: bool = False, see
           f"{result['degenerated']} degenerated, {seconds:.1f} s; `isocompress shrink` exactly: "
           f"{'→'.join(map(str, shrunk.widths))} ({shrunk.num_params():,} parameters)")
     return result
+
+
+def build(name: str, out_dir: Path, settings: Adaptive, quiet: bool = False, seed: int = 0, quick: bool = False
+          ) -> dict:
+    return report(train_and_finish(name, settings, quiet, seed), out_dir, quick)
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -193,28 +279,138 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+@dataclass(frozen=True)
+class Job:
+    """What every process of a run needs (picklable: spawned processes receive it)."""
+
+    names: tuple[str, ...]
+    settings: dict
+    out: Path
+    quiet: bool
+    seed: int
+    quick: bool
+    device: str  # "cpu" (gloo) or "cuda" (NCCL) for DDP runs
+
+
+def write_outputs(results: list[dict], out: Path) -> None:
+    plot(results, out / "adaptive.png")
+    with atomic_path(out / "adaptive.json") as tmp:
+        Path(tmp).write_text(json.dumps([{k: v for k, v in r.items() if k != "trace"} for r in results], indent=2))
+    print(f"wrote {out / 'adaptive.png'} and {out / 'adaptive.json'}")
+
+
+def deterministic(device: str) -> None:
+    if device == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic cuBLAS needs
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+
+
+def ddp_worker(rank: int, size: int, job: Job) -> float:
+    """One rank of a DDP run (spawned, or started by torchrun): train every data set (the collectives), then rank 0
+    reports. Returns the largest difference between rank 0's final parameters and any rank's."""
+    deterministic(job.device)
+    device = torch.device("cuda", torch.cuda.current_device()) if job.device == "cuda" else torch.device("cpu")
+    ranks = Ranks(rank, size, device)
+    runs = [train_and_finish(name, job.settings[name], job.quiet, job.seed, ranks) for name in job.names]
+    difference = max(rank_difference(list(run.net.parameters())) for run in runs)
+    if rank == 0:
+        write_outputs([report(run, job.out, job.quick) for run in runs], job.out)
+    return difference
+
+
+def under_torchrun() -> bool:
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def run_torchrun(job: Job, timeout_s: float) -> float | None:
+    """This process as one rank of a torchrun launch; the difference on rank 0 (None elsewhere)."""
+    import torch.distributed as dist
+
+    if job.device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend_for(job.device), timeout=timedelta(seconds=timeout_s))
+    try:
+        difference = ddp_worker(dist.get_rank(), dist.get_world_size(), job)
+        return difference if dist.get_rank() == 0 else None
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ddp(job: Job, nproc: int | None, timeout_s: float) -> int:
+    """A DDP run (spawned here, or this process under torchrun); prints the ranks' difference last. Exit status."""
+    import torch.multiprocessing as mp
+
+    try:
+        if under_torchrun():
+            difference = run_torchrun(job, timeout_s)
+            if difference is None:
+                return 0
+        else:
+            differences = run_local(ddp_worker, nproc, job, backend=backend_for(job.device),
+                                    collective_timeout_s=timeout_s)
+            difference = max(differences)
+    except (mp.ProcessException, IsocompressError) as exc:
+        print(f"train_adaptive: the DDP run failed: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 1
+    print(f"ranks identical: max |diff| = {difference:g}")
+    return 0 if difference == 0 else 1
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("names", nargs="*", help=f"data sets: {', '.join(ADAPTIVE)} [default: all]")
-    parser.add_argument("--out", type=Path, default=OUT_DIR, help="output directory [default: adaptive/]")
+    parser.add_argument("names", nargs="*", help=f"data sets: {', '.join(ADAPTIVE)} [default: all; --quick: digits]")
+    parser.add_argument("--out", type=Path, default=None, help="output directory [default: adaptive/, --quick: "
+                        "adaptive/quick/]")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's number of epochs")
     parser.add_argument("--quiet", action="store_true", help="do not log each restructuring")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the adaptive run; ≠ 0 also trains the fixed-width recipe at that seed [default: 0]")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help=f"a short run for CI: {QUICK}, fixed-width numbers of "
+                        "the shipped models")
+    parser.add_argument("--nproc", type=int, default=None, help="train with DDP on N processes on this machine "
+                        "(under torchrun: the processes it started)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="DDP device: cuda (NCCL, one GPU per process) or cpu (gloo) [default: cuda if available]")
+    parser.add_argument("--timeout", type=float, default=600.0,
+                        help="seconds a DDP collective may wait for the other ranks before failing [default: 600]")
+    args = parser.parse_args(argv)
     unknown = [name for name in args.names if name not in ADAPTIVE]
     if unknown:
         parser.error(f"unknown data set {unknown[0]!r}; choose from {', '.join(ADAPTIVE)}")
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True)
-    results = []
-    for name in args.names or list(ADAPTIVE):
-        settings = ADAPTIVE[name] if args.epochs is None else Adaptive(**{**asdict(ADAPTIVE[name]), "epochs": args.epochs})
-        results.append(build(name, args.out, settings, args.quiet, args.seed))
-    plot(results, args.out / "adaptive.png")
-    with atomic_path(args.out / "adaptive.json") as tmp:
-        Path(tmp).write_text(json.dumps([{k: v for k, v in r.items() if k != "trace"} for r in results], indent=2))
-    print(f"wrote {args.out / 'adaptive.png'} and {args.out / 'adaptive.json'}")
+    check_ddp_args(parser, args)
+    return args
+
+
+def check_ddp_args(parser, args) -> None:
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.nproc is not None and args.nproc < 1:
+        parser.error(f"--nproc {args.nproc}: give a number of processes ≥ 1")
+    if under_torchrun():
+        if args.nproc not in (None, int(os.environ["WORLD_SIZE"])):
+            parser.error(f"--nproc {args.nproc} but torchrun started {os.environ['WORLD_SIZE']} processes")
+        args.nproc = int(os.environ["WORLD_SIZE"])
+    elif args.device == "cuda" and args.nproc is not None and args.nproc > torch.cuda.device_count():
+        parser.error(f"--nproc {args.nproc} on cuda needs one GPU per process; this machine has "
+                     f"{torch.cuda.device_count()} (or use --device cpu)")
+
+
+def settings_for(name: str, args) -> Adaptive:
+    settings = replace(ADAPTIVE[name], **QUICK) if args.quick else ADAPTIVE[name]
+    return settings if args.epochs is None else replace(settings, epochs=args.epochs)
+
+
+def main() -> None:
+    args = parse_args()
+    names = tuple(args.names or (["digits"] if args.quick else list(ADAPTIVE)))
+    out = args.out or (OUT_DIR / "quick" if args.quick else OUT_DIR)
+    job = Job(names, {name: settings_for(name, args) for name in names}, out, args.quiet, args.seed, args.quick,
+              args.device)
+    if args.nproc is not None:
+        sys.exit(run_ddp(job, args.nproc, args.timeout))
+    deterministic("cpu")
+    write_outputs([build(name, out, job.settings[name], args.quiet, args.seed, args.quick) for name in names], out)
 
 
 if __name__ == "__main__":

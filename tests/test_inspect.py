@@ -102,7 +102,8 @@ def test_exact_prediction_is_what_shrink_gives(tmp_path, make):
 
 
 # --- output formats ---------------------------------------------------------------------------------------------------
-LAYER_KEYS = {"index": int, "kind": str, "shape": list, "params": int, "sigma_max": float, "sigma_min": float,
+LAYER_KEYS = {"index": int, "kind": str, "shape": list, "geometry": str, "out_spatial": list, "params": int,
+              "flops": int, "activation": (str, type(None)), "sigma_max": float, "sigma_min": float,
               "n_below_threshold": int, "n_singular_values": int, "rank": int, "varying_rank": (int, type(None)),
               "o": (float, type(None)), "psi_norm": (float, type(None)), "singular_values": list}
 
@@ -113,10 +114,11 @@ def test_json_schema(tmp_path):
     result = cli(["inspect", path, "--json", "--threshold", "0.01"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert set(report) == {"model", "widths", "params", "threshold", "layers", "exact"}
+    assert set(report) == {"model", "input_shape", "widths", "params", "flops", "threshold", "layers", "exact"}
     assert report["model"] == str(path) and report["threshold"] == 0.01
     assert report["widths"] == [6, 10, 10, 10, 3]
-    assert set(report["exact"]) == {"widths", "kinds", "params", "fraction"}
+    assert set(report["exact"]) == {"widths", "kinds", "params", "flops", "fraction"}
+    assert report["input_shape"] == [6] and report["flops"] == rank_deficient_model().flops()
     assert report["exact"]["fraction"] == pytest.approx(report["exact"]["params"] / report["params"])
     assert len(report["layers"]) == 4
     for i, layer in enumerate(report["layers"]):
@@ -138,11 +140,11 @@ def test_text_table(tmp_path):
     result = cli(["inspect", path])
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["layer", "kind", "shape", "params", "σ_max", "σ_min", "#σ<0.001", "rank", "varying",
-                                "rank", "o", "|psi|"]
-    assert lines[1].split()[:3] == ["0", "dense", "10×6"]
-    assert lines[1].split()[7:9] == ["2", "2"]  # rank, varying rank
-    assert lines[4].split()[8] == "-"  # the output layer has no varying rank
+    assert lines[0].split() == ["layer", "kind", "channels", "geometry", "params", "FLOPs", "σ_max", "σ_min",
+                                "#σ<0.001", "rank", "varying", "rank", "o", "|psi|"]
+    assert lines[1].split()[:4] == ["0", "dense", "6→10", "dense"]
+    assert lines[1].split()[9:11] == ["2", "2"]  # rank, varying rank
+    assert lines[4].split()[10] == "-"  # the output layer has no varying rank
     assert "--exact would reach widths 6→2→3→4→3" in result.stdout
     assert f"{rank_deficient_model().num_params():,} parameters" in result.stdout
 

@@ -27,10 +27,11 @@ DEFAULT_THRESHOLD = 1e-3
 
 
 def singular_values(layer: Layer) -> torch.Tensor:
-    """Descending singular values of the layer's weight (float64). A rectangular diagonal's are |d| sorted."""
+    """Descending singular values of the layer's weight (float64; of the reshaped kernel M = C_out × C_in·k for a
+    convolution). A rectangular diagonal's are |d| sorted."""
     if layer.kind == "diag":
         return layer.weight.to(torch.float64).abs().sort(descending=True).values
-    return torch.linalg.svdvals(layer.weight.to(torch.float64))
+    return torch.linalg.svdvals(layer.matrix().to(torch.float64))
 
 
 def layer_record(i: int, layer: Layer, threshold: float, varying_rank: int | None) -> dict:
@@ -39,15 +40,19 @@ def layer_record(i: int, layer: Layer, threshold: float, varying_rank: int | Non
         "index": i,
         "kind": layer.kind,
         "shape": [layer.n_out, layer.n_in],
+        "geometry": layer.geometry.describe(),
+        "out_spatial": list(layer.geometry.out_spatial),
         "params": layer.num_params(),
+        "flops": layer.flops(),
         "sigma_max": float(s[0]),
         "sigma_min": float(s[-1]),
         "n_below_threshold": int((s < threshold).sum()),
         "n_singular_values": int(s.numel()),
-        "rank": numerical_rank(s, (layer.n_out, layer.n_in)),
+        "rank": numerical_rank(s, tuple(layer.matrix().shape)),
         # Only a hidden space's constant directions can be removed exactly, so the output layer has none.
         "varying_rank": varying_rank,
         "o": None if layer.o is None else float(layer.o),
+        "activation": None if layer.o is None else layer.sigma,
         "psi_norm": None if layer.psi is None else float(torch.linalg.vector_norm(layer.psi.to(torch.float64))),
         "singular_values": s.tolist(),
     }
@@ -64,8 +69,10 @@ def inspect_model(model: IsoMLP, threshold: float = DEFAULT_THRESHOLD) -> dict:
     exact = shrink_exact(model)
     hidden_widths = exact.widths[1:-1]  # diagonalising never changes a width: these are the varying ranks
     return {
+        "input_shape": list(model.input_shape),
         "widths": list(model.widths),
         "params": model.num_params(),
+        "flops": model.flops(),
         "threshold": threshold,
         "layers": [layer_record(i, layer, threshold, hidden_widths[i] if i < len(hidden_widths) else None)
                    for i, layer in enumerate(model.layers)],
@@ -73,6 +80,7 @@ def inspect_model(model: IsoMLP, threshold: float = DEFAULT_THRESHOLD) -> dict:
             "widths": list(exact.widths),
             "kinds": [layer.kind for layer in exact.layers],
             "params": exact.num_params(),
+            "flops": exact.flops(),
             "fraction": exact.num_params() / model.num_params(),
         },
     }
@@ -80,16 +88,19 @@ def inspect_model(model: IsoMLP, threshold: float = DEFAULT_THRESHOLD) -> dict:
 
 def format_inspection(report: dict) -> str:
     """An aligned, human-readable table of `inspect_model`'s dict."""
-    header = ("layer", "kind", "shape", "params", "σ_max", "σ_min", f"#σ<{report['threshold']:g}", "rank",
-              "varying rank", "o", "|psi|")
+    header = ("layer", "kind", "channels", "geometry", "params", "FLOPs", "σ_max", "σ_min",
+              f"#σ<{report['threshold']:g}", "rank", "varying rank", "o", "|psi|")
     rows = [header] + [_row(layer) for layer in report["layers"]]
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
     exact = report["exact"]
-    lines.append(f"widths {'→'.join(map(str, report['widths']))}; {report['params']:,} parameters")
+    shape = report.get("input_shape", [])
+    lead = f"input {'×'.join(map(str, shape))}; " if len(shape) > 1 else ""
+    lines.append(f"{lead}widths {'→'.join(map(str, report['widths']))}; {report['params']:,} parameters,"
+                 f" {report['flops']:,} FLOPs")
     lines.append(
         f"--exact would reach widths {'→'.join(map(str, exact['widths']))} ({','.join(exact['kinds'])}),"
-        f" {exact['params']:,} parameters ({100 * exact['fraction']:.2f}%)"
+        f" {exact['params']:,} parameters ({100 * exact['fraction']:.2f}%), {exact['flops']:,} FLOPs"
     )
     return "\n".join(lines)
 
@@ -99,7 +110,8 @@ def _row(layer: dict) -> tuple[str, ...]:
         return "-" if value is None else format(value, fmt)
 
     return (
-        str(layer["index"]), layer["kind"], f"{layer['shape'][0]}×{layer['shape'][1]}", f"{layer['params']:,}",
+        str(layer["index"]), layer["kind"], f"{layer['shape'][1]}→{layer['shape'][0]}", layer["geometry"],
+        f"{layer['params']:,}", f"{layer['flops']:,}",
         f"{layer['sigma_max']:.4g}", f"{layer['sigma_min']:.4g}",
         f"{layer['n_below_threshold']}/{layer['n_singular_values']}", str(layer["rank"]),
         opt(layer["varying_rank"], "d"), opt(layer["o"], ".4g"), opt(layer["psi_norm"], ".4g"),

@@ -15,23 +15,26 @@ from contextlib import contextmanager
 import click
 
 from isocompress.core.errors import IsocompressError, Terminated
-from isocompress.formats.publish import swapped_signals  # standard library only: --help stays without torch
+from isocompress.formats.publish import POSIX, present_signals, swapped_signals  # stdlib only: --help needs no torch
 
-OS_ADVICE = {
-    errno.EACCES: "check its permissions, or choose another location",
-    errno.EPERM: "check its permissions, or choose another location",
-    errno.EROFS: "the filesystem is read-only; choose another location",
-    errno.ENAMETOOLONG: "a path component is over the filesystem's limit (255 bytes); shorten it",
-    errno.ENOSPC: "the disk is full; free space or choose another --out",
-    errno.EDQUOT: "the disk quota is exhausted; free space or choose another --out",
-    errno.EFBIG: "the file-size limit (ulimit -f) is too small for this output; raise it or choose a smaller format",
-    errno.ENOENT: "check the path",
-    errno.ENOTDIR: "a component of the path is not a directory; check the path",
-    errno.EISDIR: "it is a directory; give a file",
-    errno.ELOOP: "too many symbolic links; check the path",
-    errno.EMFILE: "too many open files; raise the limit (ulimit -n)",
-    errno.EIO: "an I/O error; check the disk",
-}
+ADVICE = (  # errno name → what to do; a name this platform's errno lacks is left out
+    ("EACCES", "check its permissions, or choose another location"),
+    ("EPERM", "check its permissions, or choose another location"),
+    ("EROFS", "the filesystem is read-only; choose another location"),
+    ("ENAMETOOLONG", "a path component is over the filesystem's limit (255 bytes); shorten it"),
+    ("ENOSPC", "the disk is full; free space or choose another --out"),
+    ("EDQUOT", "the disk quota is exhausted; free space or choose another --out"),
+    ("EFBIG", "the file-size limit (ulimit -f) is too small for this output; raise it or choose a smaller format"),
+    ("ENOENT", "check the path"),
+    ("ENOTDIR", "a component of the path is not a directory; check the path"),
+    ("EISDIR", "it is a directory; give a file"),
+    ("ELOOP", "too many symbolic links; check the path"),
+    ("EMFILE", "too many open files; raise the limit (ulimit -n)"),
+    ("EIO", "an I/O error; check the disk"),
+)
+OS_ADVICE = {getattr(errno, name): advice for name, advice in ADVICE if hasattr(errno, name)}
+if not POSIX:  # Windows: a file another program has open can be neither replaced nor removed
+    OS_ADVICE[errno.EACCES] = "close any program that has it open, check its permissions, or choose another location"
 
 
 class Group(click.Group):
@@ -122,8 +125,10 @@ def _raise_terminated(signum, frame):
 @contextmanager
 def signals_raise():
     """SIGTERM (what `timeout` and CI cancellation send) and SIGHUP raise, so that a run's cleanup runs; SIGXFSZ
-    is ignored, so that a file-size limit is an EFBIG error instead of a kill."""
-    wanted = {signal.SIGTERM: _raise_terminated, signal.SIGHUP: _raise_terminated, signal.SIGXFSZ: signal.SIG_IGN}
+    is ignored, so that a file-size limit is an EFBIG error instead of a kill. Where a signal does not exist it is
+    left out (Windows has neither SIGHUP nor SIGXFSZ; its Ctrl-Break, SIGBREAK, raises as SIGHUP does)."""
+    wanted = {sig: _raise_terminated for sig in present_signals("SIGTERM", "SIGHUP", "SIGBREAK")}
+    wanted.update({sig: signal.SIG_IGN for sig in present_signals("SIGXFSZ")})
     with swapped_signals(wanted):
         yield
 

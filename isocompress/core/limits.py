@@ -116,8 +116,6 @@ def loads_json(text: str, where: str, what: str, max_bytes: int = MAX_TEXT_BYTES
 
 def available_memory() -> int | None:
     """Bytes this process can still allocate, as far as the OS says (MemAvailable, an address-space limit), or None."""
-    import resource
-
     candidates = []
     try:
         with open("/proc/meminfo") as handle:
@@ -127,12 +125,14 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     try:
+        import resource  # POSIX only (not on Windows)
+
         soft, _ = resource.getrlimit(resource.RLIMIT_AS)
         if soft != resource.RLIM_INFINITY:
             with open("/proc/self/statm") as handle:
                 used = int(handle.read().split()[0]) * resource.getpagesize()
             candidates.append(max(soft - used, 0))
-    except (OSError, ValueError, IndexError):
+    except (ImportError, OSError, ValueError, IndexError):
         pass
     return min(candidates) if candidates else None
 

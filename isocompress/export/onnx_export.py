@@ -43,7 +43,7 @@ from isocompress.core.errors import CheckFailed, IsocompressError
 from isocompress.core.layers import forward_float64
 from isocompress.core.measure import sample_norms
 from isocompress.core.model import IsoMLP, Layer
-from isocompress.formats import io
+from isocompress.formats import io, publish
 
 # Opset 17 / IR 8 (onnx 1.12, 2022): every op used here exists in this form there (ReduceSumSquare still takes `axes`
 # as an attribute), onnxruntime ≥ 1.13 loads it, and runtimes that reject IR 10 ("max supported IR version: 9")
@@ -451,7 +451,8 @@ def export_and_verify(model: IsoMLP, path: str | Path, probes: torch.Tensor, rto
                     " Raise --onnx-tol if this is float32 rounding, else report a bug"
                 )
     except CheckFailed:
-        path.unlink(missing_ok=True)  # no stale file from an earlier run may stand beside a failed check
+        if path.exists():  # no stale file from an earlier run may stand beside a failed check
+            publish.discard(path)  # (retried while in use on Windows, where a failed unlink would hide the check)
         raise
     return record
 

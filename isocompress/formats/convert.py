@@ -3,8 +3,10 @@
 
 Unpickling runs code named by the file, so this happens only here, and only when the caller passes
 `trust_pickle=True` (`--trust-pickle` on the command line). Everything else in isocompress reads tensors only.
-The reference code must be importable (the pickle names its classes); the module's own
-`positive_intrinsic_length` attribute, where it has one, decides how `intrinsic_length` is read.
+The code the pickle names must be importable. A module is then *run*: `isocompress.formats.modules.from_module` reads
+its layers and recognises its activations by their behaviour, so every intrinsic length o is measured, never read
+from a flag (the reference activation keeps its flag as `positive`, and a module trained with
+positive_intrinsic_length=False was once read as log o). A pickled dict of tensors is read as a state_dict.
 """
 
 from __future__ import annotations
@@ -65,21 +67,29 @@ def _is_tensor_dict(obj) -> bool:
     return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def module_ref_mode(module) -> str | None:
-    """"log"/"raw" from the module's activations' `positive_intrinsic_length` attribute; None if it has none."""
-    if not isinstance(module, torch.nn.Module):
-        return None
-    flags = {bool(m.positive_intrinsic_length) for m in module.modules()
-             if isinstance(getattr(m, "positive_intrinsic_length", None), bool)}
-    if len(flags) != 1:
-        return None
-    return "log" if flags.pop() else "raw"
+def example_input(module: torch.nn.Module, input_shape: tuple[int, ...] | None, path: Path) -> torch.Tensor:
+    """A batch of 2 random inputs for running the module: of `input_shape`, or of its first layer's width when that
+    is a Linear (or the reference layout's first weight); a convolutional module needs its input shape given."""
+    if input_shape is not None:
+        return torch.randn(2, *input_shape, dtype=torch.float64)
+    state = module.state_dict()
+    if "weight_parameters.0" in state:
+        return torch.randn(2, state["weight_parameters.0"].shape[1], dtype=torch.float64)
+    first = next((m for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d))),
+                 None)
+    if isinstance(first, torch.nn.Linear):
+        return torch.randn(2, first.in_features, dtype=torch.float64)
+    raise IsocompressError(f"{path}: a convolutional module needs the shape of one input to run it: give"
+                           " --input-shape C,L or C,H,W (e.g. --input-shape 1,8,8)")
 
 
 def convert_file(path: str | os.PathLike, out: str | os.PathLike | None = None, *, trust_pickle: bool = False,
-                 ref_intrinsic_length: str | None = None, dtype: torch.dtype | None = None) -> dict:
-    """Unpickle `path` (only with trust_pickle=True), take its network's tensors and save them as isocompress's
-    safetensors at `out` (default: <stem>.safetensors in the working directory). Returns a report dict."""
+                 ref_intrinsic_length: str | None = None, dtype: torch.dtype | None = None,
+                 input_shape: tuple[int, ...] | None = None) -> dict:
+    """Unpickle `path` (only with trust_pickle=True): a module is run and read by `from_module` (`input_shape`: one
+    input's shape, needed for a convolutional module); a dict of tensors is read as a state_dict
+    (`ref_intrinsic_length` as for `load`). Saves isocompress's safetensors at `out` (default: <stem>.safetensors in
+    the working directory). Returns a report dict."""
     path = Path(path)
     io.check_ref_mode(ref_intrinsic_length)
     if not trust_pickle:
@@ -94,20 +104,31 @@ def convert_file(path: str | os.PathLike, out: str | os.PathLike | None = None, 
         raise IsocompressError(f"{out}: use a .safetensors, .pt or .pth output file name")
     if out.exists() and out.resolve() == path.resolve():
         raise IsocompressError(f"{out} is the input file; choose another output (the input is never overwritten)")
-    module = find_module(unpickle(path), path)
-    found = module_ref_mode(module)
-    if found is not None and ref_intrinsic_length is not None and found != ref_intrinsic_length:
-        raise IsocompressError(
-            f"{path}: the module says positive_intrinsic_length={found == 'log'} (intrinsic_length is {found}), but"
-            f" {ref_intrinsic_length} was asked for; drop the option"
-        )
-    mode = ref_intrinsic_length or found
-    tensors = module.state_dict() if isinstance(module, torch.nn.Module) else dict(module)
-    tensors = {k: v.detach() for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+    found = find_module(unpickle(path), path)
+    if isinstance(found, torch.nn.Module):
+        report = _convert_module(found, path, out, input_shape, dtype)
+        if ref_intrinsic_length is not None:
+            report["notes"].append(f"{TRUST_FLAG}: --ref-intrinsic-length {ref_intrinsic_length} was not needed and not"
+                                   " used: the module was run and its intrinsic lengths measured")
+        return report
+    tensors = {k: v.detach() for k, v in dict(found).items() if isinstance(v, torch.Tensor)}
     stored = next((t.dtype for t in tensors.values() if t.is_floating_point()), torch.float32)
     model: IsoMLP = io.model_from_tensors(io.consume_as_float64(tensors), None, where=str(path),
-                                          ref_intrinsic_length=mode)
+                                          ref_intrinsic_length=ref_intrinsic_length)
     io.save(model, out, dtype=dtype or stored)
-    return {"model": str(path), "file": str(out), "widths": list(model.widths), "params": model.num_params(),
-            "ref_intrinsic_length": mode, "ref_intrinsic_length_source": "module" if found else
-            ("option" if ref_intrinsic_length else "default")}
+    return {"model": str(path), "file": str(out), "input_shape": list(model.input_shape), "widths": list(model.widths),
+            "params": model.num_params(), "intrinsic_length": "read from a state_dict as "
+            + (ref_intrinsic_length or "log o (the reference default)"), "notes": []}
+
+
+def _convert_module(module: torch.nn.Module, path: Path, out: Path, input_shape, dtype) -> dict:
+    """Run the module (from_module) and save what it computes."""
+    from isocompress.formats.modules import from_module
+
+    stored = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+    notes: list[str] = []
+    model = from_module(module, example_input(module, input_shape, path), notify=notes.append)
+    io.save(model, out, dtype=dtype or stored)
+    return {"model": str(path), "file": str(out), "input_shape": list(model.input_shape), "widths": list(model.widths),
+            "params": model.num_params(), "intrinsic_length": "measured by running the module's activations",
+            "notes": notes}

@@ -465,7 +465,11 @@ def _reference_o(tensors, keys, i, where, mode: str) -> torch.Tensor:
 # --- writing ---------------------------------------------------------------------------------------------------
 @contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary path beside `target`; on success renames it onto `target`, on failure removes it."""
+    """Yields a temporary path beside `target`; on success renames it onto `target`, on failure removes it. Where a file
+    in use cannot be replaced (Windows), the rename is retried for a few seconds (formats/publish.py, "Platforms")
+    and then fails naming `target`, which is left as it was."""
+    from isocompress.formats import publish
+
     target = Path(target)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
@@ -476,10 +480,10 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, target)
+        publish.replace(tmp_path, target)
     finally:
         if tmp_path.exists():
-            tmp_path.unlink()
+            publish.discard(tmp_path)
 
 
 def model_tensors(model: IsoMLP, dtype: torch.dtype | None = None, where: str = "model") -> dict[str, torch.Tensor]:

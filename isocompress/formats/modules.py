@@ -265,7 +265,11 @@ def _fit_on_constant_maps(phi, shape, tail: str, where: str) -> Fitted:
         fitted = fit_activation(act, channels)
     except NotIsotropic as exc:
         raise IsocompressError(f"{where} is not an isotropic activation: {exc}") from None
-    return Fitted(fitted.sigma, 0.0 if abs(fitted.o) < O_SNAP else fitted.o)
+    return _snapped(fitted)
+
+
+def _snapped(fitted: Fitted) -> Fitted:
+    return Fitted(fitted.sigma, 0.0 if abs(fitted.o) < O_SNAP else fitted.o, fitted.identity_below)
 
 
 # --- the chain, gap by gap ---------------------------------------------------------------------------------------------
@@ -286,7 +290,7 @@ def _traced(net: nn.Module, x: torch.Tensor, notes: list[str]) -> IsoMLP:
     for k, call in enumerate(linear):
         ops.append(call)
         nxt = linear[k + 1] if k + 1 < len(linear) else None
-        fitted, after = _gap(net, x, calls, call, nxt)
+        fitted, after = _gap(net, x, calls, call, nxt, notes)
         if fitted is not None:
             groups.append((ops, fitted))
             ops = []
@@ -295,12 +299,16 @@ def _traced(net: nn.Module, x: torch.Tensor, notes: list[str]) -> IsoMLP:
     return IsoMLP(_layers_of(groups, input_shape, notes))
 
 
-def _gap(net, x, calls: list[Call], src: Call, dst: Call | None) -> tuple[Fitted | None, list[Call]]:
+def _gap(net, x, calls: list[Call], src: Call, dst: Call | None,
+         notes: list[str]) -> tuple[Fitted | None, list[Call]]:
     """The activation after `src` (or None) and the flattens and poolings done in code after it, as pseudo-calls."""
     where = _gap_name(calls, src, dst)
     phi = gap_function(net, x, src, dst)
     _check_chain(net, x, src, dst, phi, where)
     fitted, tail, code_pool = classify_gap(phi, (3, *src.out_shape[1:]), where)
+    note = None if fitted is None else fitted.identity_note(f"the activation after {src.name!r}")
+    if note is not None:
+        notes.append(note)
     if dst is None and (fitted is not None or tail not in ("same", "flatten")):
         raise IsocompressError(f"{where} acts on the last layer's output; isocompress needs the network to end with its"
                                " last Linear or Conv layer (the logits)")
@@ -503,17 +511,27 @@ def _reference_mlp(net: nn.Module, x: torch.Tensor, notes: list[str]) -> IsoMLP:
 
 
 def _probe_activation_module(act: nn.Module, channels: int, where: str) -> Fitted:
-    """An activation module called on N × C vectors; one that returns (gain, z), as the reference code's does, is
-    read as gain·z."""
+    """An activation module called on N × C vectors. One that returns a pair of a gain (N × 1) and a vector (N × C) is
+    read by what the pair holds: (gain, z) with z its own input, as the reference code returns, means gain·z;
+    (h, gain) means h."""
     def f(v: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             out = act(v)
-        if isinstance(out, tuple) and len(out) == 2:
-            return out[0] * out[1]
-        return out
+        return _activation_value(out, v, where)
 
     try:
         fitted = fit_activation(f, channels)
     except NotIsotropic as exc:
         raise IsocompressError(f"{where} is not an isotropic activation: {exc}") from None
-    return Fitted(fitted.sigma, 0.0 if abs(fitted.o) < O_SNAP else fitted.o)
+    return _snapped(fitted)
+
+
+def _activation_value(out, v: torch.Tensor, where: str) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)) and len(out) == 2 and all(isinstance(t, torch.Tensor) for t in out):
+        full = [t for t in out if tuple(t.shape) == tuple(v.shape)]
+        gain = [t for t in out if tuple(t.shape) == (*v.shape[:-1], 1)]
+        if len(full) == 1 and len(gain) == 1:
+            return gain[0] * full[0] if torch.equal(full[0], v) else full[0]
+    raise IsocompressError(f"{where} returns {type(out).__name__}; expected a tensor, or a (gain, z) pair")

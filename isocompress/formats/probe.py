@@ -26,12 +26,26 @@ O_TOLERANCE = 1e-9  # o recovered from every radius must agree to this (relative
 MATCH_RTOL = 1e-9  # φ must equal its fitted isotropic form to this, relative to |φ(z)|
 
 
+SMALL_RADII = (1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2)  # where an implementation may switch to the identity
+
+
 @dataclass(frozen=True)
 class Fitted:
-    """An isotropic activation recognised by its behaviour: σ and o."""
+    """An isotropic activation recognised by its behaviour: σ and o; `identity_below`: the largest small probe radius
+    at which it returned its input unchanged (the author's conv code is the identity inside |z| < ε), else None."""
 
     sigma: str
     o: float
+    identity_below: float | None = None
+
+    def identity_note(self, where: str) -> str | None:
+        """One line for the report where the module is the identity on a small ball and isocompress is not."""
+        if self.identity_below is None:
+            return None
+        r = self.identity_below
+        worst = r * r / 3.0 if self.sigma == "tanh" else r / 2.0
+        return (f"{where} is the identity for |z| < {r:.3g}; isocompress computes σ(m)/m there too, which differs from"
+                f" the identity by at most {worst:.2g} relative inside that ball and not at all outside")
 
 
 class NotIsotropic(ValueError):
@@ -118,7 +132,32 @@ def fit_activation(act: Callable[[torch.Tensor], torch.Tensor], channels: int, s
     turned = act(v @ rotation.T)
     if not bool(torch.allclose(turned, out @ rotation.T, rtol=1e-9, atol=1e-12)):
         raise NotIsotropic("it does not commute with rotations of the channel axis (an elementwise function?)")
-    return fit_radial_profile(radii, [float(g) for g in gains])
+    fitted = fit_radial_profile(radii, [float(g) for g in gains])
+    return Fitted(fitted.sigma, fitted.o, identity_radius(act, v[0]))
+
+
+def identity_radius(act, direction: torch.Tensor) -> float | None:
+    """The radius below which act(z) == z exactly, found on SMALL_RADII and refined by bisection to 0.1% (None if
+    act is not the identity at any of them): the edge of an implementation's small identity ball."""
+    unit = direction / torch.linalg.vector_norm(direction)
+
+    def identity_at(radii: list[float]) -> list[bool]:
+        z = unit[None] * torch.tensor(radii, dtype=F64)[:, None]
+        return (act(z) == z).all(dim=1).tolist()
+
+    same = identity_at(list(SMALL_RADII))
+    hits = [r for r, hit in zip(SMALL_RADII, same) if hit]
+    if not hits:
+        return None
+    lo = max(hits)
+    misses = [r for r, hit in zip(SMALL_RADII, same) if not hit and r > lo]
+    if not misses:
+        return lo
+    hi = min(misses)
+    while hi / lo > 1.001:
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if identity_at([mid])[0] else (lo, mid)
+    return hi
 
 
 def isotropic_reference(fitted: Fitted, z: torch.Tensor, dim: int) -> torch.Tensor:

@@ -15,6 +15,10 @@ Parameters map as W_i → PᵀW_i, b_i → Pᵀb_i, psi_i → Pᵀpsi_i, W_{i+1}
 so optimiser state that is linear in gradients (SGD's momentum_buffer, Adam's exp_avg) maps exactly; elementwise
 second moments (exp_avg_sq, ...) map by the diagonal rule v → (P∘P)ᵀv, exact for permutations, slices and growth,
 an approximation for general rotations (measured in benchmarks/bench_adapt.py). Linear algebra in float64, cast back.
+
+Each verb first decides (a `Plan`: the record and P), then applies it (`apply_plan`). With `distributed=True` (DDP) the
+decision is made on one rank and broadcast, so every rank applies the same P (isocompress.train.distributed; imported
+only then; docs/training.md, "Under DDP").
 """
 
 from __future__ import annotations
@@ -193,6 +197,27 @@ def _layer64(layer) -> Layer:
     return Layer(weight=w, bias=_f64(layer.bias), n_in=int(w.shape[1]), psi=psi, o=torch.zeros((), dtype=F64))
 
 
+@dataclass(frozen=True)
+class Plan:
+    """One decided change of one hidden space, not yet applied: its record, the map P (float64, CPU) and, for growth,
+    the consumer's new columns. The same plan applied on every rank maps every rank's parameters and optimiser state
+    the same way (docs/training.md, "Under DDP")."""
+
+    change: Change
+    basis: torch.Tensor
+    outgoing: torch.Tensor | None = None
+
+
+def apply_plan(net, plan: Plan, optimiser=None) -> Change:
+    map_hidden(net, plan.change.hidden, plan.basis, optimiser, outgoing=plan.outgoing)
+    return plan.change
+
+
+def _carry_out(net, plans: Callable[[], list[Plan]], optimiser, distributed) -> list[Change]:
+    """Decide (`plans()`: here, or under `distributed` on one rank and broadcast to all), then apply each plan."""
+    return [apply_plan(net, plan, optimiser) for plan in decide(plans, distributed)]
+
+
 def rotate_hidden(net, i: int, rotation: torch.Tensor, optimiser=None) -> Change:
     """Rotate hidden space i by an orthogonal R (W_i → RᵀW_i, ..., W_{i+1} → W_{i+1}R, as layers.rotate_hidden)."""
     check_hidden(net, i)
@@ -203,40 +228,56 @@ def rotate_hidden(net, i: int, rotation: torch.Tensor, optimiser=None) -> Change
     return Change("rotate", i, 0, n, n)
 
 
-def diagonalise(net, layer: int, optimiser=None, full: bool = False) -> list[Change]:
+def _diagonalise_plans(net, layer: int, full: bool) -> list[Plan]:
+    u, _, vh = svd64(_f64(net.layers[layer].weight), full=True)
+    n = net.widths[layer + 1]
+    plans = [Plan(Change("rotate", layer, 0, n, n), u)]
+    if full:
+        m = net.widths[layer]
+        plans.append(Plan(Change("rotate", layer - 1, 0, m, m), vh.T))
+    return plans
+
+
+def diagonalise(net, layer: int, optimiser=None, full: bool = False, distributed=None) -> list[Change]:
     """Left-partial diagonalisation of weight layer `layer` (rotate its output space to the left singular vectors of
     W, so row j becomes σ_j v_jᵀ, as layers.diagonalise_left); `full=True` also rotates its input space by V
-    (1 ≤ layer ≤ L−2), so that W becomes diagonal (stored dense), as layers.diagonalise_full."""
+    (1 ≤ layer ≤ L−2), so that W becomes diagonal (stored dense), as layers.diagonalise_full. `distributed`: the
+    SVD on one rank, broadcast (docs/training.md, "Under DDP")."""
     n_layers = len(net.layers)
     lowest = 1 if full else 0
     if not isinstance(layer, int) or not lowest <= layer <= n_layers - 2:
         raise IsocompressError(f"layer {layer} cannot be {'fully ' if full else ''}diagonalised: use layers "
                                f"{lowest}..{n_layers - 2} of this {n_layers}-layer network")
-    u, _, vh = svd64(_f64(net.layers[layer].weight), full=True)
-    changes = [rotate_hidden(net, layer, u, optimiser)]
-    if full:
-        changes.append(rotate_hidden(net, layer - 1, vh.T, optimiser))
-    return changes
+    return _carry_out(net, lambda: _diagonalise_plans(net, layer, full), optimiser, distributed)
 
 
-def grow(net, layer: int, k: int, optimiser=None, scale: float = 1e-3, generator: torch.Generator | None = None
-         ) -> Change:
-    """Add k scaffold neurons to hidden space `layer` (zero incoming weights, bias and psi; outgoing weights
-    ~ N(0, scale²), as grow.grow). The function is unchanged exactly; new moments are 0."""
-    check_hidden(net, layer)
-    if not isinstance(k, int) or k < 1:
-        raise IsocompressError(f"the number of neurons to add must be an integer ≥ 1, got {k}")
+def _grow_plan(net, layer: int, k: int, scale: float, generator: torch.Generator | None) -> Plan:
     if not 0 <= scale < float("inf"):
         raise IsocompressError(f"the scale of the outgoing weights must be finite and ≥ 0, got {scale}")
     n = net.widths[layer + 1]
     m = net.widths[layer + 2]
     outgoing = torch.randn(m, k, dtype=F64, generator=generator) * scale
     basis = torch.cat([torch.eye(n, dtype=F64), torch.zeros(n, k, dtype=F64)], dim=1)
-    map_hidden(net, layer, basis, optimiser, outgoing=outgoing)
-    return Change("grow", layer, k, n, n + k)
+    return Plan(Change("grow", layer, k, n, n + k), basis, outgoing)
+
+
+def grow(net, layer: int, k: int, optimiser=None, scale: float = 1e-3, generator: torch.Generator | None = None,
+         distributed=None) -> Change:
+    """Add k scaffold neurons to hidden space `layer` (zero incoming weights, bias and psi; outgoing weights
+    ~ N(0, scale²), as grow.grow). The function is unchanged exactly; new moments are 0. `distributed`: the outgoing
+    weights drawn on one rank, broadcast."""
+    check_hidden(net, layer)
+    if not isinstance(k, int) or k < 1:
+        raise IsocompressError(f"the number of neurons to add must be an integer ≥ 1, got {k}")
+    return _carry_out(net, lambda: [_grow_plan(net, layer, k, scale, generator)], optimiser, distributed)[0]
 
 
 MEASURES = ("directions", "neurons")
+
+
+def check_measure(measure: str) -> None:
+    if measure not in MEASURES:
+        raise IsocompressError(f"measure {measure!r}: use one of {', '.join(MEASURES)}")
 
 
 def strengths(net, layer: int, measure: str = "directions") -> tuple[torch.Tensor, torch.Tensor]:
@@ -245,8 +286,7 @@ def strengths(net, layer: int, measure: str = "directions") -> tuple[torch.Tenso
     "neurons": U selects the neurons themselves (a permutation) and s_j is the norm of neuron j's row of [W, psi]; a
     neuron can be strong while lying in the span of others, so widths are not capped by the rank chain."""
     check_hidden(net, layer)
-    if measure not in MEASURES:
-        raise IsocompressError(f"measure {measure!r}: use one of {', '.join(MEASURES)}")
+    check_measure(measure)
     if measure == "directions":
         return direction_strengths(_layer64(net.layers[layer]))
     dense = _layer64(net.layers[layer])
@@ -267,61 +307,127 @@ def kept_basis(u: torch.Tensor, keep: int) -> torch.Tensor:
     return u_r @ (x @ yh)
 
 
-def degenerate(net, layer: int, k: int, optimiser=None, measure: str = "directions") -> Change:
+def _degenerate_plan(net, layer: int, k: int, u: torch.Tensor, s: torch.Tensor) -> Plan:
+    n = net.widths[layer + 1]
+    return Plan(Change("degenerate", layer, k, n, n - k, strength=float(s[n - k:].max())), kept_basis(u, n - k))
+
+
+def degenerate(net, layer: int, k: int, optimiser=None, measure: str = "directions", distributed=None) -> Change:
     """Remove the k weakest directions of hidden space `layer`: keep the span of its n − k strongest directions
     (`strengths`; basis from `kept_basis`) and absorb each removed direction's constant bias into o and the next psi
     (as grow.remove_weakest_directions). Exact when the removed singular values are 0. measure="neurons" removes
-    the k neurons of smallest incoming norm (exact when those rows are 0)."""
+    the k neurons of smallest incoming norm (exact when those rows are 0). `distributed`: the basis computed on one
+    rank, broadcast."""
     check_hidden(net, layer)
     n = net.widths[layer + 1]
     if not isinstance(k, int) or not 1 <= k < n:
         raise IsocompressError(f"cannot remove {k} of the {n} directions of hidden space {layer}: remove 1..{n - 1}"
                                " (a hidden space keeps ≥ 1 direction)")
-    u, s = strengths(net, layer, measure)
-    map_hidden(net, layer, kept_basis(u, n - k), optimiser)
-    return Change("degenerate", layer, k, n, n - k, strength=float(s[n - k:].max()))
+    check_measure(measure)
+    plans = lambda: [_degenerate_plan(net, layer, k, *strengths(net, layer, measure))]  # noqa: E731
+    return _carry_out(net, plans, optimiser, distributed)[0]
+
+
+def _adapt_plans(net, i: int, threshold: float, scaffold: int, scale: float, generator, max_width: int | None,
+                 measure: str) -> list[Plan]:
+    """What `neuroadapt` does to hidden space i: grow, degenerate, or nothing (an empty list)."""
+    u, s = strengths(net, i, measure)
+    n = int(s.numel())
+    excess = int((s < threshold).sum()) - scaffold
+    if excess < 0 and (max_width is None or n < max_width):
+        add = -excess if max_width is None else min(-excess, max_width - n)
+        return [_grow_plan(net, i, add, scale, generator)]
+    if excess > 0 and n > 1:
+        return [_degenerate_plan(net, i, min(excess, n - 1), u, s)]
+    return []
 
 
 def neuroadapt(net, threshold: float, scaffold: int, optimiser=None, layers: Sequence[int] | None = None,
                scale: float = 1e-3, generator: torch.Generator | None = None, max_width: int | None = None,
-               measure: str = "directions") -> list[Change]:
+               measure: str = "directions", distributed=None) -> list[Change]:
     """Auto-neuroadaptation of a live network (the rule of grow.neuroadapt): in each hidden space (or those in
     `layers`) keep `scaffold` directions (or neurons, measure="neurons") of strength below `threshold`, growing when
-    there are fewer (up to `max_width`) and degenerating the weakest when there are more (keeping ≥ 1)."""
+    there are fewer (up to `max_width`) and degenerating the weakest when there are more (keeping ≥ 1).
+    `distributed` (True, or an `isocompress.train.distributed.RankSync`): each decision and basis is computed on one
+    rank and broadcast, and every rank applies the same maps (docs/training.md, "Under DDP")."""
     if not isinstance(scaffold, int) or scaffold < 0:
         raise IsocompressError(f"scaffold must be an integer ≥ 0, got {scaffold}")
     if not threshold >= 0:
         raise IsocompressError(f"threshold must be ≥ 0, got {threshold}")
     changes = []
     for i in range(len(net.layers) - 1) if layers is None else layers:
-        _, s = strengths(net, i, measure)
-        n = int(s.numel())
-        excess = int((s < threshold).sum()) - scaffold
-        if excess < 0 and (max_width is None or n < max_width):
-            add = -excess if max_width is None else min(-excess, max_width - n)
-            changes.append(grow(net, i, add, optimiser, scale=scale, generator=generator))
-        elif excess > 0 and n > 1:
-            changes.append(degenerate(net, i, min(excess, n - 1), optimiser, measure))
+        check_hidden(net, i)
+        check_measure(measure)
+        plans = lambda: _adapt_plans(net, i, threshold, scaffold, scale, generator, max_width, measure)  # noqa: E731,B023
+        changes.extend(_carry_out(net, plans, optimiser, distributed))
     return changes
+
+
+# --- one decision for every rank (torch.distributed; imported only by distributed runs) ---------------------------
+KIND_CODES = {"grow": 1, "degenerate": 2, "rotate": 3}
+
+
+def plans_to_tensors(plans: list[Plan]) -> list[torch.Tensor]:
+    """Plans as float64 tensors for a broadcast: per plan a header (kind, hidden, count, widths, strength, whether
+    outgoing columns follow), then P, then the outgoing columns."""
+    tensors = []
+    for plan in plans:
+        c = plan.change
+        header = [KIND_CODES[c.kind], c.hidden, c.count, c.width_before, c.width_after, c.strength,
+                  plan.outgoing is not None]
+        tensors += [torch.tensor(header, dtype=F64), plan.basis.to(F64)]
+        tensors += [] if plan.outgoing is None else [plan.outgoing.to(F64)]
+    return tensors
+
+
+def plans_from_tensors(tensors: list[torch.Tensor]) -> list[Plan]:
+    kinds = {code: kind for kind, code in KIND_CODES.items()}
+    plans, rest = [], list(tensors)
+    while rest:
+        header, basis = rest.pop(0).tolist(), rest.pop(0)
+        kind, hidden, count, before, after = (int(v) for v in header[:5])
+        outgoing = rest.pop(0) if header[6] else None
+        plans.append(Plan(Change(kinds[kind], hidden, count, before, after, header[5]), basis, outgoing))
+    return plans
+
+
+def decide(plans: Callable[[], list[Plan]], distributed=None) -> list[Plan]:
+    """`plans()` computed here (single process), or, under `distributed`, on its source rank only and broadcast to
+    every rank, so that every rank applies the same maps bit for bit."""
+    if not distributed:
+        return plans()
+    from isocompress.train.distributed import resolve
+
+    return plans_from_tensors(resolve(distributed).share(lambda: plans_to_tensors(plans())))
 
 
 class Neuroadaptation:
     """A schedule for a plain training loop: call `step()` after each `optimiser.step()`; every `every` steps (from
     `start`, until `stop`) it runs `neuroadapt` on the live model with its optimiser and logs each change (logger
-    "isocompress.train.adapt", and `history`)."""
+    "isocompress.train.adapt", and `history`).
+
+    Under DDP pass the module inside the wrapper (`ddp.module`) and `distributed=True` (or a
+    `isocompress.train.distributed.RankSync` naming the source rank and group): decisions and bases come from one
+    rank, every rank maps its parameters and optimiser state the same way, and `step()` returns the same changes on
+    every rank; re-wrap DDP whenever it returns any (`isocompress.train.distributed.rewrap`; docs/training.md,
+    "Under DDP")."""
 
     def __init__(self, model, optimiser=None, every: int = 100, threshold: float = 1e-2, scaffold: int = 4,
                  layers: Sequence[int] | None = None, scale: float = 1e-3, max_width: int | None = None,
                  start: int = 0, stop: int | None = None, seed: int = 0, measure: str = "directions",
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, distributed=False):
         if not isinstance(every, int) or every < 1:
             raise IsocompressError(f"every must be an integer ≥ 1 (steps between restructurings), got {every}")
+        if not hasattr(model, "layers") and hasattr(model, "module"):
+            raise IsocompressError(
+                f"Neuroadaptation needs the network itself, not its {type(model).__name__} wrapper: pass "
+                "wrapper.module, and re-wrap after each change (docs/training.md, \"Under DDP\")")
         self.model, self.optimiser = model, optimiser
         self.every, self.threshold, self.scaffold, self.layers = every, threshold, scaffold, layers
         self.scale, self.max_width, self.start, self.stop = scale, max_width, start, stop
-        if measure not in MEASURES:
-            raise IsocompressError(f"measure {measure!r}: use one of {', '.join(MEASURES)}")
+        check_measure(measure)
         self.measure = measure
+        self.distributed = _resolve_distributed(distributed)
         self.generator = torch.Generator().manual_seed(seed)
         self.log = log or LOG.info
         self.steps = 0
@@ -334,10 +440,19 @@ class Neuroadaptation:
         if not due or (self.stop is not None and self.steps > self.stop):
             return []
         changes = neuroadapt(self.model, self.threshold, self.scaffold, self.optimiser, self.layers, self.scale,
-                             self.generator, self.max_width, self.measure)
+                             self.generator, self.max_width, self.measure, self.distributed)
         changes = [Change(c.kind, c.hidden, c.count, c.width_before, c.width_after, c.strength, self.steps)
                    for c in changes]
         for change in changes:
             self.log(change.describe())
         self.history.extend(changes)
         return changes
+
+
+def _resolve_distributed(distributed):
+    """None for a single process; otherwise the checked `RankSync` (this needs an initialised process group)."""
+    if not distributed:
+        return None
+    from isocompress.train.distributed import resolve
+
+    return resolve(distributed)

@@ -19,9 +19,9 @@ from dataclasses import replace
 import torch
 
 from isocompress.core.errors import IsocompressError
-from isocompress.core.layers import as_float64, rotate_hidden
+from isocompress.core.layers import as_float64, rotate_hidden, varying_matrix
 from isocompress.core.model import IsoMLP, Layer
-from isocompress.core.primitives import svd64
+from isocompress.core.primitives import contract_channels, svd64
 
 F64 = torch.float64
 
@@ -50,7 +50,7 @@ def grow(model: IsoMLP, hidden_index: int, k: int, scale: float = 1e-3, seed: in
     producer = model.layers[hidden_index].as_dense()
     consumer = model.layers[hidden_index + 1].as_dense()
     gen = torch.Generator().manual_seed(seed)
-    outgoing = torch.randn(consumer.n_out, k, dtype=F64, generator=gen) * scale
+    outgoing = torch.randn(consumer.n_out, k, *consumer.weight.shape[2:], dtype=F64, generator=gen) * scale
     return model.with_layers({
         hidden_index: _append_zero_rows(producer, k),
         hidden_index + 1: replace(consumer, weight=torch.cat([consumer.weight, outgoing], dim=1),
@@ -69,9 +69,7 @@ def direction_strengths(layer: Layer) -> tuple[torch.Tensor, torch.Tensor]:
     """(U, s): the left-partial SVD basis of a producing layer and the singular value of each of its n_out directions
     (descending; zeros where n_out exceeds the rank). With psi the SVD is of [W, psi], since psi also makes a
     direction vary; a direction with s = 0 is then constant for every input."""
-    w = layer.dense_weight()
-    a = w if layer.psi is None else torch.cat([w, layer.psi[:, None]], dim=1)
-    u, s, _ = svd64(a, full=True)
+    u, s, _ = svd64(varying_matrix(layer), full=True)
     padded = torch.zeros(layer.n_out, dtype=F64)
     padded[: s.numel()] = s[: layer.n_out]
     return u, padded
@@ -108,7 +106,7 @@ def remove_weakest_directions(model: IsoMLP, hidden_index: int, count: int) -> I
         psi=None if producer.psi is None else producer.psi[:keep],
         o=producer.o + constant @ constant,
     )
-    extra_psi = consumer.weight[:, keep:] @ constant
+    extra_psi = contract_channels(consumer.weight[:, keep:], constant)
     new_consumer = replace(consumer, weight=consumer.weight[:, :keep], n_in=keep)
     if consumer.psi is not None or bool(extra_psi.abs().max() > 0):
         base = torch.zeros_like(extra_psi) if consumer.psi is None else consumer.psi

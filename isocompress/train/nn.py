@@ -126,27 +126,28 @@ class IsotropicMLP(nn.Module):
         return (self.layers[0].weight.shape[1],) + tuple(layer.weight.shape[0] for layer in self.layers)
 
     # --- live restructuring with the optimiser (issue 14; isocompress.train.adapt, docs/training.md) -------------------
-    def diagonalise(self, layer: int, optimiser=None, full: bool = False) -> list:
+    def diagonalise(self, layer: int, optimiser=None, full: bool = False, distributed=None) -> list:
         """Rotate weight layer `layer`'s output space to its left singular basis (full=True: its input space too),
         in place; same function; the optimiser's state is rotated with the parameters."""
-        return adapt.diagonalise(self, layer, optimiser, full=full)
+        return adapt.diagonalise(self, layer, optimiser, full=full, distributed=distributed)
 
     def grow(self, layer: int, k: int, optimiser=None, scale: float = 1e-3,
-             generator: torch.Generator | None = None):
+             generator: torch.Generator | None = None, distributed=None):
         """Add k scaffold neurons to the output of weight layer `layer`, in place; exactly the same function."""
-        return adapt.grow(self, layer, k, optimiser, scale=scale, generator=generator)
+        return adapt.grow(self, layer, k, optimiser, scale=scale, generator=generator, distributed=distributed)
 
-    def degenerate(self, layer: int, k: int, optimiser=None, measure: str = "directions"):
+    def degenerate(self, layer: int, k: int, optimiser=None, measure: str = "directions", distributed=None):
         """Remove the k weakest directions (or neurons) of the output of weight layer `layer`, in place (psi-aware
         absorption; exact when their strengths are 0)."""
-        return adapt.degenerate(self, layer, k, optimiser, measure)
+        return adapt.degenerate(self, layer, k, optimiser, measure, distributed=distributed)
 
     def neuroadapt(self, threshold: float, scaffold: int, optimiser=None, layers: Sequence[int] | None = None,
                    scale: float = 1e-3, generator: torch.Generator | None = None, max_width: int | None = None,
-                   measure: str = "directions") -> list:
-        """Keep `scaffold` directions (or neurons) below `threshold` in each hidden space (grow or degenerate)."""
+                   measure: str = "directions", distributed=None) -> list:
+        """Keep `scaffold` directions (or neurons) below `threshold` in each hidden space (grow or degenerate).
+        `distributed=True` under DDP: decided on one rank, applied the same way on all (docs/training.md)."""
         return adapt.neuroadapt(self, threshold, scaffold, optimiser, layers, scale=scale, generator=generator,
-                                max_width=max_width, measure=measure)
+                                max_width=max_width, measure=measure, distributed=distributed)
 
     # --- conversion to and from isocompress models -----------------------------------------------------------------
     @torch.no_grad()
