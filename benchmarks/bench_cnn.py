@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import shlex
 import sys
 import tempfile
@@ -61,8 +60,8 @@ from isocompress.prune import budget as prune
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import train_models  # noqa: E402  (the CNN classes, as the training script defines them)
-from bench_onnx import cpu_name, load_average, time_alternating  # noqa: E402
+import train_models  # the CNN classes, as the training script defines them
+from bench_onnx import cpu_name, load_average, time_alternating
 
 F64 = torch.float64
 SHIPPED = ("mnist1d_cnn", "digits_cnn")
@@ -246,8 +245,12 @@ def checked(pruned: nn.Module, case: Case) -> isocompress.IsoMLP:
 
 # --- rows -----------------------------------------------------------------------------------------------------------
 def row(method: str, model: isocompress.IsoMLP, net: nn.Module, case: Case, seconds: float) -> dict:
+    with torch.no_grad():
+        y, y_pruned = case.net(case.x_test), net(case.x_test)
+    change = float(((y_pruned - y).norm(dim=1) / y.norm(dim=1)).mean())
     return {"method": method, "params": model.num_params(), "flops": model.flops(), "widths": model.widths,
-            "accuracy": accuracy(net, case.x_test, case.y_test), "seconds": seconds}
+            "accuracy": float((y_pruned.argmax(dim=1) == case.y_test).double().mean()), "change": change,
+            "seconds": seconds}
 
 
 def iso_row(case: Case, budget: float, with_data: bool, search: tuple[int, int]) -> dict:
@@ -265,7 +268,9 @@ def tp_rows_nodata(case: Case, target: int) -> list[dict]:
     for importance in ("L2", "L1"):
         for global_pruning in (False, True):
             started = time.perf_counter()
-            build = lambda r: tp_pruned(case.net, example, importance, r, global_pruning)  # noqa: E731
+            def build(r, importance=importance, global_pruning=global_pruning):
+                return tp_pruned(case.net, example, importance, r, global_pruning)
+
             pruned, ratio = largest_within(build, target)
             name = f"TP {importance} {'global' if global_pruning else 'uniform'} r={ratio:.3f}"
             rows.append(row(name, checked(pruned, case), pruned, case, time.perf_counter() - started))
@@ -343,9 +348,9 @@ def arrow(widths) -> str:
 
 def print_rows(rows: list[dict], original: isocompress.IsoMLP) -> None:
     for r in rows:
-        print(f"   {r['method']:<34} {r['params']:>7,} {100 * r['params'] / original.num_params():>6.2f}%"
+        print(f"   {r['method']:<40} {r['params']:>7,} {100 * r['params'] / original.num_params():>6.2f}%"
               f" {r['flops']:>9,} {100 * r['flops'] / original.flops():>6.2f}%  {100 * r['accuracy']:>6.2f}"
-              f"  {r['seconds']:>6.1f}  {arrow(r['widths'])}")
+              f"  {100 * r['change']:>7.1f}  {r['seconds']:>6.1f}  {arrow(r['widths'])}")
 
 
 def verdict(ours: dict, theirs: list[dict]) -> str:
@@ -361,7 +366,9 @@ def print_comparison(case: Case, results: list[tuple], recipe: FineTune, full_tr
           f"{100 * accuracy(case.net, case.x_test, case.y_test):.2f}% ({len(case.y_test)} samples)")
     print(f"   TP fine-tuning recipe: {recipe.describe('the 256 labelled calibration samples (calib)')}"
           + ("; (train): the same on the whole training set" if full_train else ""))
-    print(f"   {'method':<34} {'params':>7} {'':>7} {'FLOPs':>9} {'':>7}  {'acc %':>6}  {'s':>6}  channels")
+    print("   acc: test accuracy; Δy %: mean over the test set of |y' − y| / |y| against the original's logits")
+    print(f"   {'method':<40} {'params':>7} {'':>7} {'FLOPs':>9} {'':>7}  {'acc %':>6}  {'Δy %':>7}  {'s':>6}"
+          "  channels")
     for budget, free, aware in results:
         print(f"   -- budget {budget:.0%}, without data: isocompress ≥ TP magnitude/L1 without fine-tuning? "
               + verdict(free[0], free[1:]))

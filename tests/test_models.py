@@ -86,8 +86,8 @@ def test_exact_shrink_of_a_shipped_cnn_reaches_the_rank_floor(name):
     assert shrunk.widths[1] <= first.n_in * int(np.prod(first.geometry.kernel)) < model.widths[1]
     assert shrunk.num_params() < model.num_params() and shrunk.flops() < model.flops()
     gen = torch.Generator().manual_seed(0)
-    x = torch.cat([torch.from_numpy(calib).double()[:64]] +
-                  [s * torch.randn(16, *model.input_shape, dtype=torch.float64, generator=gen) for s in (0.01, 10, 1e3)])
+    scaled = [s * torch.randn(16, *model.input_shape, dtype=torch.float64, generator=gen) for s in (0.01, 10, 1e3)]
+    x = torch.cat([torch.from_numpy(calib).double()[:64], *scaled])
     with torch.no_grad():
         y, y_shrunk = model(x), shrunk(x)
     assert float((y_shrunk - y).norm(dim=1).max() / y.norm(dim=1).max()) <= 1e-10
