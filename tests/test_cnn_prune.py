@@ -117,3 +117,21 @@ def test_data_aware_costs_reduce_to_the_mlp_formula_on_vectors():
             sq = sq + g * g
         expected = (sq * (z.detach() - z.detach().mean(0)) ** 2).mean(0).sqrt()
         assert torch.allclose(cost, expected, rtol=1e-12) and torch.allclose(mean, z.detach().mean(0))
+
+
+def test_check_measures_a_cnn_recipe_on_its_labelled_data(tmp_path):
+    """`check` reads a CNN's labelled data by the model's input shape (it read n × n_in columns), flattened or not."""
+    from isocompress.check.run import run_checks
+
+    model = random_cnn(*SPECS[1], o=0.1, seed=8)
+    path = io.save(model, tmp_path / "cnn.safetensors", dtype=torch.float64)
+    x = calibration(model, 40)
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(tmp_path / "y.npy", model(x).argmax(1).numpy())
+    (tmp_path / "exact.toml").write_text('name = "exact"\nversion = 1\n')
+    config = tmp_path / "ci.toml"
+    config.write_text(f'[[check]]\nmodel = "{path}"\nrecipe = "{tmp_path / "exact.toml"}"\n'
+                      f'calibration = "{tmp_path / "x.npy"}"\nlabels = "{tmp_path / "y.npy"}"\nmin-accuracy = "99%"\n')
+    results = run_checks(config=config)
+    accuracy = [r for r in results if r.metric == "accuracy"]
+    assert len(accuracy) == 1 and accuracy[0].passed and accuracy[0].measured == pytest.approx(1.0)

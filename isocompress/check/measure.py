@@ -162,12 +162,12 @@ def measure_recipe(spec: CheckSpec, recipe: Recipe) -> Measurement:
         test_data = spec.test_data or recipe.test_data
         test_labels = spec.test_labels or (recipe.test_labels if spec.test_data is None else None)
         if test_labels is not None:
-            x, y = load_labelled(test_data, test_labels, report["widths_before"][0])
+            x, y = load_labelled(test_data, test_labels, tuple(report["input_shape"]))
             m.accuracy = accuracy(saved_outputs(report, x), y)
             m.accuracy_note = f"the saved {'safetensors' if 'safetensors' in report['files'] else 'ONNX'} file" \
                               f" on {len(y)} test inputs"
         elif labels is not None:
-            x, y = load_labelled(calibration, labels, report["widths_before"][0])
+            x, y = load_labelled(calibration, labels, tuple(report["input_shape"]))
             m.accuracy = accuracy(saved_outputs(report, x), y)
             m.accuracy_note = f"the saved {'safetensors' if 'safetensors' in report['files'] else 'ONNX'} file" \
                               f" on {len(y)} calibration inputs"

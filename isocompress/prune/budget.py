@@ -222,25 +222,28 @@ def scale_free_costs(layers: list[Layer], n_hidden: int) -> tuple[list[torch.Ten
     space i costs σ_j + |psi_j| g(√o_{i−1})/2 (the half-width of the range of z_j = σ_j v_j·h + b_j + psi_j g over
     |h| < 1, g ∈ (0, g(√o_{i−1})]) and is replaced by the paper's constant b*_j = b_j (psi_j g dropped: exact in the
     saturated limit |h| → 1, g → 0 that σ_j · 1 describes). The first hidden space's input is taken at unit scale, as
-    the paper's rule does (σ_j alone). A convolution reads k positions, each with |h_p| < 1: σ_j and |Ψ_j| (the rows
-    of its reshaped kernels) are scaled by sqrt(k), the window's largest norm."""
+    the paper's rule does (σ_j alone). On maps every position is taken at unit scale (|x_p|, |h_p| ≤ 1, as the paper's
+    rule takes the vector): σ_j and |Ψ_j| (rows of the reshaped kernels) are scaled by the proven bound on the whole
+    map of the direction's pre-activation, `unit_map_norm` — which ranks the channels of every layer on one scale (with
+    sqrt(k) per position alone, a first conv's directions looked cheapest and were cut to 1–4 channels at a 20%
+    budget: benchmarks/bench_cnn.py)."""
     costs, consts = [], []
     for i in range(n_hidden):
         layer = layers[i]
-        window = 1.0 if i == 0 else math.sqrt(window_positions(layer.geometry))  # |h_p| < 1 at each position read
-        cost = torch.linalg.vector_norm(layer.matrix(), dim=1) * window  # rows are σ_j v_jᵀ
+        scale = unit_map_norm(layer.geometry)
+        cost = torch.linalg.vector_norm(layer.matrix(), dim=1) * scale  # rows are σ_j v_jᵀ
         if layer.psi is not None and i > 0:
             gain = bounds.gain(math.sqrt(max(float(layers[i - 1].o), 0.0)))
-            cost = cost + torch.linalg.vector_norm(layer.psi_matrix(), dim=1) * window * gain / 2.0
+            cost = cost + torch.linalg.vector_norm(layer.psi_matrix(), dim=1) * scale * gain / 2.0
         costs.append(cost)
         consts.append(layer.bias.clone())
     return costs, consts
 
 
-def window_positions(geometry) -> int:
-    """How many input positions one output position of a layer reads: its kernel's taps (at most the map's
-    positions); 1 for a dense layer."""
-    return min(geometry.taps, max(geometry.in_positions, 1)) if geometry.kernel else 1
+def unit_map_norm(geometry) -> float:
+    """The proven bound on the whole map of one direction's pre-activation per unit of σ_j when every position the layer
+    reads has norm ≤ 1: ‖pool‖·sqrt(overlap)·sqrt(P_in) (docs/bounds.md §6b). 1 for a dense layer on vectors."""
+    return geometry.input_op_norm() * math.sqrt(max(geometry.in_positions, 1))
 
 
 def largest(value) -> float:
