@@ -40,6 +40,7 @@ from isocompress.core.parsing import (  # noqa: F401  (re-exported: recipe.X as 
     parse_path,
     parse_percent,
     parse_positive,
+    parse_radii,
     parse_text,
     show,
 )
@@ -56,6 +57,8 @@ FIELD_KEYS = {"max_error": "max-error", "max_error_percent": "max-error", "input
               "certify_data": "certify-data", "test_data": "test-data", "test_labels": "test-labels",
               "ref_intrinsic_length": "ref-intrinsic-length"}
 REF_MODES = ("log", "raw")
+NEEDS_GOAL = ("needs a lossy goal (a budget, a max-error or a min-certified-top1): an exact shrink keeps every output,"
+              " so there is nothing to certify; give a goal or drop it")
 
 
 def parse_version(value, where: str) -> str:
@@ -126,7 +129,7 @@ class Recipe:
     onnx_tol: float = 1e-4
     dtype: str | None = None
     ref_intrinsic_length: str | None = None
-    certify_radius: float | None = None
+    certify_radius: float | str | tuple | None = None  # 0.05, "1%" or several (core.parsing.parse_radii)
     min_certified_top1: float | None = None
     certify_data: str | None = None
     test_data: str | None = None
@@ -146,8 +149,12 @@ class Recipe:
             raise fail(where, "labels", "needs 'calibration' (the inputs the labels belong to)")
         if self.test_labels is not None and self.test_data is None:
             raise fail(where, "test-labels", "needs 'test-data' (the inputs the labels belong to)")
-        for name in ("budget", "max_error", "max_error_percent", "input_radius", "onnx_tol", "certify_radius",
-                     "min_certified_top1"):
+        if self.certify_radius is not None:
+            object.__setattr__(self, "certify_radius", parse_radii(self.certify_radius, where, "certify-radius"))
+        for key in ("certify_data", "certify_radius"):
+            if getattr(self, key) is not None and self.exact:
+                raise fail(where, FIELD_KEYS[key], NEEDS_GOAL)
+        for name in ("budget", "max_error", "max_error_percent", "input_radius", "onnx_tol", "min_certified_top1"):
             value = getattr(self, name)
             if value is not None and not is_number(value):
                 raise fail(where, FIELD_KEYS.get(name, name), f"is {show(value)}; it must be a number")
@@ -188,7 +195,9 @@ class Recipe:
             data["min-certified-top1"] = self.min_certified_top1
         data["basis"] = self.basis
         optional = {"calibration": self.calibration, "labels": self.labels, "input-radius": self.input_radius,
-                    "dtype": self.dtype, "certify-radius": self.certify_radius, "certify-data": self.certify_data,
+                    "dtype": self.dtype, "certify-data": self.certify_data,
+                    "certify-radius": list(self.certify_radius) if isinstance(self.certify_radius, tuple)
+                    else self.certify_radius,
                     "test-data": self.test_data, "test-labels": self.test_labels,
                     "ref-intrinsic-length": self.ref_intrinsic_length}
         data.update({k: v for k, v in optional.items() if v is not None})
@@ -218,7 +227,7 @@ class Recipe:
         if "input-radius" in data:
             kwargs["input_radius"] = parse_positive(data["input-radius"], where, "input-radius")
         if "certify-radius" in data:
-            kwargs["certify_radius"] = parse_positive(data["certify-radius"], where, "certify-radius")
+            kwargs["certify_radius"] = parse_radii(data["certify-radius"], where, "certify-radius")
         if "formats" in data:
             kwargs["formats"] = parse_formats(data["formats"], where)
         if "onnx-tol" in data:

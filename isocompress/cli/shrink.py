@@ -27,9 +27,10 @@ from isocompress.core.errors import IsocompressError
               help="Labels for the calibration inputs (accuracy before/after).")
 @click.option("--input-radius", type=float, default=None,
               help="Certify for all inputs with |x| ≤ R [default: the largest calibration-input norm].")
-@click.option("--certify-radius", type=float, default=None,
-              help="Local certificates within |x − x_i| ≤ EPS of each calibration (or --certify-data) point"
-                   " [default: 1% of their median norm].")
+@click.option("--certify-radius", default=None, metavar="EPS",
+              help="Local certificates within |x − x_i| ≤ EPS of each calibration (or --certify-data) point: an"
+                   " absolute radius (0.05) or a share of their median norm (2%); several (0.5%,1%,2%,3%,7%) give a"
+                   " curve against ε in report.json, the first is the primary ε [default: 1%].")
 @click.option("--certify-data", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Points to certify around instead of the calibration inputs.")
 @click.option("--min-certified-top1", default=None,
@@ -72,7 +73,7 @@ def shrink(model, recipe_path, exact, budget, max_error, basis, calibration, lab
         "onnx_tol": recipes.parse_positive(onnx_tol, recipes.COMMAND_LINE, "onnx-tol") if onnx_tol is not None else None,
         "dtype": dtype,
         "ref_intrinsic_length": ref_mode,
-        "certify_radius": recipes.parse_positive(certify_radius, recipes.COMMAND_LINE, "certify-radius")
+        "certify_radius": recipes.parse_radii(certify_radius, recipes.COMMAND_LINE, "certify-radius")
         if certify_radius is not None else None,
         "certify_data": certify_data,
         "min_certified_top1": recipes.parse_fraction(min_certified_top1, recipes.COMMAND_LINE, "min-certified-top1")

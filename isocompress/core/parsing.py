@@ -154,3 +154,45 @@ def parse_fraction(value, where: str, key: str) -> float:
     if not is_number(value) or not (0 <= value <= 1):
         raise fail(where, key, f"is {show(value)}; use a fraction between 0 and 1 (0.95) or a percentage (\"95%\")")
     return float(value)
+
+
+def parse_radii(value, where: str, key: str = "certify-radius"):
+    """The local certificates' ε: an absolute radius (0.05), a share of the median input norm of the certified points
+    ("1%"), or several of either ("0.5%,1%,2%" on the command line, a list in a recipe) for a curve against ε.
+    Returns one value (a float, or a normalised "1%" string) or, for several, a tuple of them in the order given."""
+    items = value.split(",") if isinstance(value, str) else value
+    if isinstance(items, (list, tuple)):
+        if isinstance(value, (list, tuple)) and any(isinstance(v, (list, tuple, dict)) for v in items):
+            raise fail(where, key, f"is {show(value)}; give numbers or percentages, not nested lists")
+        parsed = [_one_radius(v, where, key) for v in items]
+    else:
+        parsed = [_one_radius(value, where, key)]
+    if not parsed:
+        raise fail(where, key, f"is {show(value)}; give at least one radius (0.05, \"1%\" or \"0.5%,1%,2%\")")
+    if len(set(parsed)) != len(parsed):
+        raise fail(where, key, f"lists a radius twice: {show(value)}")
+    return parsed[0] if len(parsed) == 1 else tuple(parsed)
+
+
+def _one_radius(value, where: str, key: str):
+    hint = "; use an absolute radius (0.05), a percentage of the median input norm (\"1%\") or a list of them"
+    if isinstance(value, str) and value.strip().endswith("%"):
+        fraction = parse_percent(value, where, key)
+        if not 0 < fraction < math.inf:
+            raise fail(where, key, f"has {show(value.strip())}; a percentage radius must be above 0%{hint}")
+        return f"{100.0 * fraction:.12g}%"
+    if isinstance(value, str) and not value.strip():
+        raise fail(where, key, f"has an empty entry{hint}")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise fail(where, key, f"has {show(value.strip())}, which is not a number{hint}") from None
+    if not is_number(value) or not (0 < value < math.inf):
+        raise fail(where, key, f"has {show(value)}; a radius must be a positive finite number{hint}")
+    return float(value)
+
+
+def radius_fraction(radius) -> float | None:
+    """The share of the median norm a "1%" radius stands for (0.01); None for an absolute radius."""
+    return float(radius[:-1]) / 100.0 if isinstance(radius, str) else None
