@@ -124,3 +124,47 @@ def test_the_prune_progress_stays_within_its_total_and_the_budget_is_not_oversho
     assert parsed and all(parsed), lines
     assert all(int(m.group(1).replace(",", "")) <= int(m.group(2).replace(",", "")) for m in parsed), lines
     assert 0.9 * report["target"] <= pruned.num_params() <= report["target"], (pruned.num_params(), report["target"])
+
+
+# --- a test file holding x and y ---------------------------------------------------------------------------------
+def labelled_test_files(small):
+    """T.npz holding x and y (y: the model's own classes, a few flipped so that accuracy is not 100%) and X.npz holding
+    only x."""
+    model, _, tmp = small
+    x = np.random.default_rng(1).normal(size=(40, 6))
+    with torch.no_grad():
+        y = model(torch.from_numpy(x)).argmax(-1).numpy()
+    y[:4] = (y[:4] + 1) % 4
+    np.savez(tmp / "t.npz", x=x, y=y)
+    np.savez(tmp / "xonly.npz", x=x)
+    return tmp / "t.npz", tmp / "xonly.npz"
+
+
+def test_test_data_holding_x_and_y_reports_accuracy(small):
+    with_y, x_only = labelled_test_files(small)
+    result = shrink(small, "--budget", "50%", "--test-data", with_y, "--json")
+    assert result.exit_code == 0, result.output
+    test = json.loads(result.stdout)["pruning"]["test"]
+    explicit = json.loads(shrink(small, "--budget", "50%", "--test-data", with_y, "--test-labels", with_y,
+                                 "--json").stdout)["pruning"]["test"]
+    assert test == explicit and test["accuracy_before"] == 0.9  # 36 of 40 labels are the model's own classes
+    alone = json.loads(shrink(small, "--budget", "50%", "--test-data", x_only, "--json").stdout)["pruning"]["test"]
+    assert "accuracy_before" not in alone and "top1_agreement" in alone
+
+
+def test_check_reads_the_labels_of_a_test_file(small):
+    model, _, tmp = small
+    with_y, x_only = labelled_test_files(small)
+    result = cli(["check", tmp / "m.pt", "--test-data", with_y, "--min-accuracy", "90%", "--json"])
+    assert result.exit_code == 0, result.output
+    assert [(r["metric"], r["measured"]) for r in json.loads(result.stdout)] == [("accuracy", 0.9)]
+    result = cli(["check", tmp / "m.pt", "--test-data", x_only, "--min-accuracy", "90%"])
+    assert result.exit_code == 2
+    assert "--min-accuracy needs labels" in one_error_line(result) and "xonly.npz holds none" in one_error_line(result)
+    (tmp / "r.toml").write_text('budget = 0.5\ncalibration = "c.npy"\ntest-data = "t.npz"\nformats = ["safetensors"]\n')
+    (tmp / "isocompress.toml").write_text('[[check]]\nmodel = "m.pt"\nrecipe = "r.toml"\nmin-accuracy = "80%"\n'
+                                          'test-data = "t.npz"\n')
+    result = cli(["check", "--config", tmp / "isocompress.toml", "--json"])
+    assert result.exit_code == 0, result.output
+    row = json.loads(result.stdout)[0]
+    assert row["metric"] == "accuracy" and "on 40 test inputs" in row["note"] and 0.8 <= row["measured"] <= 1

@@ -387,6 +387,8 @@ def load_extra_data(n_in: int | tuple[int, ...], calibration, calib, labels, lab
         data.check_label_count(label_data, calib, labels, calibration)
     if test_labels is not None and test_data is None:
         raise IsocompressError(f"{test_labels}: test labels need their inputs; give --test-data FILE")
+    test_labels = test_labels if test_labels is not None or test_data is None or not data.has_labels(test_data) \
+        else test_data  # a T.npz holding x and y: y labels x
     out = {"certify_data": None if certify_data is None else load_inputs(certify_data, n_in, CERTIFY_DATA),
            "test_data": None if test_data is None else load_inputs(test_data, n_in, "test data (--test-data)"),
            "test_labels": None if test_labels is None else load_labels(test_labels)}

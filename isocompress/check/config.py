@@ -130,8 +130,9 @@ class CheckSpec:
             raise fail(where, "labels", "needs 'calibration' (the inputs the labels belong to)")
         if self.test_labels is not None and self.test_data is None:
             raise fail(where, "test-labels", "needs 'test-data' (the inputs the labels belong to)")
-        if self.min_accuracy is not None and self.labels is None and self.test_labels is None:
-            raise fail(where, "min-accuracy", "needs 'calibration' and 'labels' (or 'test-data' and 'test-labels') to"
+        if self.min_accuracy is not None and self.labels is None and self.test_data is None:
+            raise fail(where, "min-accuracy", "needs 'calibration' and 'labels' (or 'test-data': an .npz holding x and"
+                       " y, or with 'test-labels') to"
                        " measure accuracy on")
         if self.min_certified_top1 is not None and self.recipe is None:
             raise fail(where, "min-certified-top1", "needs a 'recipe': the certificates are those of its compression")

@@ -133,8 +133,9 @@ def measure_model(spec: CheckSpec) -> Measurement:
     """No recipe: the model file as it is."""
     model = io.load(spec.model, ref_intrinsic_length=spec.ref_intrinsic_length)
     m = Measurement(params=model.num_params(), bytes=Path(spec.model).stat().st_size, bytes_measure="file")
-    if spec.test_labels is not None:
-        x, labels = load_labelled(spec.test_data, spec.test_labels, model.input_shape)
+    test_labels = labels_of_test_data(spec.test_data, spec.test_labels)
+    if test_labels is not None:
+        x, labels = load_labelled(spec.test_data, test_labels, model.input_shape)
         with torch.no_grad():
             m.accuracy = accuracy(model(x), labels)
         m.accuracy_note = f"the model on {len(labels)} test inputs"
@@ -160,7 +161,8 @@ def measure_recipe(spec: CheckSpec, recipe: Recipe) -> Measurement:
                                  test_labels=recipe.test_labels)
         m = measurement_of_report(report)
         test_data = spec.test_data or recipe.test_data
-        test_labels = spec.test_labels or (recipe.test_labels if spec.test_data is None else None)
+        test_labels = labels_of_test_data(test_data, spec.test_labels or (recipe.test_labels if spec.test_data is None
+                                                                          else None))
         if test_labels is not None:
             x, y = load_labelled(test_data, test_labels, tuple(report["input_shape"]))
             m.accuracy = accuracy(saved_outputs(report, x), y)
@@ -197,6 +199,15 @@ def measurement_of_report(report: dict) -> Measurement:
                                                                    "empirical": (saved, empirical_note)},
                        output_scale=probe["float64"].get("max_norm_reference"), certified_top1=top1,
                        certified_top1_note=top1_note)
+
+
+def labels_of_test_data(test_data, test_labels):
+    """The test labels' file: test-labels, else the test data itself where it holds x and y (models/M.test.npz)."""
+    from isocompress.formats import data
+
+    if test_labels is None and test_data is not None and data.has_labels(test_data):
+        return test_data
+    return test_labels
 
 
 def load_labelled(calibration: str, labels: str, n_in: int | tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:

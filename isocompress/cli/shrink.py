@@ -36,9 +36,9 @@ from isocompress.core.errors import IsocompressError
 @click.option("--min-certified-top1", default=None,
               help="Prune as far as the certified top-1 agreement at the certify radius stays ≥ this (95%, 0.95).")
 @click.option("--test-data", type=click.Path(dir_okay=False, path_type=str), default=None,
-              help="Held-out inputs: accuracy and max |Δy| on them too.")
+              help="Held-out inputs: accuracy and max |Δy| on them too (an .npz holding x and y: y are the labels).")
 @click.option("--test-labels", type=click.Path(dir_okay=False, path_type=str), default=None,
-              help="Labels for --test-data.")
+              help="Labels for --test-data [default: its y, if it holds one].")
 @click.option("--format", "formats", default=None, help="Comma-separated output formats: safetensors,onnx.")
 @click.option("--onnx-tol", type=float, default=None, help="Relative tolerance of the ONNX check [default 1e-4].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=str), default=None,

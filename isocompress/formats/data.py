@@ -28,6 +28,36 @@ def load_array(path: str | Path, expect_columns: int | None = None, labels: bool
     return _as_labels(path, array) if labels else _as_inputs(path, array, expect_columns, what)
 
 
+INPUT_NAMES = ("x", "X", "inputs", "data", "calibration")
+LABEL_NAMES = ("y", "Y", "labels", "targets")
+
+
+def has_labels(path: str | Path) -> bool:
+    """Whether an input file also holds its labels: an .npz, .safetensors or .pt dict with both an inputs array
+    (x, X, inputs, …) and a labels array (y, Y, labels, targets), as the shipped models/M.test.npz (x and y)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.is_file() or suffix not in (".npz", ".safetensors", ".pt", ".pth"):
+        return False
+    try:
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                names = set(archive.files)
+        elif suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                names = set(f.keys())
+        else:
+            obj = io.safe_torch_load(path, "tensor file", "save the arrays with numpy.savez (.npz) or safetensors")
+            names = set(obj) if isinstance(obj, dict) else set()
+    except IsocompressError:
+        raise
+    except Exception:  # unreadable: the inputs' own loader names the problem
+        return False
+    return bool(names & set(INPUT_NAMES)) and bool(names & set(LABEL_NAMES))
+
+
 def _read(path: Path, suffix: str, labels: bool = False) -> torch.Tensor:
     try:
         if suffix == ".npy":
@@ -55,7 +85,7 @@ def _single(path: Path, arrays: dict, labels: bool = False):
     """The one array in a container; with several, the one named x/X/inputs/data (or y/labels for labels)."""
     if len(arrays) == 1:
         return next(iter(arrays.values()))
-    for name in ("y", "Y", "labels", "targets") if labels else ("x", "X", "inputs", "data", "calibration"):
+    for name in LABEL_NAMES if labels else INPUT_NAMES:
         if name in arrays:
             return arrays[name]
     names = ", ".join(sorted(arrays)) or "none"
