@@ -153,7 +153,7 @@ def test_test_data_holding_x_and_y_reports_accuracy(small):
 
 
 def test_check_reads_the_labels_of_a_test_file(small):
-    model, _, tmp = small
+    _, _, tmp = small
     with_y, x_only = labelled_test_files(small)
     result = cli(["check", tmp / "m.pt", "--test-data", with_y, "--min-accuracy", "90%", "--json"])
     assert result.exit_code == 0, result.output

@@ -53,7 +53,7 @@ def has_labels(path: str | Path) -> bool:
             names = set(obj) if isinstance(obj, dict) else set()
     except IsocompressError:
         raise
-    except Exception:  # unreadable: the inputs' own loader names the problem
+    except Exception:  # noqa: BLE001  (unreadable: the inputs' own loader names the problem)
         return False
     return bool(names & set(INPUT_NAMES)) and bool(names & set(LABEL_NAMES))
 
