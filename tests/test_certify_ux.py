@@ -168,3 +168,87 @@ def test_check_reads_the_labels_of_a_test_file(small):
     assert result.exit_code == 0, result.output
     row = json.loads(result.stdout)[0]
     assert row["metric"] == "accuracy" and "on 40 test inputs" in row["note"] and 0.8 <= row["measured"] <= 1
+
+
+# --- several radii: the curve ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, message", [
+    ("1%,x", "has 'x', which is not a number"), ("0", "has 0.0; a radius must be a positive finite number"),
+    ("1%,,2%", "has an empty entry"), ("1%,1%", "lists a radius twice"), ("-2%", "a percentage radius must be above"),
+    ("nan", "a radius must be a positive finite number"), ("5%%", "write a percentage like '10%'"),
+])
+def test_certify_radius_parse_errors_are_one_line(small, text, message):
+    result = shrink(small, "--budget", "50%", "--certify-radius", text)
+    assert result.exit_code == 2
+    line = one_error_line(result)
+    assert line.startswith("isocompress: error: --certify-radius ") and message in line, line
+
+
+def test_recipes_take_a_radius_string_or_list_and_round_trip():
+    import json as j
+
+    from isocompress.api.recipe import parse_recipe_text
+
+    for text, value in [('"0.5%,1%,2%"', ("0.5%", "1%", "2%")), ('["1%", 0.2]', ("1%", 0.2)), ('"3%"', "3%"),
+                        ("0.1", 0.1), ('["0.1"]', 0.1)]:
+        recipe = parse_recipe_text(f"budget = 0.5\ncertify-radius = {text}\n")
+        assert recipe.certify_radius == value and recipe.to_options().certify_radius == value
+        again = parse_recipe_text("\n".join(f"{k} = {j.dumps(v)}" for k, v in recipe.to_dict().items()))
+        assert again.to_dict() == recipe.to_dict()
+    for text, message in [("[[0.1]]", "not nested lists"), ('"1%,abc"', "'abc', which is not a number"),
+                          ("[]", "give at least one radius"), ("true", "a radius must be a positive")]:
+        with pytest.raises(IsocompressError, match=re.escape(message)):
+            parse_recipe_text(f"budget = 0.5\ncertify-radius = {text}\n", where="r.toml")
+
+
+def test_the_curve_is_the_single_radius_run_at_each_radius(small):
+    """Every entry of the curve equals what a run with that one radius reports (counts, shares, radius, bounds)."""
+    model = random_model([6, 16, 16, 4], psi=True, o=0.5, seed=8, weight_scale=2.0)
+    x = torch.randn(48, 6, dtype=F64, generator=torch.Generator().manual_seed(8))
+    radii = ("5%", 0.25, "20%", "40%")
+    _, report = prune.prune_to_budget(model, ShrinkOptions(budget=0.2, certify_radius=radii), calibration=x,
+                                      search_restarts=2, search_steps=5)
+    curve = report["local"]["curve"]
+    median = float(torch.linalg.vector_norm(x, dim=-1).median())
+    assert [e["radius_given"] for e in curve] == list(radii)
+    assert report["local"]["radius"] == curve[0]["radius"] == pytest.approx(0.05 * median, rel=1e-12)
+    for entry, given in zip(curve, radii):
+        _, alone = prune.prune_to_budget(model, ShrinkOptions(budget=0.2, certify_radius=given), calibration=x,
+                                         search_restarts=2, search_steps=5)
+        assert alone["constant_directions"]["bound"] == report["constant_directions"]["bound"]  # the same allowance D
+        one = alone["local"]
+        assert "curve" not in one and entry["radius"] == one["radius"] and entry["radius_source"] == one["radius_source"]
+        assert (entry["n_certified"], entry["n_refuted"], entry["n_undecided"]) == \
+            (one["n_certified"], one["n_refuted"], one["n_undecided"])
+        assert entry["certified_fraction"] == one["certified_top1"] and entry["refuted_fraction"] == \
+            one["refuted_fraction"] and entry["undecided_fraction"] == one["undecided_fraction"]
+        assert entry["bound_median"] == one["summary"]["bound_median"]
+        assert entry["radius_relative"] == pytest.approx(entry["radius"] / median, rel=1e-12)
+    # the radii were chosen to show all three verdicts: the equalities above compared non-trivial counts
+    assert len({e["n_certified"] for e in curve}) >= 3 and any(e["n_refuted"] for e in curve) and \
+        any(e["n_undecided"] for e in curve)
+
+
+def test_cli_prints_the_curve_and_plots_it(small):
+    _, _, tmp = small
+    result = shrink(small, "--budget", "50%", "--certify-radius", "5%,40%", "--plot", tmp / "curve.png")
+    assert result.exit_code == 0, result.output
+    curve = json.loads((tmp / "out" / "report.json").read_text())["pruning"]["local"]["curve"]
+    assert "against ε (48 points): certified / refuted (verified) / undecided" in result.output
+    for e in curve:
+        assert re.search(rf"ε = {e['radius']:.4g}\s+\({e['radius_given']}\)\s+{100 * e['certified_fraction']:.1f}% /"
+                         rf" +{100 * e['refuted_fraction']:.1f}% / +{100 * e['undecided_fraction']:.1f}%",
+                         result.output), result.output
+    assert (tmp / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"wrote {tmp / 'curve.png'}" in result.output
+    assert not list(tmp.glob("*.tmp*")) and not list(tmp.glob(".curve*"))  # written atomically: no stray temp file
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "50%", "--plot", "{tmp}/curve.txt"], "--plot writes a PNG"),
+    (["--budget", "50%", "--plot", "{tmp}/no/such/dir/c.png"], "does not exist; create it"),
+    (["--exact", "--plot", "{tmp}/c.png"], "--plot draws the local certificates against ε; they need a lossy goal"),
+])
+def test_bad_plot_requests_fail_before_any_work(small, args, message):
+    _, _, tmp = small
+    result = shrink(small, *[a.format(tmp=tmp) for a in args])
+    assert result.exit_code == 2 and message in one_error_line(result)
+    assert not (tmp / "out").exists()

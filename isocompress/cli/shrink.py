@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -45,15 +46,19 @@ from isocompress.core.errors import IsocompressError
               help="Output directory [default: <model stem>.shrunk/ in the working directory].")
 @click.option("--dtype", type=click.Choice(["float32", "float64", "float16", "bfloat16"]), default=None,
               help="dtype of the written weights [default: the input's].")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Draw the local certificates' certified / refuted / undecided shares against ε (--certify-radius"
+                   " 0.5%,1%,2%,...) into this PNG (needs isocompress[plot]).")
 @click.option("--quiet", is_flag=True, help="No progress bar and no table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--ref-intrinsic-length", "ref_mode", type=click.Choice(["log", "raw"]), default=None,
               help=REF_HELP)
 @threads_option
 def shrink(model, recipe_path, exact, budget, max_error, basis, calibration, labels, input_radius, certify_radius,
-           certify_data, min_certified_top1, test_data, test_labels, formats, onnx_tol, out_dir, dtype, quiet, as_json,
-           ref_mode, n_threads):
+           certify_data, min_certified_top1, test_data, test_labels, formats, onnx_tol, out_dir, dtype, plot_path, quiet,
+           as_json, ref_mode, n_threads):
     """Shrink MODEL (.pt, .pth or .safetensors); write model.safetensors, model.onnx and report.json."""
+    from isocompress.api import plotting
     from isocompress.api import recipe as recipes
     from isocompress.api import shrink as api  # here, not at the top: --help and usage errors skip torch
 
@@ -89,15 +94,21 @@ def shrink(model, recipe_path, exact, budget, max_error, basis, calibration, lab
     base = recipes.load_recipe(recipe_path) if recipe_path is not None else recipes.Recipe(name=recipes.FLAGS_ONLY)
     effective, overridden = base.with_overrides(**flags)
     provenance = effective.provenance(overridden if recipe_path is not None else None)
+    plot_path = plotting.prepare_plot(plot_path)  # before the work: a bad path or no matplotlib fails at once
+    if plot_path is not None and effective.exact:
+        raise IsocompressError("--plot draws the local certificates against ε; they need a lossy goal (--budget,"
+                               " --max-error or --min-certified-top1) and --calibration or --certify-data")
     start_threads(n_threads)
     report = api.shrink_file(model, out_dir, effective.to_options(), calibration=effective.calibration,
                              labels=effective.labels, progress=not (quiet or as_json), recipe=provenance,
                              certify_data=effective.certify_data, test_data=effective.test_data,
                              test_labels=effective.test_labels)
+    if plot_path is not None:
+        plotting.plot_certify_curve(report, plot_path, title=f"{Path(model).name}: local certificates against ε")
     if as_json:
         click.echo(json.dumps(report, indent=2))
     elif not quiet:
-        click.echo(format_shrink_table(report))
+        click.echo(format_shrink_table(report) + (f"\nwrote {plot_path}" if plot_path is not None else ""))
 
 
 def parse_budget(text: str) -> float:
@@ -162,6 +173,18 @@ def format_pruning_lines(pruning: dict) -> list[str]:
     return lines
 
 
+def curve_lines(curve: list[dict] | None) -> list[str]:
+    """The verdicts against ε (--certify-radius with several values), one compact line per ε."""
+    if not curve or curve[0].get("n_certified") is None:
+        return []
+    lines = [f"  against ε ({curve[0]['n_points']} points): certified / refuted (verified) / undecided"]
+    for e in curve:
+        given = f" ({e['radius_given']})" if isinstance(e.get("radius_given"), str) else ""
+        lines.append(f"    ε = {e['radius']:<9.4g}{given:<8} {100 * e['certified_fraction']:5.1f}% /"
+                     f" {100 * e['refuted_fraction']:5.1f}% / {100 * e['undecided_fraction']:5.1f}%")
+    return lines
+
+
 def local_lines(local: dict | None, test: dict | None) -> list[str]:
     lines = []
     if local is not None and local.get("computed", True):
@@ -172,6 +195,7 @@ def local_lines(local: dict | None, test: dict | None) -> list[str]:
             lines.append(f"  top-1 certified unchanged within ε = {local['radius']:.3g} for {local['n_certified']} of"
                          f" {local['n_points']} points{verdict} ({local['points']}; ε: {local['radius_source']})")
         lines.append(f"  local certified max |Δy| within ε: median {s['bound_median']:.3g}, max {s['bound_max']:.3g}")
+        lines += curve_lines(local.get("curve"))
     elif local is not None:
         lines.append(f"  {local['note']}")
     if test is not None:
