@@ -101,3 +101,50 @@ def plot_certify_curve(report: dict, path: str | Path, title: str = "") -> Path:
     ax.set_title(title or f"Local certificates against ε{shrunk}")
     fig.tight_layout()
     return write_png(fig, path)
+
+
+# --- a sweep over budgets ----------------------------------------------------------------------------------------
+def plot_sweep(result: dict, path: str | Path, title: str = "") -> Path:
+    """Accuracy (or agreement) and the certified top-1 share against parameters (log axis), ONNX kB on the right
+    axis, the chosen budget circled (`sweep --plot`)."""
+    rows = sorted((r for r in result["rows"] if r["reachable"]), key=lambda r: r["params"])
+    if not rows:
+        raise IsocompressError(f"{path}: no budget of the sweep was reachable; nothing to plot")
+    fig = new_figure((9, 5))
+    ax = fig.add_subplot()
+    xs = [r["params"] for r in rows]
+    accuracy = any(r.get("accuracy") is not None for r in rows)
+    quality = "accuracy" if accuracy else "top1_agreement"
+    series = ((quality, "tab:blue", "o", f"{'accuracy' if accuracy else 'top-1 agreement'} ({rows[0]['measured_on']})"),
+              ("certified_top1", "tab:green", "s", f"certified top-1 share at ε = {rows[0]['certify_radius'] or 0:.3g}"))
+    for key, colour, marker, label in series:
+        pts = [(x, 100 * r[key]) for x, r in zip(xs, rows) if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), color=colour, marker=marker, label=label)
+    names: dict[int, list[str]] = {}  # budgets that reach the same size share one label
+    for x, r in zip(xs, rows):
+        names.setdefault(x, []).append(r["budget"])
+    for x, budgets in names.items():
+        ax.annotate(", ".join(budgets), (x, 0), textcoords="offset points", xytext=(0, 4), ha="center",
+                    fontsize="small")
+    right = ax.twinx()
+    right.plot(xs, [r["onnx_bytes"] / 1000 for r in rows], color="tab:orange", linestyle="--", marker="^",
+               label="ONNX file (kB)")
+    right.set_ylabel("ONNX file, kB")
+    chosen = result.get("chosen")
+    if chosen is not None:
+        r = result["rows"][chosen]
+        ax.axvline(r["params"], color="black", linewidth=1, linestyle=":",
+                   label=f"smallest meeting the limits: {r['budget']}")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters after shrinking (log scale)")
+    ax.set_ylabel("%")
+    ax.set_ylim(-3, 103)
+    ax.grid(True, alpha=0.3)
+    handles = ax.get_legend_handles_labels()
+    extra = right.get_legend_handles_labels()
+    ax.legend(handles[0] + extra[0], handles[1] + extra[1], loc="upper left", bbox_to_anchor=(1.12, 1.0),
+              borderaxespad=0.0, fontsize="small")
+    ax.set_title(title or f"{Path(result['model']).name}: a sweep over budgets")
+    fig.tight_layout()
+    return write_png(fig, path)

@@ -149,6 +149,10 @@ def measure_model(spec: CheckSpec) -> Measurement:
 
 def measure_recipe(spec: CheckSpec, recipe: Recipe) -> Measurement:
     """Shrink with the recipe into a temporary directory (never into the repository), then measure the result."""
+    if recipe.sweep is not None:  # its goal: the smallest of its budgets meeting its limits
+        from isocompress.api.sweep import resolve_recipe
+
+        recipe, _ = resolve_recipe(spec.model, recipe)
     calibration = spec.calibration or recipe.calibration
     labels = spec.labels or (recipe.labels if spec.calibration is None else None)
     with tempfile.TemporaryDirectory(prefix="isocompress-check-") as tmp:

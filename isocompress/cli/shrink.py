@@ -91,13 +91,8 @@ def shrink(model, recipe_path, exact, budget, max_error, basis, calibration, lab
         raise IsocompressError("--exact cannot be combined with --budget, --max-error or --min-certified-top1")
     if sum(goals) > 1:
         raise IsocompressError("give one goal: --budget, --max-error or --min-certified-top1")
-    base = recipes.load_recipe(recipe_path) if recipe_path is not None else recipes.Recipe(name=recipes.FLAGS_ONLY)
-    effective, overridden = base.with_overrides(**flags)
-    provenance = effective.provenance(overridden if recipe_path is not None else None)
     plot_path = plotting.prepare_plot(plot_path)  # before the work: a bad path or no matplotlib fails at once
-    if plot_path is not None and effective.exact:
-        raise IsocompressError("--plot draws the local certificates against ε; they need a lossy goal (--budget,"
-                               " --max-error or --min-certified-top1) and --calibration or --certify-data")
+    effective, provenance = effective_recipe(model, recipe_path, flags, plot_path, progress=not (quiet or as_json))
     start_threads(n_threads)
     report = api.shrink_file(model, out_dir, effective.to_options(), calibration=effective.calibration,
                              labels=effective.labels, progress=not (quiet or as_json), recipe=provenance,
@@ -109,6 +104,27 @@ def shrink(model, recipe_path, exact, budget, max_error, basis, calibration, lab
         click.echo(json.dumps(report, indent=2))
     elif not quiet:
         click.echo(format_shrink_table(report) + (f"\nwrote {plot_path}" if plot_path is not None else ""))
+
+
+def effective_recipe(model, recipe_path, flags: dict, plot_path, progress: bool):
+    """The recipe (or the flags alone) with the flags over it, and its provenance; a recipe whose goal is a [sweep]
+    table resolved to the budget the sweep chose (api.sweep.resolve_recipe)."""
+    from isocompress.api import recipe as recipes
+
+    base = recipes.load_recipe(recipe_path) if recipe_path is not None else recipes.Recipe(name=recipes.FLAGS_ONLY)
+    effective, overridden = base.with_overrides(**flags)
+    if plot_path is not None and effective.exact:
+        raise IsocompressError("--plot draws the local certificates against ε; they need a lossy goal (--budget,"
+                               " --max-error or --min-certified-top1) and --calibration or --certify-data")
+    swept = None
+    if effective.sweep is not None:  # the recipe's goal: the smallest of its budgets meeting its limits
+        from isocompress.api import sweep as sweeping
+
+        effective, swept = sweeping.resolve_recipe(model, effective, progress=progress)
+    provenance = effective.provenance(overridden if recipe_path is not None else None)
+    if swept is not None:
+        provenance["sweep"] = swept
+    return effective, provenance
 
 
 def parse_budget(text: str) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from pathlib import Path
 
 from isocompress.core.errors import IsocompressError
@@ -196,3 +197,32 @@ def _one_radius(value, where: str, key: str):
 def radius_fraction(radius) -> float | None:
     """The share of the median norm a "1%" radius stands for (0.01); None for an absolute radius."""
     return float(radius[:-1]) / 100.0 if isinstance(radius, str) else None
+
+
+BYTE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+BYTES_RE = re.compile(r"^\s*([0-9][0-9_,]*(?:\.[0-9]+)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
+
+
+def parse_bytes(value, where: str, key: str = "max-bytes") -> int:
+    """60000, "60000", "60 kB" (1000), "1.5 MiB" (1024²) → bytes."""
+    if is_number(value):
+        number, unit = float(value), "b"
+    elif isinstance(value, str) and (match := BYTES_RE.match(value)):
+        number, unit = float(match.group(1).replace("_", "").replace(",", "")), match.group(2) or "B"
+    else:
+        raise fail(where, key, f"is {show(value)}; write a size like 60000, \"60 kB\" or \"1.5 MiB\"")
+    if unit.lower() not in BYTE_UNITS:
+        raise fail(where, key, f"has unit {show(unit)}; use B, kB, MB, GB (powers of 1000) or KiB, MiB, GiB (1024)")
+    unit = unit.lower()
+    total = number * BYTE_UNITS[unit]
+    if not (0 < total < 2**63) or total != math.floor(total) and unit == "b":
+        raise fail(where, key, f"is {show(value)}; it must be a positive whole number of bytes")
+    return int(round(total))
+
+
+def parse_count(value, where: str, key: str = "max-params") -> int:
+    if isinstance(value, str) and re.fullmatch(r"\s*[0-9][0-9_,]*\s*", value):
+        value = int(value.replace("_", "").replace(",", ""))
+    if not isinstance(value, int) or isinstance(value, bool) or not (0 < value < 2**63):
+        raise fail(where, key, f"is {show(value)}; it must be a positive whole number of parameters")
+    return value

@@ -21,7 +21,7 @@ import torch
 from isocompress.bounds import certified as bounds
 from isocompress.bounds import local as local_bounds
 from isocompress.core import threads
-from isocompress.core.errors import CheckFailed, IsocompressError
+from isocompress.core.errors import BudgetUnreachable, CheckFailed, IsocompressError
 from isocompress.core.layers import as_float64
 from isocompress.core.measure import output_scale, probe_inputs, sample_norms
 from isocompress.core.geometry import Geometry
@@ -431,7 +431,7 @@ def resolve_certify_radii(options, centres, points: str = "certified points") ->
 def resolve_target(budget: float, original_params: int, smallest: int) -> int:
     target = int(math.floor(budget * original_params)) if budget <= 1 else int(budget)
     if target < smallest:
-        raise IsocompressError(
+        raise BudgetUnreachable(
             f"--budget {budget:g} ({target:,} parameters) is unreachable: the smallest reachable size is {smallest:,}"
             f" parameters ({smallest / original_params:.4%}); use --budget {smallest} or more")
     return target
