@@ -155,8 +155,9 @@ def format_sweep(result: dict) -> str:
             table.append((r["budget"], "unreachable", "", "", "", "", ""))
             continue
         quality = r["accuracy"] if accuracy else r["top1_agreement"]
-        mark = "← smallest meeting the limits" if i == result["chosen"] else \
-            ", ".join(f"fails {k}" for k, ok in r["meets"].items() if not ok)
+        failed = ", ".join(f"fails {k}" for k, ok in r["meets"].items() if not ok)
+        mark = "← smallest meeting the limits" if i == result["chosen"] else failed or \
+            ("meets the limits" if r["meets"] else "")
         table.append((r["budget"], f"{r['params']:,} ({r['params_fraction']:.1%})",
                       f"{r['flops']:,} ({r['flops_fraction']:.1%})", "-" if quality is None else f"{quality:.2%}",
                       "-" if r["certified_top1"] is None else f"{r['certified_top1']:.1%}", f"{r['onnx_bytes']:,}",
@@ -164,9 +165,12 @@ def format_sweep(result: dict) -> str:
     widths = [max(len(row[c]) for row in table) for c in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
     measured = next((r["measured_on"] for r in rows if r["reachable"]), None)
+    note = next((r["certified_note"] for r in rows if r["reachable"] and r["certified_top1"] is None
+                 and r.get("certified_note")), None)
     if measured is not None:
-        lines.append(f"{'accuracy' if accuracy else 'agreement'} on {measured}; certified top-1: local certificates"
-                     " at the certify radius (docs/bounds.md §8); ONNX bytes: the exported file")
+        certified = f"- ({note})" if note else "local certificates at the certify radius (docs/bounds.md §8)"
+        lines.append(f"{'accuracy' if accuracy else 'agreement'} on {measured}; certified top-1: {certified};"
+                     " ONNX bytes: the exported file")
     if result["limits"]:
         limits = SweepLimits(**{k.replace("-", "_"): v for k, v in result["limits"].items()}).describe()
         lines.append(f"limits: {limits}; " + (f"smallest meeting them: budget {result['chosen_budget']}"

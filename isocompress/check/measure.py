@@ -149,12 +149,15 @@ def measure_model(spec: CheckSpec) -> Measurement:
 
 def measure_recipe(spec: CheckSpec, recipe: Recipe) -> Measurement:
     """Shrink with the recipe into a temporary directory (never into the repository), then measure the result."""
-    if recipe.sweep is not None:  # its goal: the smallest of its budgets meeting its limits
-        from isocompress.api.sweep import resolve_recipe
-
-        recipe, _ = resolve_recipe(spec.model, recipe)
     calibration = spec.calibration or recipe.calibration
     labels = spec.labels or (recipe.labels if spec.calibration is None else None)
+    if recipe.sweep is not None:  # its goal: the smallest of its budgets meeting its limits, on the check's data
+        from isocompress.api.sweep import resolve_recipe
+
+        test_data = spec.test_data or recipe.test_data
+        test_labels = spec.test_labels or (recipe.test_labels if spec.test_data is None else None)
+        recipe, _ = resolve_recipe(spec.model, replace(recipe, calibration=calibration, labels=labels,
+                                                       test_data=test_data, test_labels=test_labels))
     with tempfile.TemporaryDirectory(prefix="isocompress-check-") as tmp:
         options = recipe.to_options()
         if spec.ref_intrinsic_length is not None:

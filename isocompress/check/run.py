@@ -75,6 +75,8 @@ def check_accuracy_labels(spec: CheckSpec, recipe: Recipe | None) -> None:
 
     if spec.min_accuracy is None or spec.test_data is None or spec.labels is not None:
         return
+    if not Path(spec.test_data).is_file():
+        raise IsocompressError(f"{_prefix(spec)}test-data {spec.test_data}: no such file; check the path")
     if labels_of_test_data(spec.test_data, spec.test_labels) is None:
         raise fail(spec.where, "min-accuracy", f"needs labels: {spec.test_data} holds none (an .npz holding x and y"
                    " has them); give test-labels, or calibration with labels")
