@@ -252,3 +252,10 @@ def test_bad_plot_requests_fail_before_any_work(small, args, message):
     result = shrink(small, *[a.format(tmp=tmp) for a in args])
     assert result.exit_code == 2 and message in one_error_line(result)
     assert not (tmp / "out").exists()
+
+
+def test_a_plot_without_points_to_certify_fails_before_any_work(small):
+    _, _, tmp = small
+    result = cli(["shrink", tmp / "m.pt", "--budget", "50%", "--plot", tmp / "c.png", "--out", tmp / "out"])
+    assert result.exit_code == 2 and "and --calibration or --certify-data" in one_error_line(result)
+    assert not (tmp / "out").exists() and not (tmp / "c.png").exists()

@@ -113,7 +113,7 @@ def effective_recipe(model, recipe_path, flags: dict, plot_path, progress: bool)
 
     base = recipes.load_recipe(recipe_path) if recipe_path is not None else recipes.Recipe(name=recipes.FLAGS_ONLY)
     effective, overridden = base.with_overrides(**flags)
-    if plot_path is not None and effective.exact:
+    if plot_path is not None and (effective.exact or effective.calibration is None and effective.certify_data is None):
         raise IsocompressError("--plot draws the local certificates against ε; they need a lossy goal (--budget,"
                                " --max-error or --min-certified-top1) and --calibration or --certify-data")
     swept = None
