@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import cli, one_error_line
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from isocompress.api.shrink import ShrinkOptions
 from isocompress.core.errors import IsocompressError
@@ -211,8 +213,8 @@ def test_the_curve_is_the_single_radius_run_at_each_radius(small):
     median = float(torch.linalg.vector_norm(x, dim=-1).median())
     assert [e["radius_given"] for e in curve] == list(radii)
     assert report["local"]["radius"] == curve[0]["radius"] == pytest.approx(0.05 * median, rel=1e-12)
-    for entry, given in zip(curve, radii):
-        _, alone = prune.prune_to_budget(model, ShrinkOptions(budget=0.2, certify_radius=given), calibration=x,
+    for entry, spec in zip(curve, radii):
+        _, alone = prune.prune_to_budget(model, ShrinkOptions(budget=0.2, certify_radius=spec), calibration=x,
                                          search_restarts=2, search_steps=5)
         assert alone["constant_directions"]["bound"] == report["constant_directions"]["bound"]  # the same allowance D
         one = alone["local"]
@@ -259,3 +261,33 @@ def test_a_plot_without_points_to_certify_fails_before_any_work(small):
     result = cli(["shrink", tmp / "m.pt", "--budget", "50%", "--plot", tmp / "c.png", "--out", tmp / "out"])
     assert result.exit_code == 2 and "and --calibration or --certify-data" in one_error_line(result)
     assert not (tmp / "out").exists() and not (tmp / "c.png").exists()
+
+
+values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+                      lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                   max_size=3), max_leaves=8)
+
+
+@given(values)
+@settings(max_examples=300, deadline=None)
+def test_radius_and_sweep_parsers_accept_or_fail_cleanly(value):
+    """Any value: a parsed radius (positive, finite; a "p%" string with p > 0) or one IsocompressError, never another
+    exception; the same for a [sweep] table holding it."""
+    import math
+
+    from isocompress.api.recipe import parse_sweep_table
+    from isocompress.core.parsing import parse_radii
+
+    try:
+        parsed = parse_radii(value, "r.toml")
+    except IsocompressError:
+        pass
+    else:
+        for r in parsed if isinstance(parsed, tuple) else (parsed,):
+            number = float(r[:-1]) if isinstance(r, str) else r
+            assert isinstance(r, (str, float)) and 0 < number < math.inf
+    for key in ("budgets", "max-bytes", "min-accuracy", "max-params", "min-certified-top1"):
+        try:
+            parse_sweep_table({key: value, "max-params": 5} if key != "max-params" else {key: value}, "r.toml")
+        except IsocompressError:
+            pass
