@@ -110,7 +110,8 @@ def sweep_row(model, budget: str, options: ShrinkOptions, data: dict, limits: Sw
                                                                                       limits.given()}}
     row = row_of_report(budget, report)
     if limits.min_certified_top1 is not None and row["certified_top1"] is None:
-        raise IsocompressError(f"--min-certified-top1 needs local certificates: {row['certified_note']}")
+        why = row["certified_note"] or "this network has one output, so it has no top-1 class to certify"
+        raise IsocompressError(f"--min-certified-top1 needs certified top-1 classes: {why}")
     row["meets"] = limits.meets(row)
     return row
 
