@@ -154,8 +154,8 @@ def test_the_rule_pass_gives_the_originals_outputs_on_the_probes(tmp_path, case)
 
 
 def test_the_rule_pass_uses_the_same_lipschitz_chain_as_the_in_memory_path(tmp_path):
-    """The streamed pass frees each layer before its eigenvalue step; the chain must still be constants.layer_norms'."""
-    from isocompress.exact.constants import layer_norms, lipschitz_after
+    """The streamed pass reads one layer at a time; the chain must still be the in-memory one (constants.reachable_norms)."""
+    from isocompress.exact.constants import lipschitz_after, reachable_norms
 
     model = random_model([6, 11, 8, 8, 2], psi=True, o=(0.0, 1.5), seed=4)
     path = tmp_path / "m.safetensors"
@@ -163,5 +163,5 @@ def test_the_rule_pass_uses_the_same_lipschitz_chain_as_the_in_memory_path(tmp_p
     x = torch.randn(5, 6, dtype=F64)
     rule = stream.constant_rule(stream.open_source(path), x)
     layers = io.load(path).layers
-    expected = lipschitz_after([layer_norms(l) for l in layers], [None if l.o is None else float(l.o) for l in layers])
+    expected = lipschitz_after(reachable_norms(layers), [None if l.o is None else float(l.o) for l in layers])
     assert rule.after == pytest.approx(expected, rel=1e-14)  # the same sums, up to the order of float64 rounding

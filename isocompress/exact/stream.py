@@ -12,6 +12,7 @@ the in-memory path.
 from __future__ import annotations
 
 import json
+import math
 import struct
 import tempfile
 from dataclasses import dataclass, replace
@@ -25,14 +26,15 @@ from isocompress.core.config import ModelConfig
 from isocompress.core.errors import IsocompressError
 from isocompress.core.layers import _left_mul, _right_mul, producer_basis, remove_constant_pair
 from isocompress.core.model import Layer
-from isocompress.core.primitives import gram_matrix, isotropic_tanh, spectral_norm_from_gram, svd64
+from isocompress.core.primitives import isotropic_tanh, svd64
 from isocompress.exact.constants import (
     constant_floor,
     constant_record,
+    is_constant_space,
     layer_input_bound,
     layer_norms,
     lipschitz_after,
-    psi_norm,
+    reachable_step,
 )
 from isocompress.exact.shrink import choose_alternating_layers
 from isocompress.formats import io
@@ -252,11 +254,16 @@ def checked_cast(name: str, value: torch.Tensor, dtype: torch.dtype, where: str)
 # --- the forward, one layer at a time -------------------------------------------------------------------------------
 @dataclass
 class Forward:
-    """Inputs x carried through layers fed in order: after the output layer, `y` holds the outputs (float64)."""
+    """Inputs x carried through layers fed in order: after the output layer, `y` holds the outputs (float64); `m2`
+    and `m2_space` hold, per input, the largest m² = o + |z|² over the hidden spaces so far and where it was reached
+    (core.ranges' checks)."""
 
     h: torch.Tensor
     g: torch.Tensor | None = None
     y: torch.Tensor | None = None
+    m2: torch.Tensor | None = None
+    m2_space: torch.Tensor | None = None
+    fed: int = 0
 
     @torch.no_grad()
     def feed(self, layer: Layer, chunk: int = 128) -> None:
@@ -265,6 +272,7 @@ class Forward:
         n = self.h.shape[0]
         out = torch.empty(n, layer.n_out, dtype=F64)
         gains = None if layer.is_output else torch.empty(n, 1, dtype=F64)
+        m2 = None if layer.is_output else torch.empty(n, dtype=F64)
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
             z = layer.apply_weight(self.h[rows]) + layer.bias
@@ -273,11 +281,23 @@ class Forward:
             if gains is None:
                 out[rows] = z
             else:
+                m2[rows] = (z * z).sum(dim=-1) + layer.o
                 out[rows], gains[rows] = isotropic_tanh(z, layer.o)
         if gains is None:
             self.y = out
         else:
             self.h, self.g = out, gains
+            self._track(m2)
+        self.fed += 1
+
+    def _track(self, m2: torch.Tensor) -> None:
+        m2 = torch.where(torch.isfinite(m2), m2, torch.full_like(m2, math.inf))
+        if self.m2 is None:
+            self.m2, self.m2_space = m2, torch.zeros(m2.shape[0], dtype=torch.int64)
+            return
+        larger = m2 > self.m2
+        self.m2 = torch.where(larger, m2, self.m2)
+        self.m2_space = torch.where(larger, torch.full_like(self.m2_space, self.fed), self.m2_space)
 
 
 def summary(i: int, layer: Layer) -> dict:
@@ -317,19 +337,22 @@ def _load_layer(path: Path, n_in: int) -> Layer:
 def constant_rule(src: LayerSource, x: torch.Tensor, probes: torch.Tensor | None = None) -> SimpleNamespace:
     """Pass 0 of a streamed exact shrink: what layers.remove_constant_directions_accounted needs before it visits a
     hidden space (issue 13's output-relative rule): after[i] = L_{i+1}, the Lipschitz constant of everything after
-    hidden space i (from every original layer's ‖W‖₂, |psi| and o), the output scale Y = max |y| on x and R = max |x|;
-    and y_probes, the original's outputs on `probes` (default x) from the same forward (no second forward of the
-    original is held beside its wide layers later)."""
+    hidden space i (from every original layer's norm on its reachable subspace, constants.reachable_step, |psi| and
+    o), the output scale Y = max |y| on x and R = max |x|; and y_probes, the original's outputs on `probes` (default
+    x) from the same forward (no second forward of the original is held beside its wide layers later)."""
     rows, joint = _probe_rows(x, probes)
-    fwd, norms, o = Forward(joint.to(F64)), [], []
+    fwd, norms, o, basis = Forward(joint.to(F64)), [], [], None
     for i in range(src.n_layers):
-        layer_norm, layer_o = _feed_and_norms(src, i, fwd)
+        layer = src.layer(i)
+        fwd.feed(layer)
+        o.append(None if layer.is_output else float(layer.o))
+        layer_norm, basis = reachable_step(layer, basis)
         norms.append(layer_norm)
-        o.append(layer_o)
-    after = lipschitz_after(norms, o)
+        del layer
     scale = max(float(torch.linalg.vector_norm(fwd.y[: x.shape[0]], dim=-1).max()), torch.finfo(F64).tiny)
-    return SimpleNamespace(after=after, scale=scale, radius=float(torch.linalg.vector_norm(x, dim=-1).max()),
-                           y_probes=fwd.y[rows])
+    return SimpleNamespace(after=lipschitz_after(norms, o), norms=norms, o=o, scale=scale, m2=fwd.m2,
+                           radius=float(torch.linalg.vector_norm(x, dim=-1).max()), y_probes=fwd.y[rows], rows=rows,
+                           y_all=fwd.y)
 
 
 def _probe_rows(x: torch.Tensor, probes: torch.Tensor | None) -> tuple[slice, torch.Tensor]:
@@ -344,18 +367,12 @@ def _probe_rows(x: torch.Tensor, probes: torch.Tensor | None) -> tuple[slice, to
     return slice(n, n + p), torch.cat([x.to(F64), probes.to(F64)])
 
 
-def _feed_and_norms(src: LayerSource, i: int, fwd: Forward) -> tuple[tuple[float, float], float | None]:
-    """Layer i fed to `fwd`, then (layers.layer_norms of it, its o): the same numbers, but the layer is freed before
-    the eigenvalue step, so only its Gram matrix and eigvalsh's copy of it are resident there (peak memory)."""
-    layer = src.layer(i)
-    fwd.feed(layer)
-    o = None if layer.is_output else float(layer.o)
-    if layer.kind == "diag" or layer.weight.numel() == 0:
-        return layer_norms(layer), o
-    psi = psi_norm(layer)
-    gram, inner = gram_matrix(layer.weight), max(layer.weight.shape)
-    del layer
-    return (spectral_norm_from_gram(gram, inner), psi), o
+def whole_space_chain(src: LayerSource, rule: SimpleNamespace, i: int) -> None:
+    """rule.after with whole-space norms for layers i+2, … (read again): hidden space i is constant, and the chain
+    after it is not taken on reachable subspaces (docs/bounds.md §6, "Reachable subspaces")."""
+    for k in range(i + 2, src.n_layers):
+        rule.norms[k] = layer_norms(src.layer(k))
+    rule.after = lipschitz_after(rule.norms, rule.o)
 
 
 def remove_constants_pass(src: LayerSource, tmp: Path, step: Callable[[str], None],
@@ -367,6 +384,8 @@ def remove_constants_pass(src: LayerSource, tmp: Path, step: Callable[[str], Non
     record = constant_record(None, rule.scale, rule.radius)
     for i in range(src.n_layers):
         if pending is not None:
+            if i + 1 < src.n_layers and is_constant_space(pending):
+                whole_space_chain(src, rule, i - 1)
             b = layer_input_bound(i - 1, rule.radius, o_before, pending.psi is not None)
             basis = producer_basis(pending, sigma_floor=constant_floor(b, rule.after[i - 1], rule.scale))
         original = src.layer(i)
