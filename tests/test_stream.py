@@ -221,3 +221,37 @@ def test_the_rule_pass_uses_the_same_lipschitz_chain_as_the_in_memory_path(tmp_p
     layers = io.load(path).layers
     expected = lipschitz_after(reachable_norms(layers), [None if l.o is None else float(l.o) for l in layers])
     assert rule.after == pytest.approx(expected, rel=1e-14)  # the same sums, up to the order of float64 rounding
+
+
+@pytest.mark.parametrize("streamed", [True, False])
+def test_an_onnx_file_over_the_limit_uses_external_data_and_is_verified(tmp_path, monkeypatch, streamed):
+    """Over 2 GB a protobuf cannot hold the model: its tensors go to model.onnx.data. The limit is lowered here so
+    that a small model takes that branch; the published pair loads in onnxruntime and gives the model's outputs."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from isocompress.export import onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 2000)
+    model = random_model([40, 40, 40, 4], psi=True, o=(0.0, 1.0), seed=3)
+    path = _layout_file(tmp_path, model, "ref.pt", torch.float32)
+    report = api.shrink_file(path, tmp_path / "out", progress=False, stream=streamed)
+    assert report.get("streamed", False) is streamed
+    onnx_file, data = tmp_path / "out" / "model.onnx", tmp_path / "out" / "model.onnx.data"
+    assert report["onnx"]["external_data"] == "model.onnx.data" and data.exists()
+    assert report["onnx"]["external_data_bytes"] == data.stat().st_size > onnx_file.stat().st_size
+    assert report["onnx"]["max_rel_diff"] < 1e-4
+    assert "model.onnx.data" in report["sha256"]
+    session = ort.InferenceSession(str(onnx_file))
+    x = torch.randn(9, 40, dtype=F64)
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy().astype(np.float32)})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-4)
+    assert not list((tmp_path / "out").glob(".*"))  # no temporaries left
+
+
+def test_small_onnx_files_stay_self_contained(tmp_path):
+    model = random_model([4, 10, 3], seed=0)
+    io.save(model, tmp_path / "m.safetensors")
+    report = api.shrink_file(tmp_path / "m.safetensors", tmp_path / "out", progress=False)
+    assert "external_data" not in report["onnx"] and not (tmp_path / "out" / "model.onnx.data").exists()
