@@ -331,13 +331,10 @@ def shrink_streaming(model_path, out_dir, options: ShrinkOptions, calibration, p
     check = streamed_checks(source, calib, saved_dtype, options, model_path, calibration)
     with output_dir(out, inputs) as stage:
         with progress_bar(source.n_layers - 1 + (source.n_layers - 1) // 2, "shrink", enabled=progress) as step:
-            target = stage / "model.safetensors" if "safetensors" in options.formats else \
-                Path(stage) / ".model.unpublished.safetensors"
+            target = stage / "model.safetensors" if "safetensors" in options.formats else None
             done = stream.shrink_exact_to_file(source, target, saved_dtype, probes, step,
-                                               exact_rule_inputs(source.input_shape, calib), check)
+                                               exact_rule_inputs(source.input_shape, calib), check, Path(stage))
         files, onnx_report = streamed_outputs(done["model"], stage, options, saved_dtype, probes)
-        if "safetensors" not in options.formats:
-            target.unlink(missing_ok=True)
         report = streamed_report(source, done, model_path, options, recipe, calibration, calib, probes, files,
                                  saved_dtype, out)
         add_results(report, done["constant_directions"], None, None, onnx_report)

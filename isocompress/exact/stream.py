@@ -16,6 +16,7 @@ import math
 import struct
 import tempfile
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -108,8 +109,9 @@ class LayerSource:
                      sigma=shape.sigma)
 
 
-def read_safetensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file read with plain reads (no mapping: only what is asked for becomes resident)."""
+def read_safetensors(path: Path, names: list[str], missing_ok: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file read with plain reads (no mapping: only what is asked for becomes resident);
+    `missing_ok`: names the file does not hold are left out."""
     table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I64": torch.int64, "I32": torch.int32}
     with open(path, "rb") as handle:
@@ -117,6 +119,8 @@ def read_safetensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
         header = json.loads(handle.read(length))
         out = {}
         for name in names:
+            if missing_ok and name not in header:
+                continue
             entry = header[name]
             dtype, (start, end) = table.get(entry["dtype"]), entry["data_offsets"]
             if dtype is None:  # int8, bool, …: read as stored by safetensors; the layer's check then names the problem
@@ -255,6 +259,16 @@ def _open_tensors(path: Path):
 
 
 # --- writing one tensor at a time ---------------------------------------------------------------------------------
+class NullWriter:
+    """A TensorWriter that writes nothing."""
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        pass
+
+    def close(self, complete: bool = True) -> None:
+        pass
+
+
 class TensorWriter:
     """A safetensors file written incrementally: the header (every name, dtype, shape) first, then each tensor's
     bytes in header order as it becomes available. Write into an io.atomic_path."""
@@ -280,7 +294,7 @@ class TensorWriter:
             raise AssertionError(f"tensor {name!r} written out of order")
         self._order.pop(0)
         data = tensor.detach().to(self._dtypes[name]).contiguous().reshape(-1)
-        self._handle.write(data.view(torch.uint8).numpy().tobytes())
+        self._handle.write(memoryview(data.view(torch.uint8).numpy()))
 
     def close(self, complete: bool = True) -> None:
         self._handle.close()
@@ -385,15 +399,18 @@ def _contiguous(layer: Layer) -> Layer:
 
 
 def _save_layer(layer: Layer, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k.split(".")[-1]: v.contiguous() for k, v in layer_tensors(0, layer)}, str(path))
+    """A float64 temporary of one layer (plain writes: a full disk or a file-size limit is an OSError naming it)."""
+    tensors = [(k.split(".")[-1], v) for k, v in layer_tensors(0, layer)]
+    writer = TensorWriter(path, [(k, F64, tuple(v.shape)) for k, v in tensors], {})
+    try:
+        for k, v in tensors:
+            writer.write(k, v)
+    finally:
+        writer.close(complete=False)
 
 
 def _load_layer(path: Path, n_in: int) -> Layer:
-    from safetensors.torch import load_file
-
-    t = load_file(str(path))
+    t = read_safetensors(path, ["weight", "bias", "psi", "o"], missing_ok=True)
     return Layer(weight=t["weight"], bias=t["bias"], n_in=n_in, psi=t.get("psi"), o=t.get("o"))
 
 
@@ -534,23 +551,25 @@ def diagonalise_pass(shapes: list[SimpleNamespace], tmp: Path, emit: Callable[[i
 
 def shrink_exact_to_file(src: LayerSource, out_path: Path, dtype: torch.dtype, probes: torch.Tensor,
                          step: Callable[[str], None], rule_inputs: torch.Tensor | None = None,
-                         check: Callable[[SimpleNamespace], None] | None = None) -> dict:
+                         check: Callable[[SimpleNamespace], None] | None = None, work_dir: Path | None = None) -> dict:
     """shrink_exact of src's model written to out_path (safetensors, `dtype`), one layer in memory at a time, with
     the constant-direction rule of layers.remove_constant_directions_accounted set on `rule_inputs` (default: the
-    probes). `check(rule)` runs after the rule's pass over the original (ranges' checks), before anything is
+    probes); out_path None: no file (the caller writes only ONNX); the temporaries go to `work_dir` (default: beside
+    out_path). `check(rule)` runs after the rule's pass over the original (ranges' checks), before anything is
     written. Returns layer summaries before/after, the probe outputs of the original, the float64 result and the
     saved file, the rule's record (report.json's constant_directions) and the float64 result as a model."""
     return_freed_memory_to_the_system()
+    work_dir = work_dir if work_dir is not None else out_path.parent
     rule = constant_rule(src, probes if rule_inputs is None else rule_inputs, probes)
     if check is not None:
         check(rule)
     fwd64, fwd_saved, after, kept = Forward(probes.to(F64)), Forward(probes.to(F64)), [], []
-    with tempfile.TemporaryDirectory(prefix=".isocompress-stream-", dir=out_path.parent) as tmp_name:
+    with tempfile.TemporaryDirectory(prefix=".isocompress-stream-", dir=work_dir) as tmp_name:
         before, shapes, record = remove_constants_pass(src, Path(tmp_name), step, rule)
         chosen = set(choose_alternating_layers(SimpleNamespace(layers=shapes)))
         specs, config = final_specs(shapes, chosen, dtype)
-        with io.atomic_path(out_path) as tmp_out:
-            writer = TensorWriter(tmp_out, specs, {io.CONFIG_KEY: config.to_json()})
+        with io.atomic_path(out_path) if out_path is not None else nullcontext() as tmp_out:
+            writer = NullWriter() if out_path is None else TensorWriter(tmp_out, specs, {io.CONFIG_KEY: config.to_json()})
 
             def emit(j: int, layer: Layer) -> None:
                 after.append(summary(j, layer))
@@ -558,7 +577,7 @@ def shrink_exact_to_file(src: LayerSource, out_path: Path, dtype: torch.dtype, p
                 fwd64.feed(layer)
                 cast = {}
                 for name, value in layer_tensors(j, layer):
-                    cast[name.split(".")[-1]] = checked_cast(name, value, dtype, str(out_path))
+                    cast[name.split(".")[-1]] = checked_cast(name, value, dtype, str(out_path or "model"))
                     writer.write(name, cast[name.split(".")[-1]])
                 fwd_saved.feed(replace(layer, **cast))
 
