@@ -55,13 +55,19 @@ def layer_norms(layer: Layer) -> tuple[float, float]:
     return w * spread, psi_norm(layer) * spread
 
 
-def reachable_step(layer: Layer, basis: torch.Tensor | None) -> tuple[tuple[float, float], torch.Tensor | None]:
+def reachable_step(layer: Layer, basis: torch.Tensor | None, with_image: bool = False):
     """One layer of the chain's norms on reachable subspaces (docs/bounds.md §6, "Reachable subspaces"): `basis` is
     an orthonormal basis of V_{k−1}, the subspace every value of the hidden space layer k reads lies in (None: the
     whole space, or a layer on maps). Returns ((a bound on ‖W_k‖₂ on V_{k−1}, |psi_k|), a basis of V_k, or None
-    when V_k may be all of hidden space k). O(n_out·n_in·r) for r = dim V_{k−1}, instead of O(n³)."""
+    when V_k may be all of hidden space k). O(n_out·n_in·r) for r = dim V_{k−1}, instead of O(n³). `with_image`:
+    W_k Q_{k−1} (W_k itself without a basis) as a third element (a streamed forward in reduced coordinates)."""
     if layer.geometry != DENSE:
-        return layer_norms(layer), None
+        return (layer_norms(layer), None) + ((None,) if with_image else ())
+    norms, next_basis, image = _reachable_step(layer, basis)
+    return (norms, next_basis) + ((image,) if with_image else ())
+
+
+def _reachable_step(layer: Layer, basis: torch.Tensor | None):
     psi = psi_norm(layer)
     if basis is None:
         image, w = layer.dense_weight(), layer_norms(layer)[0]
@@ -71,11 +77,11 @@ def reachable_step(layer: Layer, basis: torch.Tensor | None) -> tuple[tuple[floa
         w = restricted_norm(image, layer)
     generators = image.shape[1] + 1 + (layer.psi is not None)
     if layer.is_output or generators >= layer.n_out:
-        return (w, psi), None
+        return (w, psi), None, image
     columns = [image, layer.bias[:, None]] + ([] if layer.psi is None else [layer.psi[:, None]])
     with threads.for_matrix(layer.n_out, generators):
         # Householder QR, no rank truncation: Q's columns span every generator (V_k = W_k V_{k−1} + span(b_k, psi_k))
-        return (w, psi), torch.linalg.qr(torch.cat(columns, dim=1), mode="reduced")[0]
+        return (w, psi), torch.linalg.qr(torch.cat(columns, dim=1), mode="reduced")[0], image
 
 
 def restricted_norm(image: torch.Tensor, layer: Layer) -> float:

@@ -336,23 +336,28 @@ class Forward:
     fed: int = 0
 
     @torch.no_grad()
-    def feed(self, layer: Layer, chunk: int = 128) -> None:
-        """One layer, `chunk` rows at a time (the temporaries of a wide layer stay small)."""
+    def feed(self, layer: Layer, chunk: int = 128, image: torch.Tensor | None = None,
+             basis: torch.Tensor | None = None) -> None:
+        """One layer, `chunk` rows at a time (the temporaries of a wide layer stay small). In reduced coordinates
+        (docs/bounds.md §6, "Reachable subspaces"): with `image` = W Q, `h` holds the coordinates c of the previous
+        activations in the basis Q (h = Q c), so W h = image·c costs n·r per row instead of n²; with `basis` Q' of
+        this layer's reachable subspace, the new activations are kept as their coordinates Q'ᵀh."""
         layer = layer.cast(F64)
         n = self.h.shape[0]
-        out = torch.empty(n, layer.n_out, dtype=F64)
+        out = torch.empty(n, layer.n_out if basis is None else basis.shape[1], dtype=F64)
         gains = None if layer.is_output else torch.empty(n, 1, dtype=F64)
         m2 = None if layer.is_output else torch.empty(n, dtype=F64)
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
-            z = layer.apply_weight(self.h[rows]) + layer.bias
+            z = (layer.apply_weight(self.h[rows]) if image is None else self.h[rows] @ image.T) + layer.bias
             if layer.psi is not None:
                 z = z + layer.psi * self.g[rows]
             if gains is None:
                 out[rows] = z
             else:
                 m2[rows] = (z * z).sum(dim=-1) + layer.o
-                out[rows], gains[rows] = isotropic_tanh(z, layer.o)
+                h, gains[rows] = isotropic_tanh(z, layer.o)
+                out[rows] = h if basis is None else h @ basis
         if gains is None:
             self.y = out
         else:
@@ -424,10 +429,12 @@ def constant_rule(src: LayerSource, x: torch.Tensor, probes: torch.Tensor | None
     fwd, norms, o, basis, largest = Forward(joint.to(F64)), [], [], None, (0.0, "")
     for i in range(src.n_layers):
         layer = src.layer(i)
-        fwd.feed(layer)
         o.append(None if layer.is_output else float(layer.o))
-        layer_norm, basis = reachable_step(layer, basis)
+        layer_norm, next_basis, image = reachable_step(layer, basis, with_image=True)
+        fwd.feed(layer, image=None if basis is None else image, basis=next_basis)
+        basis = next_basis
         norms.append(layer_norm)
+        del image
         for name, value in layer_tensors(i, layer):  # as ranges.largest_stored, in state_dict order
             top = abs_max(value)
             if top > largest[0]:
