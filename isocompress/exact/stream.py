@@ -446,10 +446,12 @@ def constant_rule(src: LayerSource, x: torch.Tensor, probes: torch.Tensor | None
                            largest=largest)
 
 
-def abs_max(t: torch.Tensor, chunk: int = 1 << 18) -> float:
-    """max |t| in chunks (no |t|-sized temporary beside a wide layer); 0 for an empty tensor."""
-    flat = t.reshape(-1)
-    return max((float(flat[i:i + chunk].abs().max()) for i in range(0, flat.numel(), chunk)), default=0.0)
+def abs_max(t: torch.Tensor) -> float:
+    """max |t| from one min/max pass (no |t|-sized temporary beside a wide layer); 0 for an empty tensor."""
+    if t.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return max(-float(lo), float(hi))
 
 
 def measured_m2(fwd: Forward, rows: slice) -> tuple[float, int, float]:
