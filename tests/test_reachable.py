@@ -2,6 +2,7 @@
 the whole-space norms, a valid Lipschitz bound on every trajectory the proof uses, and the exact shrink still computes
 the same function."""
 
+import itertools
 from dataclasses import replace
 
 import pytest
@@ -91,7 +92,9 @@ def test_the_restricted_norm_bounds_every_trajectory_difference(case, which):
     u = torch.linalg.svd(torch.cat([layer_i.weight] + ([] if layer_i.psi is None else [layer_i.psi[:, None]]), 1),
                          full_matrices=False)[0]
     q = u[:, : max(1, u.shape[1] // 2)]
-    project = lambda z: (z - layer_i.bias) @ q @ q.T + layer_i.bias  # noqa: E731
+
+    def project(z):
+        return (z - layer_i.bias) @ q @ q.T + layer_i.bias
     a, b = _trajectory(model, x, i), _trajectory(model, x.flip(0), i)
     c = _trajectory(model, x, i, project)
     for k in range(i + 1, len(widths) - 1):
@@ -143,7 +146,7 @@ def test_reachable_step_dimension_grows_by_at_most_two():
         _, basis = reachable_step(layer, basis)
         dims.append(None if basis is None else basis.shape[1])
     assert dims == [6, 8, 10, 12, 14, 16]
-    for a, b in zip(dims, dims[1:]):
+    for a, b in itertools.pairwise(dims):
         if a is not None and b is not None:
             assert b <= a + 2
 

@@ -59,7 +59,7 @@ def test_streamed_report_matches_the_in_memory_report(tmp_path):
     assert report["bytes_after"]["safetensors"] == (tmp_path / "mem" / "model.safetensors").stat().st_size
 
 
-def _layout_file(tmp_path, model, layout: str, dtype) -> "Path":
+def _layout_file(tmp_path, model, layout: str, dtype):
     """The model written in one of the layouts io reads."""
     from safetensors.torch import save_file
 
