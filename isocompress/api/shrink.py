@@ -194,16 +194,14 @@ def shrink_file(
 ) -> dict:
     """`isocompress shrink`: load, shrink, write DIR/model.safetensors (+ DIR/model.onnx) and DIR/report.json; returns
     the report. `recipe`: provenance (name, version, path of a recipe file, overriding flags) for report["recipe"].
-    `stream=False`: load the whole model even where the streamed exact path applies (what that path is tested
-    against)."""
+    `stream=False`: load the whole model even where the streamed exact path applies (it is tested against that)."""
     options, started = options or ShrinkOptions(), time.perf_counter()
     if certify_data is not None and not options.lossy:
         raise IsocompressError("--certify-data needs a lossy goal (--budget, --max-error or --min-certified-top1): an"
                                " exact shrink keeps every output, so there is nothing to certify; give a goal or drop it")
     labelled = any(p is not None for p in (labels, certify_data, test_data, test_labels))  # checked in memory
-    if stream and not labelled and (streamed := shrink_streaming(model_path, out_dir, options, calibration, progress,
-                                                                 recipe)):
-        return streamed  # issue 12: every exact run of a dense tanh MLP: one original layer in memory at a time
+    if stream and not labelled and (done := shrink_streaming(model_path, out_dir, options, calibration, progress, recipe)):
+        return done  # every exact run of a dense tanh MLP: one original layer in memory at a time (exact/stream.py)
     model_path = Path(model_path)
     original, saved_dtype, notes = load_model(model_path, options)
     calib = load_inputs(calibration, original.input_shape) if calibration is not None else None
