@@ -1,12 +1,15 @@
-"""The exact shrink one layer at a time (issue 12): peak memory near one layer, not the model.
+"""The exact shrink one layer at a time: peak memory near one layer, not the model.
 
-`open_source` reads layer i of an isocompress-layout file on demand (safetensors: `safe_open` per layer, so no
-mapping of the whole file stays resident; .pt: `torch.load(mmap=True, weights_only=True)`), in float64.
-`shrink_exact_to_file` runs remove_all_constant_directions (pass 1, layer pairs, results in float64 temporary
-files) and alternate_diagonalise (pass 2, layer triples) as the in-memory verbs do, writes the output safetensors
-incrementally (`TensorWriter`: header first, then each tensor as it is final) and runs the probe inputs through the
-original, the float64 result and the saved result on the way. Other layouts (the reference's) and ONNX output use
-the in-memory path.
+`open_source` checks a file's stored shapes as io.load does (a skeleton model on the meta device) and then reads layer
+i on demand, in float64, in every layout io reads: isocompress's own (with or without a config) and the reference
+state_dict; safetensors through its header and plain reads (no mapping of the whole file stays resident), .pt through
+`torch.load(mmap=True, weights_only=True)`. Pass 0 (`constant_rule`) runs the rule's inputs through the original in
+the coordinates of its reachable subspaces and takes the norms of the constant-direction rule there (docs/bounds.md
+§6); `shrink_exact_to_file` then runs remove_all_constant_directions (pass 1, layer pairs, results in float64
+temporary files) and alternate_diagonalise (pass 2, layer triples) as the in-memory verbs do, writes the output
+safetensors incrementally (`TensorWriter`: header first, then each tensor as it is final) and runs the probe inputs
+through the float64 result and the saved result on the way. The shrunk model (small) is returned for the ONNX file.
+CNNs, log1p networks and lossy runs use the in-memory path.
 """
 
 from __future__ import annotations
