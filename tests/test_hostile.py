@@ -326,11 +326,22 @@ def test_an_exact_run_with_a_real_probe_error_fails(tmp_path, small, monkeypatch
         last = shrunk.layers[-1]
         return shrunk.with_layers({len(shrunk.layers) - 1: dataclasses.replace(last, bias=last.bias + 1e-3)}), record
 
-    monkeypatch.setattr(api, "shrink_exact_accounted", wrong)
-    result = cli(["shrink", small, "--out", tmp_path / "o", "--quiet"])
-    assert result.exit_code == 1
-    assert "exact shrinking changed the outputs" in one_error_line(result)
-    assert not (tmp_path / "o").exists()
+    monkeypatch.setattr(api, "shrink_exact_accounted", wrong)  # the in-memory path
+    from isocompress.exact import stream
+
+    real_pass = stream.diagonalise_pass
+
+    def wrong_pass(shapes, tmp, emit, step):  # the streamed path (this file streams): the same wrong output bias
+        def wrong_emit(j, layer):
+            emit(j, dataclasses.replace(layer, bias=layer.bias + 1e-3) if j == len(shapes) - 1 else layer)
+        real_pass(shapes, tmp, wrong_emit, step)
+
+    monkeypatch.setattr(stream, "diagonalise_pass", wrong_pass)
+    for extra in ([], ["--format", "onnx"]):
+        result = cli(["shrink", small, "--out", tmp_path / "o", "--quiet", *extra])
+        assert result.exit_code == 1
+        assert "exact shrinking changed the outputs" in one_error_line(result)
+        assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("make", [amplified_2_2_1, amplified_3_4_4_2])
@@ -340,7 +351,7 @@ def test_the_streamed_exact_shrink_uses_the_same_output_relative_rule(tmp_path, 
     path = tmp_path / "amp.safetensors"
     io.save(make(), path, dtype=torch.float64)
     streamed = api.shrink_file(path, tmp_path / "s", api.ShrinkOptions(formats=("safetensors",)), progress=False)
-    in_memory = api.shrink_file(path, tmp_path / "m", progress=False)
+    in_memory = api.shrink_file(path, tmp_path / "m", progress=False, stream=False)
     assert streamed.get("streamed") and not in_memory.get("streamed")
     assert streamed["widths_after"] == in_memory["widths_after"]
     assert streamed["constant_directions"]["dropped"] == in_memory["constant_directions"]["dropped"]

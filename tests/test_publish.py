@@ -166,7 +166,10 @@ def test_a_full_disk_while_writing(tmp_path, small, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(io, "save_safetensors", full)
+    from isocompress.exact import stream
+
+    monkeypatch.setattr(io, "save_safetensors", full)  # the in-memory path's writer
+    monkeypatch.setattr(stream.TensorWriter, "write", full)  # the streamed path's (this file streams)
     result = cli(["shrink", small, "--out", out, "--quiet"])
     assert result.exit_code == 2
     line = one_error_line(result)

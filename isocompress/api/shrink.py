@@ -190,16 +190,18 @@ def shrink_file(
     certify_data: str | Path | None = None,
     test_data: str | Path | None = None,
     test_labels: str | Path | None = None,
+    stream: bool = True,
 ) -> dict:
     """`isocompress shrink`: load, shrink, write DIR/model.safetensors (+ DIR/model.onnx) and DIR/report.json; returns
-    the report. `recipe`: provenance (name, version, path of a recipe file, overriding flags) for report["recipe"]."""
+    the report. `recipe`: provenance (name, version, path of a recipe file, overriding flags) for report["recipe"].
+    `stream=False`: load the whole model even where the streamed exact path applies (it is tested against that)."""
     options, started = options or ShrinkOptions(), time.perf_counter()
     if certify_data is not None and not options.lossy:
         raise IsocompressError("--certify-data needs a lossy goal (--budget, --max-error or --min-certified-top1): an"
                                " exact shrink keeps every output, so there is nothing to certify; give a goal or drop it")
     labelled = any(p is not None for p in (labels, certify_data, test_data, test_labels))  # checked in memory
-    if not labelled and (streamed := shrink_streaming(model_path, out_dir, options, calibration, progress, recipe)):
-        return streamed  # issue 12: exact, safetensors only: one layer in memory at a time
+    if stream and not labelled and (done := shrink_streaming(model_path, out_dir, options, calibration, progress, recipe)):
+        return done  # every exact run of a dense tanh MLP: one original layer in memory at a time (exact/stream.py)
     model_path = Path(model_path)
     original, saved_dtype, notes = load_model(model_path, options)
     calib = load_inputs(calibration, original.input_shape) if calibration is not None else None
@@ -305,49 +307,97 @@ def load_model(model_path: Path, options: ShrinkOptions) -> tuple[IsoMLP, torch.
 
 
 def shrink_streaming(model_path, out_dir, options: ShrinkOptions, calibration, progress: bool, recipe) -> dict | None:
-    """shrink_file's exact path through isocompress.exact.stream (the same report), or None where it does not apply: a
-    lossy shrink, ONNX output, or a file not in isocompress's own layout with its config."""
+    """shrink_file's exact path through isocompress.exact.stream (the same report and files: the safetensors file
+    written layer by layer, the ONNX file from the shrunk model), or None where it does not apply: a lossy shrink
+    (its search and certificate evaluate the original whole), or a file stream.open_source leaves to the in-memory
+    path (a CNN, a log1p network, an unusual container)."""
     from isocompress.exact import stream
 
-    if options.lossy or options.formats != ("safetensors",):
+    if options.lossy:
         return None
     started, model_path = time.perf_counter(), Path(model_path)
-    source = stream.open_source(model_path)
+    source = stream.open_source(model_path, options.ref_intrinsic_length)
     if source is None:
         return None
+    for note in source.notes:
+        io.print_note(note)
     saved_dtype = parse_dtype(options.dtype, source.dtype)
     calib = load_inputs(calibration, source.input_shape) if calibration is not None else None
     probes = calib if calib is not None else probe_inputs(source.input_shape)
     out = Path(out_dir) if out_dir is not None else default_out_dir(model_path)
     inputs = [model_path] + ([Path(calibration)] if calibration is not None else [])
+    check = streamed_checks(source, calib, saved_dtype, options, model_path, calibration)
     with output_dir(out, inputs) as stage:
         with progress_bar(source.n_layers - 1 + (source.n_layers - 1) // 2, "shrink", enabled=progress) as step:
-            done = stream.shrink_exact_to_file(source, stage / "model.safetensors", saved_dtype, probes, step,
-                                               exact_rule_inputs(source.input_shape, calib))
-        report = {
-            "model": str(model_path), "exact": True,
-            "recipe": recipe_record(options, recipe, calibration=calibration, labels=None),
-            "params_before": sum(r["params"] for r in done["layers_before"]),
-            "params_after": sum(r["params"] for r in done["layers"]),
-            "flops_before": sum(r["flops"] for r in done["layers_before"]),
-            "flops_after": sum(r["flops"] for r in done["layers"]),
-            "input_shape": list(source.input_shape),
-            "widths_before": done["widths_before"], "widths_after": done["widths_after"],
-            "bytes_before": model_path.stat().st_size,
-            "bytes_after": {"safetensors": (stage / "model.safetensors").stat().st_size},
-            "dtype_saved": str(saved_dtype).replace("torch.", ""),
-            "layers_before": done["layers_before"], "layers": done["layers"],
-            "probe": {
-                "inputs": probe_description(calib, probes),
-                "float64": difference(done["y"], done["y_float64"]),
-                "saved_file": difference(done["y"], done["y_saved"]),
-            },
-            "files": final_paths({"safetensors": stage / "model.safetensors"}, out),
-            "streamed": True,
-        }
-        add_results(report, done["constant_directions"], None, None, None)
+            target = stage / "model.safetensors" if "safetensors" in options.formats else None
+            done = stream.shrink_exact_to_file(source, target, saved_dtype, probes, step,
+                                               exact_rule_inputs(source.input_shape, calib), check, Path(stage))
+        files, onnx_report = streamed_outputs(done["model"], stage, options, saved_dtype, probes)
+        report = streamed_report(source, done, model_path, options, recipe, calibration, calib, probes, files,
+                                 saved_dtype, out)
+        add_results(report, done["constant_directions"], None, None, onnx_report)
         report["seconds"] = round(time.perf_counter() - started, 4)
         write_report(report, stage)
+    return report
+
+
+def streamed_checks(source, calib, saved_dtype, options: ShrinkOptions, model_path: Path, calibration):
+    """check_ranges for a streamed run, on what the rule's pass over the original measured: the rule's inputs are
+    the probe inputs, then the calibration inputs (measure.exact_rule_inputs)."""
+    from isocompress.core import ranges
+    from isocompress.exact import stream
+
+    defaults = probe_inputs(source.input_shape)
+
+    def check(rule) -> None:
+        n = defaults.shape[0]
+        on_probes = (defaults, stream.measured_m2(rule.forward, slice(0, n)))
+        on_calib = None if calib is None else (calib, stream.measured_m2(rule.forward, slice(n, None)))
+        ranges.check_run_measured(rule.largest, on_probes, on_calib, saved_dtype, "onnx" in options.formats,
+                                  str(model_path), None if calibration is None else str(calibration))
+        del rule.forward  # the probe activations of the widest layer: no longer needed
+
+    return check
+
+
+def streamed_outputs(shrunk: IsoMLP, stage: Path, options: ShrinkOptions, saved_dtype: torch.dtype,
+                     probes: torch.Tensor):
+    """The ONNX file of a streamed run, written and verified from the shrunk model (small once shrunk), as
+    write_outputs writes it; ({format: path} in the order asked for, the ONNX record or None)."""
+    files: dict[str, Path] = {}
+    onnx_report = None
+    if "onnx" in options.formats:
+        files, onnx_report = write_outputs(shrunk, stage, replace(options, formats=("onnx",)), saved_dtype, probes)
+    if "safetensors" in options.formats:
+        files["safetensors"] = stage / "model.safetensors"
+    return {name: files[name] for name in options.formats}, onnx_report
+
+
+def streamed_report(source, done: dict, model_path: Path, options: ShrinkOptions, recipe, calibration, calib,
+                    probes, files: dict, saved_dtype: torch.dtype, out: Path) -> dict:
+    report = {
+        "model": str(model_path), "exact": True,
+        "recipe": recipe_record(options, recipe, calibration=calibration, labels=None),
+        "params_before": sum(r["params"] for r in done["layers_before"]),
+        "params_after": sum(r["params"] for r in done["layers"]),
+        "flops_before": sum(r["flops"] for r in done["layers_before"]),
+        "flops_after": sum(r["flops"] for r in done["layers"]),
+        "input_shape": list(source.input_shape),
+        "widths_before": done["widths_before"], "widths_after": done["widths_after"],
+        "bytes_before": model_path.stat().st_size,
+        "bytes_after": {name: Path(p).stat().st_size for name, p in files.items()},
+        "dtype_saved": str(saved_dtype).replace("torch.", ""),
+        "layers_before": done["layers_before"], "layers": done["layers"],
+        "probe": {
+            "inputs": probe_description(calib, probes),
+            "float64": difference(done["y"], done["y_float64"]),
+            "saved_file": difference(done["y"], done["y_saved"]),
+        },
+        "files": final_paths(files, out),
+    }
+    if source.notes:
+        report["notes"] = list(source.notes)
+    report["streamed"] = True
     return report
 
 

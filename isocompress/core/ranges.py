@@ -49,7 +49,12 @@ def largest_m2(model: IsoMLP, x: torch.Tensor) -> tuple[float, int, float]:
 
 
 def check_saved_dtype(model: IsoMLP, saved: torch.dtype, where: str) -> None:
-    top, name = largest_stored(model)
+    check_stored(largest_stored(model), saved, where)
+
+
+def check_stored(largest: tuple[float, str], saved: torch.dtype, where: str) -> None:
+    """`check_saved_dtype` from (largest |value|, its name) measured elsewhere (a streamed shrink, layer by layer)."""
+    top, name = largest
     limit = torch.finfo(saved).max
     if top > limit:
         raise IsocompressError(
@@ -59,8 +64,14 @@ def check_saved_dtype(model: IsoMLP, saved: torch.dtype, where: str) -> None:
 
 def check_compute(model: IsoMLP, x: torch.Tensor, compute: torch.dtype, where: str, what: str, advice: str) -> None:
     """m² on the inputs x must fit `compute`. `where` names the culprit (the model or the calibration file)."""
+    check_measured(largest_m2(model, x), compute, where, what, advice)
+
+
+def check_measured(measured: tuple[float, int, float], compute: torch.dtype, where: str, what: str,
+                   advice: str) -> None:
+    """`check_compute` from (max m², its hidden space, max |y|) measured elsewhere."""
     limit = torch.finfo(compute).max * HEADROOM
-    m2, space, y_max = largest_m2(model, x)
+    m2, space, y_max = measured
     if m2 > limit or y_max > math.sqrt(limit):
         value = f"m² = o + |z|² reaches {m2:.3g} in hidden space {space}" if m2 > limit else f"|y| reaches {y_max:.3g}"
         raise IsocompressError(f"{where}: on {what}, {value}, beyond the {dtype_name(compute)} range"
@@ -73,19 +84,28 @@ def check_run(model: IsoMLP, probes: torch.Tensor, calibration: torch.Tensor | N
     inputs; with an ONNX file verified in float32, m² fits float32 on the inputs that check uses (the calibration
     inputs if given, else the probe inputs). A failure on the probe inputs is the model's; on the calibration inputs
     the calibration file's."""
-    check_saved_dtype(model, saved, model_path)
+    check_run_measured(largest_stored(model), (probes, largest_m2(model, probes)),
+                       None if calibration is None else (calibration, largest_m2(model, calibration)),
+                       saved, onnx, model_path, calibration_path)
+
+
+def check_run_measured(largest: tuple[float, str], probes: tuple, calibration: tuple | None, saved: torch.dtype,
+                       onnx: bool, model_path: str, calibration_path: str | None) -> None:
+    """`check_run` from measured values: `probes` and `calibration` are (inputs, largest_m2 on them)."""
+    check_stored(largest, saved, model_path)
     computes = [torch.float64] + ([torch.float32] if onnx and saved != torch.float64 else [])
     for compute in computes:
         if compute == torch.float64 or calibration is None:
             fix = ("rescale the model" if compute == torch.float64 else
                    "rescale the model, or use --dtype float64 (a float64 ONNX file) or --format safetensors")
-            check_compute(model, probes, compute, model_path, f"the probe inputs (values up to {_top(probes):.3g})", fix)
+            check_measured(probes[1], compute, model_path, f"the probe inputs (values up to {_top(probes[0]):.3g})",
+                           fix)
         if calibration is not None:
             fix = ("rescale the calibration inputs" if compute == torch.float64 else
                    "rescale the calibration inputs, or use --dtype float64 (a float64 ONNX file) or --format"
                    " safetensors")
-            check_compute(model, calibration, compute, calibration_path, f"its inputs (values up to"
-                          f" {_top(calibration):.3g})", fix)
+            check_measured(calibration[1], compute, calibration_path, f"its inputs (values up to"
+                           f" {_top(calibration[0]):.3g})", fix)
 
 
 def _top(x: torch.Tensor) -> float:

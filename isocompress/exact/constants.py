@@ -8,8 +8,9 @@ import math
 
 import torch
 
-from isocompress.core.layers import F64, _remove_constant, as_float64, forward_float64
-from isocompress.core.model import IsoMLP, Layer
+from isocompress.core import threads
+from isocompress.core.layers import F64, _remove_constant, as_float64, forward_float64, varying_matrix
+from isocompress.core.model import DENSE, IsoMLP, Layer
 from isocompress.core.primitives import spectral_norm_upper
 
 EXACT_RTOL = 1e-10  # drop a direction only if its proven effect on the output is ≤ this × the output scale
@@ -52,6 +53,60 @@ def layer_norms(layer: Layer) -> tuple[float, float]:
     spread = layer.geometry.input_op_norm()
     w = float(layer.weight.abs().max()) if layer.kind == "diag" else spectral_norm_upper(layer.matrix())
     return w * spread, psi_norm(layer) * spread
+
+
+def reachable_step(layer: Layer, basis: torch.Tensor | None, with_image: bool = False):
+    """One layer of the chain's norms on reachable subspaces (docs/bounds.md §6, "Reachable subspaces"): `basis` is
+    an orthonormal basis of V_{k−1}, the subspace every value of the hidden space layer k reads lies in (None: the
+    whole space, or a layer on maps). Returns ((a bound on ‖W_k‖₂ on V_{k−1}, |psi_k|), a basis of V_k, or None
+    when V_k may be all of hidden space k). O(n_out·n_in·r) for r = dim V_{k−1}, instead of O(n³). `with_image`:
+    W_k Q_{k−1} (W_k itself without a basis) as a third element (a streamed forward in reduced coordinates)."""
+    if layer.geometry != DENSE:
+        return (layer_norms(layer), None) + ((None,) if with_image else ())
+    norms, next_basis, image = _reachable_step(layer, basis)
+    return (norms, next_basis) + ((image,) if with_image else ())
+
+
+def _reachable_step(layer: Layer, basis: torch.Tensor | None):
+    psi = psi_norm(layer)
+    if basis is None:
+        image, w = layer.dense_weight(), layer_norms(layer)[0]
+    else:
+        with threads.for_matrix(layer.n_out, layer.n_in):
+            image = layer.apply_weight(basis.T).T  # W_k Q_{k−1}: n_out × r
+        w = restricted_norm(image, layer)
+    generators = image.shape[1] + 1 + (layer.psi is not None)
+    if layer.is_output or generators >= layer.n_out:
+        return (w, psi), None, image
+    columns = [image, layer.bias[:, None]] + ([] if layer.psi is None else [layer.psi[:, None]])
+    with threads.for_matrix(layer.n_out, generators):
+        # Householder QR, no rank truncation: Q's columns span every generator (V_k = W_k V_{k−1} + span(b_k, psi_k))
+        return (w, psi), torch.linalg.qr(torch.cat(columns, dim=1), mode="reduced")[0], image
+
+
+def restricted_norm(image: torch.Tensor, layer: Layer) -> float:
+    """‖W Q‖₂ (rounded up as spectral_norm_upper) plus the float64 allowance of §6 "Reachable subspaces" for the
+    product W Q and the basis Q: 2·(n_in + r)·eps·sqrt(r)·‖W‖_F."""
+    r = image.shape[1]
+    eps = torch.finfo(F64).eps
+    frobenius = float(torch.linalg.vector_norm(layer.weight))
+    return spectral_norm_upper(image) + 2.0 * (layer.n_in + r) * eps * math.sqrt(r) * frobenius
+
+
+def reachable_norms(layers) -> list[tuple[float, float]]:
+    """`layer_norms` of every layer with each dense weight's norm taken on the reachable subspace of its input
+    (`reachable_step`): the same or smaller, and still a valid Lipschitz chain (docs/bounds.md §6)."""
+    out, basis = [], None
+    for layer in layers:
+        norms, basis = reachable_step(layer, basis)
+        out.append(norms)
+    return out
+
+
+def is_constant_space(producer: Layer) -> bool:
+    """Whether a hidden space's varying matrix [M, Ψ] is exactly zero (every σ = 0): one direction is still kept,
+    which need not lie in the reachable subspace, so the chain after it falls back to whole-space norms (§6)."""
+    return not bool(varying_matrix(producer.as_dense()).abs().max() > 0)
 
 
 def psi_norm(layer: Layer) -> float:
@@ -158,15 +213,17 @@ def remove_constant_directions_accounted(model: IsoMLP, rtol: float | None = Non
         output_scale = default_y if output_scale is None else output_scale
     scale = max(float(output_scale), torch.finfo(F64).tiny)
     layers = model.layers
-    lipschitz = lipschitz_after([layer_norms(layer) for layer in layers],
-                                [None if layer.o is None else float(layer.o) for layer in layers],
-                                [layer.sigma for layer in layers])
+    norms, o = reachable_norms(layers), [None if layer.o is None else float(layer.o) for layer in layers]
+    lipschitz = lipschitz_after(norms, o, [layer.sigma for layer in layers])
     sups = activation_sup(model, input_radius)
     record = constant_record(rtol, scale, input_radius)
     for i in range(len(layers) - 1):
         width = model.layers[i].n_out
         floor = None
         b = input_bound(model, i, input_radius, sups)
+        if rtol is None and i + 2 < len(layers) and is_constant_space(model.layers[i]):
+            norms[i + 2:] = [layer_norms(layer) for layer in layers[i + 2:]]  # §6: whole-space norms after it
+            lipschitz = lipschitz_after(norms, o, [layer.sigma for layer in layers])
         if rtol is None:
             floor = constant_floor(b, lipschitz[i], scale)
         model, sigma = _remove_constant(model, i, rtol, floor)

@@ -1,20 +1,26 @@
-"""The exact shrink one layer at a time (issue 12): peak memory near one layer, not the model.
+"""The exact shrink one layer at a time: peak memory near one layer, not the model.
 
-`open_source` reads layer i of an isocompress-layout file on demand (safetensors: `safe_open` per layer, so no
-mapping of the whole file stays resident; .pt: `torch.load(mmap=True, weights_only=True)`), in float64.
-`shrink_exact_to_file` runs remove_all_constant_directions (pass 1, layer pairs, results in float64 temporary
-files) and alternate_diagonalise (pass 2, layer triples) as the in-memory verbs do, writes the output safetensors
-incrementally (`TensorWriter`: header first, then each tensor as it is final) and runs the probe inputs through the
-original, the float64 result and the saved result on the way. Other layouts (the reference's) and ONNX output use
-the in-memory path.
+`open_source` checks a file's stored shapes as io.load does (a skeleton model on the meta device) and then reads layer
+i on demand, in float64, in every layout io reads: isocompress's own (with or without a config) and the reference
+state_dict; safetensors through its header and plain reads (no mapping of the whole file stays resident), .pt through
+`torch.load(mmap=True, weights_only=True)`. Pass 0 (`constant_rule`) runs the rule's inputs through the original in
+the coordinates of its reachable subspaces and takes the norms of the constant-direction rule there (docs/bounds.md
+§6); `shrink_exact_to_file` then runs remove_all_constant_directions (pass 1, layer pairs, results in float64
+temporary files) and alternate_diagonalise (pass 2, layer triples) as the in-memory verbs do, writes the output
+safetensors incrementally (`TensorWriter`: header first, then each tensor as it is final) and runs the probe inputs
+through the float64 result and the saved result on the way. The shrunk model (small) is returned for the ONNX file.
+CNNs, log1p networks and lossy runs use the in-memory path.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 import tempfile
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -24,15 +30,16 @@ import torch
 from isocompress.core.config import ModelConfig
 from isocompress.core.errors import IsocompressError
 from isocompress.core.layers import _left_mul, _right_mul, producer_basis, remove_constant_pair
-from isocompress.core.model import Layer
-from isocompress.core.primitives import gram_matrix, isotropic_tanh, spectral_norm_from_gram, svd64
+from isocompress.core.model import IsoMLP, Layer
+from isocompress.core.primitives import isotropic_tanh, svd64
 from isocompress.exact.constants import (
     constant_floor,
     constant_record,
+    is_constant_space,
     layer_input_bound,
     layer_norms,
     lipschitz_after,
-    psi_norm,
+    reachable_step,
 )
 from isocompress.exact.shrink import choose_alternating_layers
 from isocompress.formats import io
@@ -42,51 +49,72 @@ ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", t
 
 
 # --- reading one layer at a time --------------------------------------------------------------------------------
+@dataclass
 class LayerSource:
-    """Layer i of an isocompress-layout checkpoint with a stored config, read when asked (float64, validated)."""
+    """Layer i of a checkpoint in any layout the loaders read, read when asked (float64, checked as io.load checks).
+    `skeleton` is the model on the meta device, built and validated by io.model_from_tensors from the stored shapes
+    alone (the same checks and messages as loading the whole file); `read` gives stored tensors by name."""
 
-    def __init__(self, path: Path, config: ModelConfig, dtype: torch.dtype, keys: set[str], mapped: dict | None):
-        self.path, self.config, self.dtype, self.keys, self._mapped = path, config, dtype, keys, mapped
+    path: Path
+    skeleton: IsoMLP
+    dtype: torch.dtype
+    read: Callable[[list[str]], dict[str, torch.Tensor]]
+    keys: set[str]
+    mapped: bool = False
+    reference: str | None = None  # the reference layout's intrinsic-length mode (log | raw); None: the own layout
+    notes: list[str] = field(default_factory=list)
 
     @property
     def n_layers(self) -> int:
-        return self.config.n_layers
+        return len(self.skeleton.layers)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return (self.config.widths[0],)
+        return tuple(self.skeleton.input_shape)
 
-    def _get(self, names: list[str]) -> dict[str, torch.Tensor]:
-        if self._mapped is not None:
-            return {k: self._mapped[k] for k in names}
-        return read_safetensors(self.path, names)
+    @property
+    def config(self) -> ModelConfig:
+        return self.skeleton.config
+
+    def names(self, i: int) -> list[str]:
+        """The stored names of layer i's tensors."""
+        if self.reference is None:
+            wanted = [f"layers.{i}.{n}" for n in ("weight", "bias", "psi", "o")]
+        else:
+            wanted = [f"weight_parameters.{i}", f"bias_parameters.{i}", f"psi_parameters.{i - 1}",
+                      f"activation.{i}.intrinsic_length", f"activation.{i}.o_const"]
+        return [k for k in wanted if k in self.keys]
 
     def layer(self, i: int) -> Layer:
         """Layer i in float64; for a memory-mapped .pt the layer's file pages are dropped again afterwards."""
-        raw = self._get([f"layers.{i}.{n}" for n in ("weight", "bias", "psi", "o") if f"layers.{i}.{n}" in self.keys])
+        raw = self.read(self.names(i))
         try:
             return self._layer(i, raw)
         finally:
-            if self._mapped is not None:
+            if self.mapped:
                 for t in raw.values():
                     drop_pages(t, self.path)
 
     def _layer(self, i: int, raw: dict[str, torch.Tensor]) -> Layer:
-        where, c = str(self.path), self.config
-        get = lambda n: io._float64(raw, f"layers.{i}.{n}", where) if f"layers.{i}.{n}" in raw else None  # noqa: E731
-        weight, bias, psi, o = get("weight"), get("bias"), get("psi"), get("o")
-        n_in, n_out = c.widths[i], c.widths[i + 1]
-        shape = (n_out, n_in) if c.kinds[i] == "dense" else (min(n_out, n_in),)
-        hidden = i < c.n_layers - 1
-        if weight is None or bias is None or tuple(weight.shape) != shape or tuple(bias.shape) != (n_out,) \
-                or (psi is not None) != c.has_psi[i] or (psi is not None and tuple(psi.shape) != (n_out,)) \
-                or (o is None) == hidden or (o is not None and o.numel() != 1):
-            raise IsocompressError(f"{where}: layer {i}'s tensors do not match the stored config; re-save the model")
-        return Layer(weight=weight, bias=bias, n_in=n_in, psi=psi, o=None if o is None else o.reshape(()))
+        where, shape = str(self.path), self.skeleton.layers[i]
+        hidden = i < self.n_layers - 1
+        if self.reference is None:
+            get = lambda n: io._float64(raw, f"layers.{i}.{n}", where) if f"layers.{i}.{n}" in raw else None  # noqa: E731
+            weight, bias, psi, o = get("weight"), get("bias"), get("psi"), get("o")
+            o = None if o is None else o.reshape(())
+        else:
+            weight = io._float64(raw, f"weight_parameters.{i}", where)
+            bias = io._float64(raw, f"bias_parameters.{i}", where)
+            key = f"psi_parameters.{i - 1}"
+            psi = io._float64(raw, key, where) if key in raw else None
+            o = io._reference_o(raw, set(raw), i, where, self.reference) if hidden else None
+        return Layer(weight=weight, bias=bias, n_in=shape.n_in, psi=psi, o=o, geometry=shape.geometry,
+                     sigma=shape.sigma)
 
 
-def read_safetensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file read with plain reads (no mapping: only what is asked for becomes resident)."""
+def read_safetensors(path: Path, names: list[str], missing_ok: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file read with plain reads (no mapping: only what is asked for becomes resident);
+    `missing_ok`: names the file does not hold are left out."""
     table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
              "I64": torch.int64, "I32": torch.int32}
     with open(path, "rb") as handle:
@@ -94,6 +122,8 @@ def read_safetensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
         header = json.loads(handle.read(length))
         out = {}
         for name in names:
+            if missing_ok and name not in header:
+                continue
             entry = header[name]
             dtype, (start, end) = table.get(entry["dtype"]), entry["data_offsets"]
             if dtype is None:  # int8, bool, …: read as stored by safetensors; the layer's check then names the problem
@@ -162,41 +192,86 @@ def drop_pages(tensor: torch.Tensor, path: Path) -> None:
         pass
 
 
-def open_source(path: str | Path) -> LayerSource | None:
-    """A LayerSource when the file is in isocompress's own layout with its config, else None (the in-memory path
-    then reads it and reports any problem)."""
+ST_READ = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def open_source(path: str | Path, ref_intrinsic_length: str | None = None) -> LayerSource | None:
+    """A LayerSource for a dense tanh MLP in any layout io reads (own .pt/.safetensors with or without a config,
+    the reference state_dict), or None where the in-memory path must read it (a CNN or log1p network, an unusual
+    container, a file that does not open: that path then reports any problem). A file whose stored shapes io would
+    refuse raises the same IsocompressError io.load raises, before any tensor is read."""
     path = Path(path)
     try:
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import safe_open
-
-            with safe_open(str(path), framework="pt") as handle:
-                config_json, keys = (handle.metadata() or {}).get(io.CONFIG_KEY), set(handle.keys())
-                dtype = handle.get_slice(sorted(keys)[0]).get_dtype() if keys else None
-            dtype, mapped = _dtype_of(dtype), None
-        elif path.suffix.lower() in (".pt", ".pth"):
-            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-            config_json, mapped = obj.get(io.CONFIG_KEY), obj.get("state_dict")
-            keys = set(mapped)
-            dtype = next((t.dtype for t in mapped.values() if t.is_floating_point()), torch.float32)
-        else:
-            return None
-        if not isinstance(config_json, str) or not keys or not all(io.OWN_KEY.match(k) for k in keys):
-            return None
-        config = ModelConfig.from_json(config_json)
-        if config.version != 1:  # a CNN (or a log1p MLP): read whole by the in-memory path
-            return None
-        return LayerSource(path, config, dtype, keys, mapped)
+        opened = _open_tensors(path)
     except Exception:  # noqa: BLE001  (anything unusual: the in-memory path reads the file and says what is wrong)
         return None
+    if opened is None:
+        return None
+    meta, config_json, read, mapped = opened
+    io.check_tensor_kinds(meta, path)
+    notes: list[str] = []
+    skeleton = io.model_from_tensors(meta, config_json, str(path), ref_intrinsic_length, notify=notes.append)
+    if not skeleton.is_mlp or any(layer.sigma != "tanh" for layer in skeleton.layers):
+        return None
+    keys = set(meta)
+    own = all(io.OWN_KEY.match(k) for k in keys)
+    mode = None if own else (ref_intrinsic_length or "log")
+    dtype = next((t.dtype for t in meta.values() if t.is_floating_point()), torch.float32)
+    return LayerSource(path, skeleton, dtype, read, keys, mapped, mode, notes)
 
 
-def _dtype_of(name) -> torch.dtype:
-    table = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    return table.get(str(name), torch.float32)
+def _open_tensors(path: Path):
+    """(tensors on the meta device in stored order, config JSON, read(names), memory-mapped?) or None."""
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        return None
+    if suffix == ".safetensors":
+        from safetensors.torch import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            config_json = (handle.metadata() or {}).get(io.CONFIG_KEY)
+            meta = {}
+            for key in handle.keys():
+                entry = handle.get_slice(key)
+                dtype = ST_READ.get(str(entry.get_dtype()))
+                if dtype is None:
+                    return None
+                meta[key] = torch.empty(entry.get_shape(), dtype=dtype, device="meta")
+        return meta, config_json, lambda names: read_safetensors(path, names), False
+    if suffix not in (".pt", ".pth"):
+        return None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(obj, Mapping) or not isinstance(obj.get(io.CONFIG_KEY, ""), str):
+        return None
+    config_json = obj.get(io.CONFIG_KEY)
+    for nest in ("state_dict", "model_state_dict"):
+        if isinstance(obj.get(nest), Mapping):
+            obj = obj[nest]
+            break
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if any(t.layout != torch.strided for t in tensors.values()):
+        return None
+    meta = {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in tensors.items()}
+    return meta, config_json, lambda names: {k: tensors[k] for k in names}, True
 
 
 # --- writing one tensor at a time ---------------------------------------------------------------------------------
+class NullWriter:
+    """A TensorWriter that writes nothing."""
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        pass
+
+    def close(self, complete: bool = True) -> None:
+        pass
+
+
 class TensorWriter:
     """A safetensors file written incrementally: the header (every name, dtype, shape) first, then each tensor's
     bytes in header order as it becomes available. Write into an io.atomic_path."""
@@ -222,7 +297,7 @@ class TensorWriter:
             raise AssertionError(f"tensor {name!r} written out of order")
         self._order.pop(0)
         data = tensor.detach().to(self._dtypes[name]).contiguous().reshape(-1)
-        self._handle.write(data.view(torch.uint8).numpy().tobytes())
+        self._handle.write(memoryview(data.view(torch.uint8).numpy()))
 
     def close(self, complete: bool = True) -> None:
         self._handle.close()
@@ -252,32 +327,55 @@ def checked_cast(name: str, value: torch.Tensor, dtype: torch.dtype, where: str)
 # --- the forward, one layer at a time -------------------------------------------------------------------------------
 @dataclass
 class Forward:
-    """Inputs x carried through layers fed in order: after the output layer, `y` holds the outputs (float64)."""
+    """Inputs x carried through layers fed in order: after the output layer, `y` holds the outputs (float64); `m2`
+    and `m2_space` hold, per input, the largest m² = o + |z|² over the hidden spaces so far and where it was reached
+    (core.ranges' checks)."""
 
     h: torch.Tensor
     g: torch.Tensor | None = None
     y: torch.Tensor | None = None
+    m2: torch.Tensor | None = None
+    m2_space: torch.Tensor | None = None
+    fed: int = 0
 
     @torch.no_grad()
-    def feed(self, layer: Layer, chunk: int = 128) -> None:
-        """One layer, `chunk` rows at a time (the temporaries of a wide layer stay small)."""
+    def feed(self, layer: Layer, chunk: int = 128, image: torch.Tensor | None = None,
+             basis: torch.Tensor | None = None) -> None:
+        """One layer, `chunk` rows at a time (the temporaries of a wide layer stay small). In reduced coordinates
+        (docs/bounds.md §6, "Reachable subspaces"): with `image` = W Q, `h` holds the coordinates c of the previous
+        activations in the basis Q (h = Q c), so W h = image·c costs n·r per row instead of n²; with `basis` Q' of
+        this layer's reachable subspace, the new activations are kept as their coordinates Q'ᵀh."""
         layer = layer.cast(F64)
         n = self.h.shape[0]
-        out = torch.empty(n, layer.n_out, dtype=F64)
+        out = torch.empty(n, layer.n_out if basis is None else basis.shape[1], dtype=F64)
         gains = None if layer.is_output else torch.empty(n, 1, dtype=F64)
+        m2 = None if layer.is_output else torch.empty(n, dtype=F64)
         for start in range(0, n, chunk):
             rows = slice(start, start + chunk)
-            z = layer.apply_weight(self.h[rows]) + layer.bias
+            z = (layer.apply_weight(self.h[rows]) if image is None else self.h[rows] @ image.T) + layer.bias
             if layer.psi is not None:
                 z = z + layer.psi * self.g[rows]
             if gains is None:
                 out[rows] = z
             else:
-                out[rows], gains[rows] = isotropic_tanh(z, layer.o)
+                m2[rows] = (z * z).sum(dim=-1) + layer.o
+                h, gains[rows] = isotropic_tanh(z, layer.o)
+                out[rows] = h if basis is None else h @ basis
         if gains is None:
             self.y = out
         else:
             self.h, self.g = out, gains
+            self._track(m2)
+        self.fed += 1
+
+    def _track(self, m2: torch.Tensor) -> None:
+        m2 = torch.where(torch.isfinite(m2), m2, torch.full_like(m2, math.inf))
+        if self.m2 is None:
+            self.m2, self.m2_space = m2, torch.zeros(m2.shape[0], dtype=torch.int64)
+            return
+        larger = m2 > self.m2
+        self.m2 = torch.where(larger, m2, self.m2)
+        self.m2_space = torch.where(larger, torch.full_like(self.m2_space, self.fed), self.m2_space)
 
 
 def summary(i: int, layer: Layer) -> dict:
@@ -301,35 +399,72 @@ def return_freed_memory_to_the_system() -> None:
         pass
 
 
-def _save_layer(layer: Layer, path: Path) -> None:
-    from safetensors.torch import save_file
+def _contiguous(layer: Layer) -> Layer:
+    def c(t):
+        return None if t is None else t.contiguous()
 
-    save_file({k.split(".")[-1]: v.contiguous() for k, v in layer_tensors(0, layer)}, str(path))
+    return replace(layer, weight=c(layer.weight), bias=c(layer.bias), psi=c(layer.psi), o=c(layer.o))
+
+
+def _save_layer(layer: Layer, path: Path) -> None:
+    """A float64 temporary of one layer (plain writes: a full disk or a file-size limit is an OSError naming it)."""
+    tensors = [(k.split(".")[-1], v) for k, v in layer_tensors(0, layer)]
+    writer = TensorWriter(path, [(k, F64, tuple(v.shape)) for k, v in tensors], {})
+    try:
+        for k, v in tensors:
+            writer.write(k, v)
+    finally:
+        writer.close(complete=False)
 
 
 def _load_layer(path: Path, n_in: int) -> Layer:
-    from safetensors.torch import load_file
-
-    t = load_file(str(path))
+    t = read_safetensors(path, ["weight", "bias", "psi", "o"], missing_ok=True)
     return Layer(weight=t["weight"], bias=t["bias"], n_in=n_in, psi=t.get("psi"), o=t.get("o"))
 
 
 def constant_rule(src: LayerSource, x: torch.Tensor, probes: torch.Tensor | None = None) -> SimpleNamespace:
     """Pass 0 of a streamed exact shrink: what layers.remove_constant_directions_accounted needs before it visits a
     hidden space (issue 13's output-relative rule): after[i] = L_{i+1}, the Lipschitz constant of everything after
-    hidden space i (from every original layer's ‖W‖₂, |psi| and o), the output scale Y = max |y| on x and R = max |x|;
-    and y_probes, the original's outputs on `probes` (default x) from the same forward (no second forward of the
-    original is held beside its wide layers later)."""
+    hidden space i (from every original layer's norm on its reachable subspace, constants.reachable_step, |psi| and
+    o), the output scale Y = max |y| on x and R = max |x|; and y_probes, the original's outputs on `probes` (default
+    x) from the same forward (no second forward of the original is held beside its wide layers later)."""
     rows, joint = _probe_rows(x, probes)
-    fwd, norms, o = Forward(joint.to(F64)), [], []
+    fwd, norms, o, basis, largest = Forward(joint.to(F64)), [], [], None, (0.0, "")
     for i in range(src.n_layers):
-        layer_norm, layer_o = _feed_and_norms(src, i, fwd)
+        layer = src.layer(i)
+        o.append(None if layer.is_output else float(layer.o))
+        layer_norm, next_basis, image = reachable_step(layer, basis, with_image=True)
+        fwd.feed(layer, image=None if basis is None else image, basis=next_basis)
+        basis = next_basis
         norms.append(layer_norm)
-        o.append(layer_o)
-    after = lipschitz_after(norms, o)
+        del image
+        for name, value in layer_tensors(i, layer):  # as ranges.largest_stored, in state_dict order
+            top = abs_max(value)
+            if top > largest[0]:
+                largest = (top, name)
+        del layer
     scale = max(float(torch.linalg.vector_norm(fwd.y[: x.shape[0]], dim=-1).max()), torch.finfo(F64).tiny)
-    return SimpleNamespace(after=after, scale=scale, radius=float(torch.linalg.vector_norm(x, dim=-1).max()),
-                           y_probes=fwd.y[rows])
+    return SimpleNamespace(after=lipschitz_after(norms, o), norms=norms, o=o, scale=scale, forward=fwd,
+                           radius=float(torch.linalg.vector_norm(x, dim=-1).max()), y_probes=fwd.y[rows],
+                           largest=largest)
+
+
+def abs_max(t: torch.Tensor) -> float:
+    """max |t| from one min/max pass (no |t|-sized temporary beside a wide layer); 0 for an empty tensor."""
+    if t.numel() == 0:
+        return 0.0
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return max(-float(lo), float(hi))
+
+
+def measured_m2(fwd: Forward, rows: slice) -> tuple[float, int, float]:
+    """ranges.largest_m2 of the rows fed through `fwd`: (max m², its hidden space, max |y|)."""
+    y_max = float(torch.linalg.vector_norm(fwd.y[rows], dim=-1).max())
+    if fwd.m2 is None:
+        return 0.0, 0, y_max
+    m2 = fwd.m2[rows]
+    at = int(torch.argmax(m2))
+    return float(m2[at]), int(fwd.m2_space[rows][at]), y_max
 
 
 def _probe_rows(x: torch.Tensor, probes: torch.Tensor | None) -> tuple[slice, torch.Tensor]:
@@ -344,18 +479,12 @@ def _probe_rows(x: torch.Tensor, probes: torch.Tensor | None) -> tuple[slice, to
     return slice(n, n + p), torch.cat([x.to(F64), probes.to(F64)])
 
 
-def _feed_and_norms(src: LayerSource, i: int, fwd: Forward) -> tuple[tuple[float, float], float | None]:
-    """Layer i fed to `fwd`, then (layers.layer_norms of it, its o): the same numbers, but the layer is freed before
-    the eigenvalue step, so only its Gram matrix and eigvalsh's copy of it are resident there (peak memory)."""
-    layer = src.layer(i)
-    fwd.feed(layer)
-    o = None if layer.is_output else float(layer.o)
-    if layer.kind == "diag" or layer.weight.numel() == 0:
-        return layer_norms(layer), o
-    psi = psi_norm(layer)
-    gram, inner = gram_matrix(layer.weight), max(layer.weight.shape)
-    del layer
-    return (spectral_norm_from_gram(gram, inner), psi), o
+def whole_space_chain(src: LayerSource, rule: SimpleNamespace, i: int) -> None:
+    """rule.after with whole-space norms for layers i+2, … (read again): hidden space i is constant, and the chain
+    after it is not taken on reachable subspaces (docs/bounds.md §6, "Reachable subspaces")."""
+    for k in range(i + 2, src.n_layers):
+        rule.norms[k] = layer_norms(src.layer(k))
+    rule.after = lipschitz_after(rule.norms, rule.o)
 
 
 def remove_constants_pass(src: LayerSource, tmp: Path, step: Callable[[str], None],
@@ -367,6 +496,8 @@ def remove_constants_pass(src: LayerSource, tmp: Path, step: Callable[[str], Non
     record = constant_record(None, rule.scale, rule.radius)
     for i in range(src.n_layers):
         if pending is not None:
+            if i + 1 < src.n_layers and is_constant_space(pending):
+                whole_space_chain(src, rule, i - 1)
             b = layer_input_bound(i - 1, rule.radius, o_before, pending.psi is not None)
             basis = producer_basis(pending, sigma_floor=constant_floor(b, rule.after[i - 1], rule.scale))
         original = src.layer(i)
@@ -375,6 +506,7 @@ def remove_constants_pass(src: LayerSource, tmp: Path, step: Callable[[str], Non
             pair, sigma = remove_constant_pair(pending, original, basis=basis)
             del basis
             kept, original = (pending, original) if pair is None else pair
+            original = _contiguous(original)  # as an IsoMLP stores it: the same float64 rounding as the in-memory path
             record["dropped"].append(pending.n_out - kept.n_out)
             record["largest_dropped_sigma"].append(sigma)
             record["bound"] += sigma * b * rule.after[i - 1]
@@ -430,27 +562,34 @@ def diagonalise_pass(shapes: list[SimpleNamespace], tmp: Path, emit: Callable[[i
 
 
 def shrink_exact_to_file(src: LayerSource, out_path: Path, dtype: torch.dtype, probes: torch.Tensor,
-                         step: Callable[[str], None], rule_inputs: torch.Tensor | None = None) -> dict:
+                         step: Callable[[str], None], rule_inputs: torch.Tensor | None = None,
+                         check: Callable[[SimpleNamespace], None] | None = None, work_dir: Path | None = None) -> dict:
     """shrink_exact of src's model written to out_path (safetensors, `dtype`), one layer in memory at a time, with
     the constant-direction rule of layers.remove_constant_directions_accounted set on `rule_inputs` (default: the
-    probes). Returns layer summaries before/after, the probe outputs of the original, the float64 result and the
-    saved file, and the rule's record (report.json's constant_directions)."""
+    probes); out_path None: no file (the caller writes only ONNX); the temporaries go to `work_dir` (default: beside
+    out_path). `check(rule)` runs after the rule's pass over the original (ranges' checks), before anything is
+    written. Returns layer summaries before/after, the probe outputs of the original, the float64 result and the
+    saved file, the rule's record (report.json's constant_directions) and the float64 result as a model."""
     return_freed_memory_to_the_system()
+    work_dir = work_dir if work_dir is not None else out_path.parent
     rule = constant_rule(src, probes if rule_inputs is None else rule_inputs, probes)
-    fwd64, fwd_saved, after = Forward(probes.to(F64)), Forward(probes.to(F64)), []
-    with tempfile.TemporaryDirectory(prefix=".isocompress-stream-", dir=out_path.parent) as tmp_name:
+    if check is not None:
+        check(rule)
+    fwd64, fwd_saved, after, kept = Forward(probes.to(F64)), Forward(probes.to(F64)), [], []
+    with tempfile.TemporaryDirectory(prefix=".isocompress-stream-", dir=work_dir) as tmp_name:
         before, shapes, record = remove_constants_pass(src, Path(tmp_name), step, rule)
         chosen = set(choose_alternating_layers(SimpleNamespace(layers=shapes)))
         specs, config = final_specs(shapes, chosen, dtype)
-        with io.atomic_path(out_path) as tmp_out:
-            writer = TensorWriter(tmp_out, specs, {io.CONFIG_KEY: config.to_json()})
+        with io.atomic_path(out_path) if out_path is not None else nullcontext() as tmp_out:
+            writer = NullWriter() if out_path is None else TensorWriter(tmp_out, specs, {io.CONFIG_KEY: config.to_json()})
 
             def emit(j: int, layer: Layer) -> None:
                 after.append(summary(j, layer))
+                kept.append(layer)
                 fwd64.feed(layer)
                 cast = {}
                 for name, value in layer_tensors(j, layer):
-                    cast[name.split(".")[-1]] = checked_cast(name, value, dtype, str(out_path))
+                    cast[name.split(".")[-1]] = checked_cast(name, value, dtype, str(out_path or "model"))
                     writer.write(name, cast[name.split(".")[-1]])
                 fwd_saved.feed(replace(layer, **cast))
 
@@ -462,4 +601,4 @@ def shrink_exact_to_file(src: LayerSource, out_path: Path, dtype: torch.dtype, p
             writer.close()
     return {"layers_before": before, "layers": after, "widths_before": list(src.config.widths),
             "widths_after": list(config.widths), "y": rule.y_probes, "y_float64": fwd64.y, "y_saved": fwd_saved.y,
-            "constant_directions": record}
+            "constant_directions": record, "model": IsoMLP(kept)}

@@ -438,12 +438,15 @@ def export_and_verify(model: IsoMLP, path: str | Path, probes: torch.Tensor, rto
         raise
     except IsocompressError as exc:
         raise IsocompressError(f"{path}: {exc}") from None
+    data = None
     try:
         with io.atomic_path(path) as tmp:
-            tmp.write_bytes(proto.SerializeToString())
+            data = serialize(proto, tmp, path)
             record = verify_file(model, tmp, probes, ONNX_DTYPES[dtype])
             record.update(file=str(path), bytes=tmp.stat().st_size, dtype=str(dtype).replace("torch.", ""),
                           opset=opset, ir_version=ir_version, tolerance=rtol)
+            if data is not None:
+                record.update(external_data=data.name, external_data_bytes=data.stat().st_size)
             if not record["max_rel_diff"] <= rtol:
                 raise CheckFailed(
                     f"{path}: onnxruntime output differs from the torch forward by {record['max_rel_diff']:.3g}"
@@ -451,10 +454,31 @@ def export_and_verify(model: IsoMLP, path: str | Path, probes: torch.Tensor, rto
                     " Raise --onnx-tol if this is float32 rounding, else report a bug"
                 )
     except CheckFailed:
-        if path.exists():  # no stale file from an earlier run may stand beside a failed check
-            publish.discard(path)  # (retried while in use on Windows, where a failed unlink would hide the check)
+        for stale in (path, data):
+            if stale is not None and stale.exists():  # no stale file from an earlier run may stand beside a failed
+                publish.discard(stale)  # check (retried while in use on Windows, where a failed unlink would hide it)
         raise
     return record
+
+
+EXTERNAL_DATA_BYTES = 2 ** 31 - 2 ** 24  # protobuf's 2 GiB limit on one message, less room for the graph
+
+
+def serialize(proto, tmp: Path, final: Path) -> Path | None:
+    """The model into `tmp`; one over EXTERNAL_DATA_BYTES keeps its tensors in FINAL.data beside it (ONNX external
+    data, located by that name relative to the .onnx file, so it is written under its final name: within a run's
+    private stage directory, published with the rest). Returns the data file's path, or None."""
+    if proto.ByteSize() <= EXTERNAL_DATA_BYTES:
+        tmp.write_bytes(proto.SerializeToString())
+        return None
+    import onnx
+
+    data = final.with_name(final.name + ".data")
+    if data.exists():
+        publish.discard(data)
+    onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+                    size_threshold=0)
+    return data if data.exists() else None
 
 
 def verify_file(model: IsoMLP, path: Path, probes: torch.Tensor, np_dtype) -> dict:
