@@ -111,6 +111,7 @@ class ShrinkOptions:
     ref_intrinsic_length: str | None = None  # how to read a reference checkpoint's intrinsic_length: log | raw
     certify_radius: float | None = None  # issue 10: ε of the local certificates (default: prune.resolve_certify_radius)
     min_certified_top1: float | None = None  # issue 10: a goal: the smallest model certified for this share of points
+    precision: str | None = None  # float32 | float16 | int8-weights (core.precision); None: from dtype (float32)
 
     def __post_init__(self) -> None:
         if isinstance(self.formats, str):  # "safetensors,onnx", as the CLI takes it
@@ -133,6 +134,13 @@ class ShrinkOptions:
             raise IsocompressError(f"certify radius {self.certify_radius!r} must be a positive finite number")
         if self.dtype not in (None, "float32", "float64", "float16", "bfloat16"):
             raise IsocompressError(f"dtype {self.dtype!r}: choose from float32, float64, float16, bfloat16")
+        if self.precision is not None:
+            from isocompress.core.precision import parse_precision
+
+            parse_precision(self.precision, "precision")
+            if self.dtype is not None and self.dtype != "float32":
+                raise IsocompressError(f"precision {self.precision!r} and dtype {self.dtype!r}: give one of them"
+                                       " (--precision stores the weights as it says and the rest in float32)")
 
     def _validate_goal(self) -> None:
         """budget and max_error as the CLI and recipes take them (5%, 0.05, 7500; 0.01 or "1%"), by the same parsers
@@ -191,6 +199,7 @@ def shrink_file(
         return streamed  # issue 12: exact, safetensors only: one layer in memory at a time
     model_path = Path(model_path)
     original, saved_dtype, notes = load_model(model_path, options)
+    saved_dtype = torch.float32 if options.precision is not None else saved_dtype  # the rest is stored in float32
     calib = load_inputs(calibration, original.input_shape) if calibration is not None else None
     label_data = load_labels(labels) if labels is not None else None
     extra = load_extra_data(original.input_shape, calibration, calib, labels, label_data, certify_data, test_data,
@@ -200,11 +209,13 @@ def shrink_file(
     inputs = [model_path] + [Path(p) for p in (calibration, labels, certify_data, test_data, test_labels) if p]
     check_ranges(original, calib, saved_dtype, options, model_path, calibration)
     effective, resolved = resolve_relative_error(options, original, probes)
+    effective = replace(effective, precision=resolve_precision(options.precision, saved_dtype))
     with output_dir(out, inputs) as stage:
         shrunk, prune_report = compress(original, effective, calib, label_data, progress,
                                         probes=exact_rule_inputs(original.input_shape, calib), extra=extra)
         constant = prune_report.pop("constant_directions") if not options.lossy else None
-        files, onnx_report = write_outputs(shrunk, stage, options, saved_dtype, probes)
+        plan = deployed_plan(shrunk, effective.precision, prune_report)
+        files, onnx_report = write_outputs(shrunk, stage, options, saved_dtype, probes, plan=plan)
         reloaded = io.load(files["safetensors"]) if "safetensors" in files else shrunk.cast(saved_dtype)
         report = {
             "model": str(model_path),
@@ -221,10 +232,55 @@ def shrink_file(
         }
         if notes:
             report["notes"] = notes
+        report["precision"] = precision_record(shrunk, plan, prune_report)
         add_results(report, constant, prune_report, resolved, onnx_report)
         report["seconds"] = round(time.perf_counter() - started, 4)
         write_report(report, stage)
     return report
+
+
+def resolve_precision(precision: str | None, saved_dtype: torch.dtype) -> str | None:
+    """The precision the files are deployed in: --precision, else that of --dtype (float32 or float64); None where no
+    rounding term is derived (float16/bfloat16 files written with --dtype: the certificates then cover the float64
+    network only, and report.json says so)."""
+    if precision is not None:
+        return precision
+    return {torch.float32: "float32", torch.float64: "float64"}.get(saved_dtype)
+
+
+def deployed_plan(model: IsoMLP, precision: str | None, prune_report: dict):
+    """The storage/compute plan (core.precision.Plan) the files are written with: the one pruning certified, else
+    (an exact run, no domain) the precision's plan without a range proof (float16 then computes in float32)."""
+    from isocompress.bounds import deployed
+
+    record = prune_report.get("deployed") if isinstance(prune_report, dict) else None
+    if precision is None:
+        return None
+    if record is not None and record.get("plan") is not None:
+        from isocompress.core.precision import Plan
+
+        return Plan.from_record(record["plan"])
+    if precision not in ("float32", "float64") and not deployed.supported(model):
+        raise IsocompressError(f"--precision {precision} is available for tanh MLPs only yet; use --precision"
+                               " float32 for this network")
+    return deployed.choose_plan(model, precision, None)
+
+
+def precision_record(model: IsoMLP, plan, prune_report: dict) -> dict:
+    """report["precision"]: what each kind of tensor is stored in, what the files compute in, and which network the
+    certified numbers speak of."""
+    from isocompress.bounds import deployed
+
+    if plan is None:
+        return {"precision": None, "covers": "the float64 pruned network only: no rounding term is derived for"
+                " float16/bfloat16 files written with --dtype; use --precision float16"}
+    record = prune_report.get("deployed") if isinstance(prune_report, dict) else None
+    certified = record is not None and record.get("bound") is not None
+    covers = deployed.COVERS[plan.precision] if certified else (
+        "no certificate was computed for this run (no input domain, or an exact run): the files were verified in"
+        " onnxruntime against the float64 model")
+    return {**plan.describe(), "covers": covers,
+            "rounding_bound": record.get("bound") if record else None}
 
 
 def add_results(report: dict, constant, prune_report, resolved, onnx_report) -> None:
@@ -298,7 +354,7 @@ def shrink_streaming(model_path, out_dir, options: ShrinkOptions, calibration, p
     lossy shrink, ONNX output, or a file not in isocompress's own layout with its config."""
     from isocompress.exact import stream
 
-    if options.lossy or options.formats != ("safetensors",):
+    if options.lossy or options.formats != ("safetensors",) or options.precision not in (None, "float32"):
         return None
     started, model_path = time.perf_counter(), Path(model_path)
     source = stream.open_source(model_path)
@@ -395,8 +451,10 @@ def compress(original: IsoMLP, options: ShrinkOptions, calibration, labels, prog
                                  **(extra or {}))
 
 
-def write_outputs(model: IsoMLP, out: Path, options: ShrinkOptions, dtype: torch.dtype, probes: torch.Tensor):
-    """Writes the chosen formats atomically; returns ({format: path}, onnx verification report or None)."""
+def write_outputs(model: IsoMLP, out: Path, options: ShrinkOptions, dtype: torch.dtype, probes: torch.Tensor,
+                  plan=None):
+    """Writes the chosen formats atomically; returns ({format: path}, onnx verification report or None). `plan`
+    (core.precision.Plan): the precision to write in (None: `dtype`, as before precisions existed)."""
     files: dict[str, Path] = {}
     onnx_report = None
     # ONNX first: if its onnxruntime check fails, nothing else of this run has been written.
@@ -407,10 +465,10 @@ def write_outputs(model: IsoMLP, out: Path, options: ShrinkOptions, dtype: torch
         # it has no float64 Conv or AveragePool, so a CNN's file is float32).
         onnx_dtype = torch.float64 if dtype == torch.float64 and model.is_mlp else torch.float32
         onnx_report = onnx_export.export_and_verify(model, out / "model.onnx", probes=probes, rtol=options.onnx_tol,
-                                                    dtype=onnx_dtype)
+                                                    dtype=onnx_dtype, plan=plan)
         files["onnx"] = out / "model.onnx"
     if "safetensors" in options.formats:
-        files["safetensors"] = io.save_safetensors(model, out / "model.safetensors", dtype=dtype)
+        files["safetensors"] = io.save_safetensors(model, out / "model.safetensors", dtype=dtype, plan=plan)
     files = {name: files[name] for name in options.formats}  # in the order the user asked for
     return files, onnx_report
 

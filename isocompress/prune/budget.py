@@ -409,12 +409,13 @@ def resolve_target(budget: float, original_params: int, smallest: int) -> int:
     return target
 
 
-def local_certificates(state: State, centres: torch.Tensor, eps: float) -> dict:
-    """Proven per-point bounds and top-1 certificates (isocompress.bounds.local, docs/bounds.md §8)."""
+def local_certificates(state: State, centres: torch.Tensor, eps: float, extra: float = 0.0) -> dict:
+    """Proven per-point bounds and top-1 certificates (isocompress.bounds.local, docs/bounds.md §8); `extra` is added
+    to the allowance (the deployed files' rounding term, §5b)."""
     # allowance: rounding, plus D (the exact step's drop, proven over these balls too: exact_step): β grows by it and
     # each margin shrinks by 2D, so the certificates compare with the original network, not the exact-shrunk one.
     return local_bounds.local_bounds(state.layers, state.removed, state.consts, centres, eps,
-                                     allowance=rounding_allowance(state) + state.constant_bound)
+                                     allowance=rounding_allowance(state) + state.constant_bound + extra)
 
 
 def certified_fraction(state: State, centres: torch.Tensor, eps: float) -> float:
@@ -474,7 +475,13 @@ def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, pr
     report = build_report(original, pruned, state, basis, radius, radius_source, probes, labels,
                           search_restarts, search_steps, calibrated=x is not None)
     account_constant_directions(report, constant)
-    report["local"] = local_section(state, centres, eps, eps_source, certify_data is not None, (original, pruned))
+    report["deployed"] = deployed_term(pruned, getattr(options, "precision", None), radius, centres, eps)
+    add_deployed(report)
+    report["local"] = local_section(state, centres, eps, eps_source, certify_data is not None, (original, pruned),
+                                    extra=report["deployed"].get("bound") or 0.0)
+    if report["local"].get("bounds") is not None:
+        report["local"].update(covers=report["deployed"].get("covers", "the float64 pruned network"),
+                               deployed_rounding=report["deployed"].get("bound"))
     if test_data is not None:
         report["test"] = test_report(original, pruned, test_data, test_labels)
         report["empirical"]["inputs"] = report["empirical"]["inputs"].replace("; give --test-data", "")
@@ -514,6 +521,39 @@ def account_constant_directions(report: dict, constant: dict) -> None:
                           " please report this model")
 
 
+def deployed_term(pruned: IsoMLP, precision: str | None, radius, centres, eps) -> dict:
+    """The rounding/quantisation term of the deployed files (bounds.deployed, docs/bounds.md §5b) over every input a
+    certificate here speaks of (|x| ≤ radius and the balls |x − c_i| ≤ ε), and the plan the files are written with."""
+    from isocompress.bounds import deployed
+
+    reach = [] if radius is None else [radius]
+    if centres is not None and eps is not None:
+        reach.append(float(sample_norms(centres).max()) + eps)
+    if precision is None or not deployed.supported(pruned):
+        why = ("no rounding term: it is derived for tanh MLPs" if precision is not None
+               else "no rounding term for files written with --dtype float16/bfloat16")
+        return {"bound": None, "plan": None, "note": why}
+    norm = max(reach) if reach else None
+    plan = deployed.choose_plan(pruned, precision, norm)
+    if norm is None:
+        return {"bound": None, "plan": plan.describe(), "note": "no input domain: no rounding term"}
+    out = deployed.deployed_bound(pruned, plan, norm)
+    return {**out, "covers": deployed.COVERS[precision]}
+
+
+def add_deployed(report: dict) -> None:
+    """The global certificate covers the deployed files: β of the float64 network plus the rounding term (the
+    triangle inequality; docs/bounds.md §5b). The float64 network's own value stays, named as such."""
+    cert, dep = report["certified"], report["deployed"]
+    if cert.get("max_abs") is None or dep.get("bound") is None:
+        cert["covers"] = "the float64 pruned network" if cert.get("max_abs") is not None else None
+        return
+    cert["float64_network"] = cert["max_abs"]
+    cert["deployed_rounding"] = dep["bound"]
+    cert["max_abs"] = cert["max_abs"] + dep["bound"]
+    cert["covers"] = dep["covers"]
+
+
 def goal_check(options, radius, centres, model: IsoMLP) -> None:
     if options.max_error is not None and not certifiable(model):
         raise IsocompressError(f"--max-error needs a certified bound; {TANH_ONLY.removeprefix('no certified bound computed: ')}:"
@@ -529,11 +569,13 @@ def goal_check(options, radius, centres, model: IsoMLP) -> None:
                                " --certify-data FILE")
 
 
-def local_section(state: State, centres, eps, eps_source: str, certify_data: bool, networks) -> dict:
-    """report["pruning"]["local"]: the certificates, or one line saying why none were computed."""
+def local_section(state: State, centres, eps, eps_source: str, certify_data: bool, networks,
+                  extra: float = 0.0) -> dict:
+    """report["pruning"]["local"]: the certificates, or one line saying why none were computed. `extra`: the deployed
+    files' rounding term, added to every β_i (and taken twice off every top-1 margin)."""
     if centres is not None:
         return local_report(state, centres, eps, eps_source, "certify data" if certify_data else "calibration data",
-                            networks=networks)
+                            networks=networks, extra=extra)
     if not locally_certifiable(networks[0]):
         return {"computed": False, "note": LOCAL_MLP_ONLY}
     return {"computed": False, "note": "no local certificates: give --calibration FILE or --certify-data FILE (points"
@@ -541,11 +583,11 @@ def local_section(state: State, centres, eps, eps_source: str, certify_data: boo
 
 
 def local_report(state: State, centres: torch.Tensor, eps: float, eps_source: str, points: str,
-                 networks=None) -> dict:
+                 networks=None, extra: float = 0.0) -> dict:
     """report.json["pruning"]["local"]: the certificates and, for classifiers with `networks` = (original, pruned),
     the three-way verdict per point: certified, refuted (a verified counterexample) or undecided."""
     started = time.perf_counter()
-    out = local_certificates(state, centres, eps)
+    out = local_certificates(state, centres, eps, extra)
     bound = out["bound"]
     classifier = state.layers[-1].n_out >= 2
     top1 = out["top1"].tolist() if classifier else None
