@@ -10,6 +10,7 @@
     formats = ["safetensors", "onnx"]
     onnx-tol = 1e-4
     dtype = "float32"
+    precision = "float32"            # float32 | float16 | int8-weights (certified deployed files; docs/bounds.md §5b)
 
 Neither budget nor max-error means exact (lossless). Unknown keys and bad values are `IsocompressError`s naming the
 file and the key. `Recipe` validates itself, round-trips through `to_dict`/`from_dict` (the TOML keys) and converts to
@@ -46,9 +47,10 @@ from isocompress.core.parsing import (  # noqa: F401  (re-exported: recipe.X as 
 
 BASES = ("auto", "data-free", "data-aware")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
+PRECISION_NAMES = ("float32", "float16", "int8-weights", "int8")  # int8 is refused (core.precision.INT8_NOT_YET)
 RECIPE_KEYS = ("name", "version", "description", "exact", "budget", "max-error", "min-certified-top1", "basis",
                "calibration", "labels", "input-radius", "certify-radius", "certify-data", "test-data", "test-labels",
-               "formats", "onnx-tol", "dtype", "ref-intrinsic-length")
+               "formats", "onnx-tol", "dtype", "ref-intrinsic-length", "precision")
 GOAL_KEYS = ("exact", "budget", "max-error", "min-certified-top1")
 DATA_KEYS = ("calibration", "labels", "certify-data", "test-data", "test-labels")  # paths, relative to the recipe
 FIELD_KEYS = {"max_error": "max-error", "max_error_percent": "max-error", "input_radius": "input-radius",
@@ -131,6 +133,7 @@ class Recipe:
     certify_data: str | None = None
     test_data: str | None = None
     test_labels: str | None = None
+    precision: str | None = None
     path: str | None = None
 
     def __post_init__(self) -> None:
@@ -172,7 +175,7 @@ class Recipe:
                              basis=self.basis, input_radius=self.input_radius, formats=self.formats,
                              onnx_tol=self.onnx_tol, dtype=self.dtype, certify_radius=self.certify_radius,
                              min_certified_top1=self.min_certified_top1,
-                             ref_intrinsic_length=self.ref_intrinsic_length)
+                             ref_intrinsic_length=self.ref_intrinsic_length, precision=self.precision)
 
     def to_dict(self) -> dict:
         """The recipe as its TOML keys (what `from_dict` reads back); `exact` always, the goal key if lossy."""
@@ -190,7 +193,7 @@ class Recipe:
         optional = {"calibration": self.calibration, "labels": self.labels, "input-radius": self.input_radius,
                     "dtype": self.dtype, "certify-radius": self.certify_radius, "certify-data": self.certify_data,
                     "test-data": self.test_data, "test-labels": self.test_labels,
-                    "ref-intrinsic-length": self.ref_intrinsic_length}
+                    "ref-intrinsic-length": self.ref_intrinsic_length, "precision": self.precision}
         data.update({k: v for k, v in optional.items() if v is not None})
         data.update({"formats": list(self.formats), "onnx-tol": self.onnx_tol})
         return data
@@ -225,6 +228,8 @@ class Recipe:
             kwargs["onnx_tol"] = parse_positive(data["onnx-tol"], where, "onnx-tol")
         if "dtype" in data:
             kwargs["dtype"] = parse_choice(data["dtype"], DTYPES, where, "dtype")
+        if "precision" in data:
+            kwargs["precision"] = parse_choice(data["precision"], PRECISION_NAMES, where, "precision")
         if "ref-intrinsic-length" in data:
             kwargs["ref_intrinsic_length"] = parse_choice(data["ref-intrinsic-length"], REF_MODES, where,
                                                           "ref-intrinsic-length")

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import torch
 
-from isocompress.bounds.certified import SLOPE_MAX, gain, slope_sup
+from isocompress.bounds.certified import SLOPE_MAX, gain, m_range, reachable_balls, slope_sup, vec_norm
 from isocompress.core import precision as P
 from isocompress.core.model import IsoMLP, Layer
 from isocompress.core.primitives import spectral_norm_upper
@@ -117,8 +117,9 @@ def deployed_bound(model: IsoMLP, plan: P.Plan, input_norm: float) -> dict:
     u, uf = P.UNIT_ROUNDOFF[c], P.UNDERFLOW[c]
     limit = P.FLOAT_MAX.get(c, math.inf)
     h_exact, dh, dg = float(input_norm), float(input_norm) * u, 0.0  # the input cast to the compute dtype
-    h_tilde, g_tilde = h_exact * (1 + u), 0.0
+    h_tilde, g_tilde, g_exact = h_exact * (1 + u), 0.0, 0.0
     overflow, rows = input_norm >= limit, []
+    balls = reachable_balls([la.as_dense() for la in model.layers], float(input_norm))  # the float64 network's reachable set (Lemma 3)
     for i, layer in enumerate(model.layers):
         pert = layer_perturbation(layer, plan)
         stored = deployed_layer(layer, plan)
@@ -127,7 +128,7 @@ def deployed_bound(model: IsoMLP, plan: P.Plan, input_norm: float) -> dict:
         terms = _abs_norm(stored.weight) * h_tilde + float(torch.linalg.vector_norm(stored.bias)) + psi_norm * g_tilde
         arith = P.gamma(n, u) * terms + math.sqrt(layer.n_out) * n * uf
         dz = (_op_norm(stored.weight) * dh + pert["weight"] * h_exact + pert["bias"] + psi_norm * dg
-              + pert["psi"] * (1.0 if i > 0 else 0.0) + arith)
+              + pert["psi"] * g_exact + arith)
         z_bound = terms * (1 + P.gamma(n, u))
         o = 0.0 if layer.o is None else abs(float(layer.o))
         overflow = overflow or z_bound >= limit or (o + z_bound ** 2) * 1.01 >= limit
@@ -138,11 +139,14 @@ def deployed_bound(model: IsoMLP, plan: P.Plan, input_norm: float) -> dict:
             return {"bound": math.inf if overflow else dz, "overflow_possible": overflow, "input_norm": input_norm,
                     "plan": plan.describe(), "layers": rows}
         eps_h, eps_g = activation_errors(layer.n_out + 1, plan, z_bound)
-        m_min = math.sqrt(max(float(layer.o), 0.0))  # m ≥ sqrt(o) everywhere: f is g(√o)-Lipschitz (Lemma 1)
-        dh = min(gain(m_min) * (1 + 1e-12) * dz + eps_h + DH_DO * pert["o"], 2.0 + eps_h)
-        dg = min(slope_sup(m_min) * dz + eps_g + DG_DO * pert["o"], 1.0 + eps_g)
-        row.update(eps_h=eps_h, eps_g=eps_g, dh=dh, dg=dg)
-        h_exact, h_tilde, g_tilde = 1.0, 1.0 + eps_h, 1.0 + eps_g
+        ball = balls[i]  # z ∈ B(c, r) and z̃ within dz of it: both in B(c, r + dz), where m ≥ m_lo (Lemma 1, 2)
+        m_lo = m_range(vec_norm(ball.z_center), ball.z_radius + dz, max(float(layer.o), 0.0))[0]
+        dh = min(gain(m_lo) * (1 + 1e-12) * dz + eps_h + DH_DO * pert["o"], 2.0 + eps_h)
+        dg = min(slope_sup(m_lo) * dz + eps_g + DG_DO * pert["o"], 1.0 + eps_g)
+        row.update(eps_h=eps_h, eps_g=eps_g, dh=dh, dg=dg, m_lo=m_lo)
+        h_exact = min(1.0, vec_norm(ball.h_center) + ball.h_radius)
+        g_exact = min(1.0, float(ball.g_mid + ball.g_half))
+        h_tilde, g_tilde = h_exact + eps_h + dh, min(1.0 + eps_g, g_exact + dg)
     raise AssertionError("a validated model ends with an output layer")
 
 

@@ -28,9 +28,12 @@ def parse_formats(text: str) -> tuple[str, ...]:
 
 
 def export_file(model_path: str | Path, out_dir: str | Path | None, formats=("onnx",), onnx_tol: float = 1e-4,
-                calibration: str | Path | None = None, ref_intrinsic_length: str | None = None) -> dict:
+                calibration: str | Path | None = None, ref_intrinsic_length: str | None = None,
+                precision: str | None = None) -> dict:
     """`isocompress export`: the model unchanged, as DIR/model.onnx (verified in onnxruntime) and/or
-    DIR/model.safetensors, plus DIR/report.json. Everything is read and validated before anything is written."""
+    DIR/model.safetensors, plus DIR/report.json. Everything is read and validated before anything is written.
+    `precision` (float32 | float16 | int8-weights): the deployed files' precision; report["precision"] holds the
+    certified bound on |y_file − y_model| over |x| ≤ the largest calibration norm (docs/bounds.md §5b)."""
     from isocompress.api import shrink as api  # here, not at the top: --help and usage errors skip torch
     from isocompress.formats import io
 
@@ -38,7 +41,10 @@ def export_file(model_path: str | Path, out_dir: str | Path | None, formats=("on
     if not 0 < onnx_tol < math.inf:
         raise IsocompressError(f"--onnx-tol {onnx_tol!r} must be a positive finite number")
     model_path = Path(model_path)
-    saved_dtype = io.stored_dtype(model_path)
+    from isocompress.core.precision import parse_precision
+
+    precision = None if precision is None else parse_precision(precision)
+    saved_dtype = io.stored_dtype(model_path) if precision is None else torch_float32()
     notes: list[str] = []
     model = io.load(model_path, ref_intrinsic_length=ref_intrinsic_length,
                     notify=lambda text: (notes.append(text), io.print_note(text)))
@@ -52,7 +58,8 @@ def export_file(model_path: str | Path, out_dir: str | Path | None, formats=("on
     inputs = [model_path] + ([Path(calibration)] if calibration is not None else [])
     with api.output_dir(out, inputs) as stage:
         options = api.ShrinkOptions(formats=formats, onnx_tol=onnx_tol)
-        files, onnx_report = api.write_outputs(model, stage, options, saved_dtype, probes)
+        plan, record = export_plan(model, precision, calib)
+        files, onnx_report = api.write_outputs(model, stage, options, saved_dtype, probes, plan=plan)
         report = {
             "model": str(model_path),
             "widths": list(model.widths),
@@ -66,6 +73,8 @@ def export_file(model_path: str | Path, out_dir: str | Path | None, formats=("on
         }
         if notes:
             report["notes"] = notes
+        if record is not None:
+            report["precision"] = record
         if onnx_report is not None:
             report["onnx"] = onnx_report
         report["seconds"] = round(time.perf_counter() - started, 4)
@@ -73,10 +82,42 @@ def export_file(model_path: str | Path, out_dir: str | Path | None, formats=("on
     return report
 
 
+def torch_float32():
+    import torch
+
+    return torch.float32
+
+
+def export_plan(model, precision: str | None, calib):
+    """(plan, report["precision"]) of an export: None, None without --precision (the file's own dtype, as before)."""
+    if precision is None:
+        return None, None
+    from isocompress.bounds import deployed
+    from isocompress.core.measure import sample_norms
+
+    if precision != "float32" and not deployed.supported(model):
+        raise IsocompressError(f"--precision {precision} is available for tanh MLPs only yet; use --precision"
+                               " float32 for this network")
+    norm = None if calib is None else float(sample_norms(calib).max())
+    plan = deployed.choose_plan(model, precision, norm)
+    record = {**plan.describe(), "covers": deployed.COVERS[precision], "rounding_bound": None,
+              "input_norm": norm}
+    if norm is not None and deployed.supported(model):
+        record["rounding_bound"] = deployed.deployed_bound(model, plan, norm)["bound"]
+        record["note"] = "certified |y_file − y_model| for every |x| ≤ input_norm (the largest calibration norm)"
+    else:
+        record["note"] = "no certified rounding bound: give --calibration (its largest norm is the domain)"
+    return plan, record
+
+
 def format_export(report: dict) -> str:
     lines = [f"{report['model']}: widths {'→'.join(map(str, report['widths']))}, {report['params']:,} parameters"]
     for name, path in report["files"].items():
         lines.append(f"  {name:<12} {report['bytes_after'][name]:>12,} bytes  {path}")
+    if "precision" in report:
+        prec = report["precision"]
+        bound = "not certified" if prec["rounding_bound"] is None else f"certified |Δy| ≤ {prec['rounding_bound']:.3g}"
+        lines.append(f"precision {prec['precision']} (compute {prec['compute']}): {bound}")
     if "onnx" in report:
         check = report["onnx"]
         lines.append(
@@ -97,12 +138,15 @@ def format_export(report: dict) -> str:
               help="Relative tolerance of the onnxruntime-vs-torch check.")
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Inputs to check the ONNX file on (.npy, .npz, .safetensors, .pt) [default: random probes].")
+@click.option("--precision", type=click.Choice(["float32", "float16", "int8-weights", "int8"]), default=None,
+              help="Deployed precision, with a certified rounding bound over the calibration domain [default: the"
+                   " file's dtype].")
 @click.option("--quiet", is_flag=True, help="Print nothing on success.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--ref-intrinsic-length", "ref_mode", type=click.Choice(["log", "raw"]), default=None, help=REF_HELP)
-def export(model, formats, out_dir, onnx_tol, calibration, quiet, as_json, ref_mode):
+def export(model, formats, out_dir, onnx_tol, calibration, precision, quiet, as_json, ref_mode):
     """Export MODEL unchanged (e.g. the "before" side of a comparison); write model.onnx and report.json."""
-    report = export_file(model, out_dir, parse_formats(formats), onnx_tol, calibration, ref_mode)
+    report = export_file(model, out_dir, parse_formats(formats), onnx_tol, calibration, ref_mode, precision)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     elif not quiet:
