@@ -361,7 +361,8 @@ def _graph_nodes(b: GraphBuilder, model: IsoMLP, plan) -> str:
     storage = [None if plan is None else (plan.weights if layer.kind == "dense" else plan.others)
                for layer in model.layers]
     fold_psi = plan is None or plan.weights in ("float32", "float64")  # a folded psi column would share W's dtype
-    model = IsoMLP([small_diagonals_dense(layer) for layer in model.layers])
+    if plan is None or plan.weights in ("float32", "float64"):  # float16/int8: a diagonal stays a vector (bytes)
+        model = IsoMLP([small_diagonals_dense(layer) for layer in model.layers])
     first = INPUT_NAME if b.np_dtype != np.float16 else "x/cast"
     b.widths[first] = model.widths[0]
     hidden = plan_hidden(model, b.np_dtype)
