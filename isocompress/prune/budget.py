@@ -476,12 +476,8 @@ def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, pr
                           search_restarts, search_steps, calibrated=x is not None)
     account_constant_directions(report, constant)
     report["deployed"] = deployed_term(pruned, getattr(options, "precision", None), radius, centres, eps)
-    add_deployed(report)
-    report["local"] = local_section(state, centres, eps, eps_source, certify_data is not None, (original, pruned),
-                                    extra=report["deployed"].get("bound") or 0.0)
-    if report["local"].get("bounds") is not None:
-        report["local"].update(covers=report["deployed"].get("covers", "the float64 pruned network"),
-                               deployed_rounding=report["deployed"].get("bound"))
+    report["local"] = add_deployed(report, local_section(state, centres, eps, eps_source, certify_data is not None,
+                                                         (original, pruned), extra=report["deployed"].get("bound") or 0.0))
     if test_data is not None:
         report["test"] = test_report(original, pruned, test_data, test_labels)
         report["empirical"]["inputs"] = report["empirical"]["inputs"].replace("; give --test-data", "")
@@ -541,10 +537,18 @@ def deployed_term(pruned: IsoMLP, precision: str | None, radius, centres, eps) -
     return {**out, "covers": deployed.COVERS[precision]}
 
 
-def add_deployed(report: dict) -> None:
+def add_deployed(report: dict, local: dict) -> dict:
     """The global certificate covers the deployed files: β of the float64 network plus the rounding term (the
-    triangle inequality; docs/bounds.md §5b). The float64 network's own value stays, named as such."""
-    cert, dep = report["certified"], report["deployed"]
+    triangle inequality; docs/bounds.md §5b). The float64 network's own value stays, named as such. The local
+    certificates (computed with the term in their allowance) say which network they cover. Returns `local`."""
+    dep = report["deployed"]
+    if local.get("bounds") is not None:
+        local.update(covers=dep.get("covers", "the float64 pruned network"), deployed_rounding=dep.get("bound"))
+    add_deployed_global(report["certified"], dep)
+    return local
+
+
+def add_deployed_global(cert: dict, dep: dict) -> None:
     if cert.get("max_abs") is None or dep.get("bound") is None:
         cert["covers"] = "the float64 pruned network" if cert.get("max_abs") is not None else None
         return
