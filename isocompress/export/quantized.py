@@ -1,7 +1,8 @@
 """Weights stored in another dtype than the graph computes in (docs/onnx.md, "Precision"): float16 initializers with a
 Cast to the compute dtype, or per-output-channel symmetric int8 with float32 scales and a DequantizeLinear (axis 0,
-zero point 0). onnxruntime folds both into constants when the session starts, so they cost bytes on disk, not
-latency; the values it computes with are fl32(q·s) (core.precision.dequantize_rows), which the certificate uses.
+zero point 0). onnxruntime folds the Cast into a constant when the session starts; it keeps DequantizeLinear (a QDQ
+node) and runs it on every call (benchmarks/bench_quant.py measures the cost). The values it computes with are
+fl32(q·s) (core.precision.dequantize_rows), which the certificate uses.
 """
 
 from __future__ import annotations
