@@ -320,6 +320,26 @@ def prune_to_error(state: State, limit: float, basis: str, x, radius: float, ste
     return prune_while(state, lambda trial: certify(trial, radius) <= limit, basis, x, radius, step)
 
 
+def prune_to_deployed_error(state: State, options, basis: str, x, domain, step=None) -> State:
+    """--max-error bounds the deployed files (docs/bounds.md §5b): prune to the limit less their rounding term, taken
+    from the exact-shrunk model and, where the pruned model's came out larger, from that one (each retry starts from
+    the same state). `domain`: (radius, centres, eps) of deployed_term."""
+    limit = max(options.max_error - state.constant_bound, 0.0)
+
+    def term(s: State) -> float:
+        model = alternate_diagonalise(materialize(s))
+        return deployed_term(model, getattr(options, "precision", None), *domain).get("bound") or 0.0
+
+    margin = term(state)
+    for _ in range(4):
+        pruned = prune_to_error(state, max(limit - margin, 0.0), basis, x, domain[0], step)
+        final = term(pruned)
+        if final <= margin:  # certified ≤ limit − margin, so certified + final ≤ limit
+            return pruned
+        margin = final
+    return pruned
+
+
 def prune_while(state: State, acceptable, basis: str, x, radius, step=None) -> State:
     """Prune in rounds as long as `acceptable(state)` holds: rounds that overshoot are retried at half the size."""
     goal = max(int(ROUND_FRACTION * current_params(state)), 1)
@@ -467,7 +487,7 @@ def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, pr
         if options.budget is not None:
             state = prune_to_target(state, target, basis, x, radius, step)
         elif options.max_error is not None:
-            state = prune_to_error(state, max(options.max_error - state.constant_bound, 0.0), basis, x, radius, step)
+            state = prune_to_deployed_error(state, options, basis, x, (radius, centres, eps), step)
         else:
             state = prune_to_certified(state, options.min_certified_top1, basis, x, radius, centres, eps, step)
     pruned = alternate_diagonalise(materialize(state))
