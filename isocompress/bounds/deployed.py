@@ -28,8 +28,8 @@ EXTRA_TERMS = 4  # a dot product's length beyond n_in: the carried coordinate, p
 
 
 def supported(model: IsoMLP) -> bool:
-    """Whether the deployed bound is derived for this network: a tanh MLP (vectors)."""
-    return model.is_mlp and all(layer.sigma == "tanh" for layer in model.layers[:-1])
+    """Whether the deployed bound is derived for this network: a tanh MLP (vectors) with every o ≥ 0 (Lemma 11)."""
+    return model.is_mlp and all(layer.sigma == "tanh" and float(layer.o) >= 0 for layer in model.layers[:-1])
 
 
 def deployed_layer(layer: Layer, plan: P.Plan) -> Layer:
