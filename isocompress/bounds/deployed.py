@@ -163,7 +163,15 @@ def choose_plan(model: IsoMLP, precision: str, input_norm: float | None) -> P.Pl
     if trial["overflow_possible"] or not math.isfinite(trial["bound"]):
         return P.plan_for("float16", False, f"float16 could overflow for |x| ≤ {input_norm:.4g} (a pre-activation or"
                           " m² may exceed 65504): the float16 weights are cast to float32 in the graph")
+    edges = deployed_bound(model, P.plan_for("float16", False), input_norm)["bound"]
+    if trial["bound"] > COMPUTE16_MAX_GROWTH * edges:
+        return P.plan_for("float16", False, f"float16 arithmetic would raise the certified rounding bound from"
+                          f" {edges:.3g} to {trial['bound']:.3g} (|x| ≤ {input_norm:.4g}): the float16 weights are cast"
+                          " to float32 in the graph")
     return P.plan_for("float16", True)
+
+
+COMPUTE16_MAX_GROWTH = 2.0  # float16 compute only where it at most doubles the certified bound of float32 compute
 
 
 COVERS = {
@@ -173,3 +181,65 @@ COVERS = {
     "int8-weights": "the int8-weights ONNX (DequantizeLinear) as run by onnxruntime and the saved int8 safetensors"
                     " (isocompress reloads fl32(q·s))",
 }
+
+
+# --- per-point bounds (docs/bounds.md §5b, "Local form") ---------------------------------------------------------
+def local_deployed_bound(model: IsoMLP, plan: P.Plan, centres: torch.Tensor, eps: float) -> torch.Tensor:
+    """D_i ≥ sup over |x − x_i| ≤ ε of |y_deployed(x) − y(x)| for every centre: Lemma 11 carried by the forms of
+    §8 (bounds.local): ΔW h keeps its linear part ΔW(c_h + A_h δ) through every later layer's Jacobian at the centre,
+    instead of ‖ΔW‖·1 times the norm product; the arithmetic, bias, psi and o terms of Lemma 12 enter as balls. Never
+    above the global bound over |x| ≤ max |x_i| + ε (the minimum is returned)."""
+    from isocompress.bounds import local as L
+
+    x = centres.to(F64)
+    norm = float(torch.linalg.vector_norm(x, dim=-1).max()) + eps
+    glob = deployed_bound(model, plan, norm)
+    if not math.isfinite(glob["bound"]):
+        return torch.full((len(x),), math.inf, dtype=F64)
+    layers = [layer.as_dense() for layer in model.layers]
+    stored = [deployed_layer(layer, plan).as_dense() for layer in model.layers]
+    rows, p = glob["layers"], len(x)
+    w0, dw0 = layers[0].weight, stored[0].weight - layers[0].weight
+    z = L.Form(x @ w0.T + layers[0].bias, w0.expand(p, *w0.shape), torch.zeros(p, dtype=F64),
+               torch.full((p,), L.spectral_norm(w0), dtype=F64))
+    ball0 = _op_norm(stored[0].weight) * P.UNIT_ROUNDOFF[plan.compute] * norm + rows[0]["arithmetic"] \
+        + rows[0]["delta_bias"]
+    dz = L.Form(x @ dw0.T, dw0.expand(p, *dw0.shape), torch.full((p,), ball0, dtype=F64),
+                torch.full((p,), spectral_norm_upper(dw0), dtype=F64))
+    for i in range(1, len(layers)):
+        h, g, dh, dg = L.activation(z, dz, float(layers[i - 1].o), eps)
+        row = rows[i - 1]
+        dh = _widened(dh, row["eps_h"] + DH_DO * row["delta_o"])
+        dg = L.Scalar(dg.c, dg.a, dg.r + row["eps_g"] + DG_DO * row["delta_o"])
+        z, _ = L.affine(layers[i], h, g, dh, dg, torch.zeros(layers[i].n_out, dtype=torch.bool),
+                        torch.zeros(layers[i].n_out, dtype=F64), eps)
+        dz = _perturbed_affine(layers[i], stored[i], h, g, dh, dg, rows[i], eps, model.layers[i].kind)
+    return torch.minimum(dz.sup(eps), torch.tensor(glob["bound"], dtype=F64))
+
+
+def _widened(form, extra: float):
+    """The form with `extra` more in its remainder ball (and in its residue's ball: both bound the same w)."""
+    from isocompress.bounds import local as L
+
+    res = None if form.res is None else L.Residue(form.res.vecs, form.res.mats, form.res.r0 + extra)
+    return L.Form(form.c, form.A, form.r + extra, res=res)
+
+
+def _perturbed_affine(layer: Layer, stored: Layer, h, g, dh, dg, row: dict, eps: float, kind: str):
+    """Δz = W̃ Δh + ΔW h + Δb + psĩ Δg + Δpsi g + e (Lemma 11) as a form: W̃Δh and ΔW h exactly in their linear parts,
+    Δb, Δpsi·g (all representations, so as balls) and the arithmetic e as balls. For a diagonal layer whose ONNX
+    form is rounded otherwise than the file's (float16 compute), the other rounding is a ball too."""
+    from isocompress.bounds import local as L
+
+    wt, dw = stored.weight, stored.weight - layer.weight
+    dc = dh.c @ wt.T + h.c @ dw.T
+    da = torch.matmul(wt, dh.A) + torch.matmul(dw, h.A)
+    dr = _op_norm(wt) * dh.r + spectral_norm_upper(dw) * h.r + row["delta_bias"] + row["arithmetic"]
+    if layer.psi is not None:
+        psi = stored.psi
+        dc = dc + psi[None, :] * dg.c[:, None]
+        da = da + psi[None, :, None] * dg.a[:, None, :]
+        dr = dr + float(torch.linalg.vector_norm(psi)) * dg.r + row["delta_psi"] * torch.clamp(g.sup(eps), max=1.0)
+    if kind != "dense":  # the ONNX graph may store this diagonal in plan.others (another rounding)
+        dr = dr + 2.0 * row["delta_weight"]
+    return L.Form(dc, da, dr)

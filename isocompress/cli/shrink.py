@@ -155,7 +155,9 @@ def format_pruning_lines(pruning: dict) -> list[str]:
     else:
         lines = [
             f"pruning basis {pruning['basis']}; domain |x| ≤ {pruning['radius']:.4g} ({pruning['radius_source']})",
-            f"  certified   max |Δy| ≤ {cert['max_abs']:.3g} for every input in the domain (proven, docs/bounds.md)",
+            f"  certified   max |Δy| ≤ {cert['max_abs']:.3g} for every input in the domain (proven, docs/bounds.md)"
+            + (f"; covers the deployed files (float64 network alone: {cert['float64_network']:.3g})"
+               if "float64_network" in cert else ""),
             f"  adversarial max |Δy| = {adv['max_abs']:.3g} found by search"
             + (f"; bound tightness {tight:.3g}×" if tight is not None else ""),
         ]

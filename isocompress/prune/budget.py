@@ -497,7 +497,8 @@ def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, pr
     account_constant_directions(report, constant)
     report["deployed"] = deployed_term(pruned, getattr(options, "precision", None), radius, centres, eps)
     report["local"] = add_deployed(report, local_section(state, centres, eps, eps_source, certify_data is not None,
-                                                         (original, pruned), extra=report["deployed"].get("bound") or 0.0))
+                                                         (original, pruned), extra=local_extra(report, pruned,
+                                                                                              centres, eps)))
     if test_data is not None:
         report["test"] = test_report(original, pruned, test_data, test_labels)
         report["empirical"]["inputs"] = report["empirical"]["inputs"].replace("; give --test-data", "")
@@ -557,13 +558,24 @@ def deployed_term(pruned: IsoMLP, precision: str | None, radius, centres, eps) -
     return {**out, "covers": deployed.COVERS[precision]}
 
 
+def local_extra(report: dict, pruned: IsoMLP, centres, eps):
+    """The deployed files' term on each local ball: bounds.deployed.local_deployed_bound (≤ the global term)."""
+    from isocompress.bounds import deployed
+    from isocompress.core.precision import Plan
+
+    dep = report["deployed"]
+    if dep.get("bound") is None or centres is None:
+        return dep.get("bound") or 0.0
+    return deployed.local_deployed_bound(pruned, Plan.from_record(dep["plan"]), centres, eps)
+
+
 def add_deployed(report: dict, local: dict) -> dict:
     """The global certificate covers the deployed files: β of the float64 network plus the rounding term (the
     triangle inequality; docs/bounds.md §5b). The float64 network's own value stays, named as such. The local
     certificates (computed with the term in their allowance) say which network they cover. Returns `local`."""
     dep = report["deployed"]
     if local.get("bounds") is not None:
-        local.update(covers=dep.get("covers", "the float64 pruned network"), deployed_rounding=dep.get("bound"))
+        local.update(covers=dep.get("covers", "the float64 pruned network"), deployed_rounding=local.pop("extra", None))
     add_deployed_global(report["certified"], dep)
     return local
 
@@ -628,6 +640,10 @@ def local_report(state: State, centres: torch.Tensor, eps: float, eps_source: st
                     "bound_mean": float(bound.mean())},
         "method": "per-point forms c + Aδ + w of both networks and of their difference (docs/bounds.md §8)",
     }
+    if isinstance(extra, torch.Tensor):  # the deployed files' term per point (docs/bounds.md §5b), inside "bounds"
+        report["extra"] = {"max": float(extra.max()), "median": float(extra.median())}
+    elif extra:
+        report["extra"] = {"max": float(extra), "median": float(extra)}
     if classifier and networks is not None:
         report.update(refutation_report(state, centres, eps, out["top1"], *networks))
     report["seconds"] = round(time.perf_counter() - started, 3)
