@@ -285,3 +285,22 @@ def test_local_deployed_bound_holds_on_random_networks(tmp_path, seed, precision
         assert float(ratio.max()) <= 1.0, float(ratio.max())
     if precision == "int8-weights":  # the weight term is structured: within 5× of what the ascent finds
         assert float(ratio.max()) >= 0.2, float(ratio.max())
+
+
+def test_check_limits_per_precision(tmp_path):
+    """One recipe checked in two precisions: the int8-weights output meets a byte limit the float32 one misses,
+    and its certified error (which covers the int8 files) is the one measured."""
+    from isocompress.check.run import run_checks
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(f'name = "r"\nbudget = "10%"\ncalibration = "{MODELS / "digits.calib.npy"}"\n'
+                      'formats = ["onnx"]\n', encoding="utf-8")
+    checks = [{"model": str(MODELS / "digits.pt"), "recipe": str(recipe), "max-bytes": "18 kB", "max-error": 100.0,
+               "precision": p} for p in ("float32", "int8-weights")]
+    results = run_checks(checks=checks, cwd=tmp_path)
+    by = {(r.check, r.metric): r for r in results}
+    assert not by[1, "bytes"].passed and by[2, "bytes"].passed
+    assert by[2, "bytes"].measured < 0.45 * by[1, "bytes"].measured
+    assert by[2, "error"].measured > by[1, "error"].measured  # the int8 rounding is inside the certified error
+    with pytest.raises(IsocompressError, match="not available yet"):
+        run_checks(checks=[{**checks[0], "precision": "int8"}], cwd=tmp_path)

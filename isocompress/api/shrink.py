@@ -464,8 +464,9 @@ def write_outputs(model: IsoMLP, out: Path, options: ShrinkOptions, dtype: torch
         # float32 unless the weights are saved in float64 (onnxruntime's CPU kernels for float16/bfloat16 are partial;
         # it has no float64 Conv or AveragePool, so a CNN's file is float32).
         onnx_dtype = torch.float64 if dtype == torch.float64 and model.is_mlp else torch.float32
+        onnx_plan = plan if plan is None or plan.precision != "float64" or model.is_mlp else None  # float32 CNN file
         onnx_report = onnx_export.export_and_verify(model, out / "model.onnx", probes=probes, rtol=options.onnx_tol,
-                                                    dtype=onnx_dtype, plan=plan)
+                                                    dtype=onnx_dtype, plan=onnx_plan)
         files["onnx"] = out / "model.onnx"
     if "safetensors" in options.formats:
         files["safetensors"] = io.save_safetensors(model, out / "model.safetensors", dtype=dtype, plan=plan)
