@@ -148,7 +148,8 @@ def test_precisions_shrink_the_files_and_report_what_each_tensor_got(digits_runs
 def random_mlp(seed: int, widths=(6, 9, 7, 4), psi=True, scale=0.9) -> IsoMLP:
     gen = torch.Generator().manual_seed(seed)
     layers = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+    for i in range(len(widths) - 1):
+        a, b = widths[i], widths[i + 1]
         w = torch.randn(b, a, generator=gen, dtype=F64) * scale * 2 / a ** 0.5
         last = i == len(widths) - 2
         layers.append(dense_layer(w, torch.randn(b, generator=gen, dtype=F64) * 0.3,

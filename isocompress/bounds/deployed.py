@@ -189,8 +189,6 @@ def local_deployed_bound(model: IsoMLP, plan: P.Plan, centres: torch.Tensor, eps
     §8 (bounds.local): ΔW h keeps its linear part ΔW(c_h + A_h δ) through every later layer's Jacobian at the centre,
     instead of ‖ΔW‖·1 times the norm product; the arithmetic, bias, psi and o terms of Lemma 12 enter as balls. Never
     above the global bound over |x| ≤ max |x_i| + ε (the minimum is returned)."""
-    from isocompress.bounds import local as L
-
     x = centres.to(F64)
     norm = float(torch.linalg.vector_norm(x, dim=-1).max()) + eps
     glob = deployed_bound(model, plan, norm)
@@ -198,6 +196,18 @@ def local_deployed_bound(model: IsoMLP, plan: P.Plan, centres: torch.Tensor, eps
         return torch.full((len(x),), math.inf, dtype=F64)
     layers = [layer.as_dense() for layer in model.layers]
     stored = [deployed_layer(layer, plan).as_dense() for layer in model.layers]
+    chunk = max(1, int(FORM_ENTRIES // (max(model.widths) * model.widths[0])))  # forms are points × width × n_0
+    parts = [_local_chunk(model, layers, stored, glob, part, eps, norm) for part in x.split(chunk)]
+    return torch.minimum(torch.cat(parts), torch.tensor(glob["bound"], dtype=F64))
+
+
+FORM_ENTRIES = 2e7  # float64 entries of one form's linear parts per chunk of centres (160 MB)
+
+
+def _local_chunk(model: IsoMLP, layers, stored, glob: dict, x: torch.Tensor, eps: float, norm: float) -> torch.Tensor:
+    from isocompress.bounds import local as L
+
+    plan = P.Plan.from_record(glob["plan"])
     rows, p = glob["layers"], len(x)
     w0, dw0 = layers[0].weight, stored[0].weight - layers[0].weight
     z = L.Form(x @ w0.T + layers[0].bias, w0.expand(p, *w0.shape), torch.zeros(p, dtype=F64),
@@ -214,7 +224,7 @@ def local_deployed_bound(model: IsoMLP, plan: P.Plan, centres: torch.Tensor, eps
         z, _ = L.affine(layers[i], h, g, dh, dg, torch.zeros(layers[i].n_out, dtype=torch.bool),
                         torch.zeros(layers[i].n_out, dtype=F64), eps)
         dz = _perturbed_affine(layers[i], stored[i], h, g, dh, dg, rows[i], eps, model.layers[i].kind)
-    return torch.minimum(dz.sup(eps), torch.tensor(glob["bound"], dtype=F64))
+    return dz.sup(eps)
 
 
 def _widened(form, extra: float):

@@ -104,7 +104,12 @@ def export_plan(model, precision: str | None, calib):
               "input_norm": norm}
     if norm is not None and deployed.supported(model):
         record["rounding_bound"] = deployed.deployed_bound(model, plan, norm)["bound"]
-        record["note"] = "certified |y_file − y_model| for every |x| ≤ input_norm (the largest calibration norm)"
+        eps = 0.01 * float(sample_norms(calib).median())
+        local = deployed.local_deployed_bound(model, plan, calib, eps)
+        record["local"] = {"radius": eps, "n_points": len(calib), "bound_median": float(local.median()),
+                           "bound_max": float(local.max()), "bounds": [float(b) for b in local]}
+        record["note"] = ("certified |y_file − y_model| for every |x| ≤ input_norm (the largest calibration norm);"
+                          " local: for every x within radius (1% of the median norm) of each calibration point")
     else:
         record["note"] = "no certified rounding bound: give --calibration (its largest norm is the domain)"
     return plan, record
@@ -117,13 +122,19 @@ def format_export(report: dict) -> str:
     if "precision" in report:
         prec = report["precision"]
         bound = "not certified" if prec["rounding_bound"] is None else f"certified |Δy| ≤ {prec['rounding_bound']:.3g}"
-        lines.append(f"precision {prec['precision']} (compute {prec['compute']}): {bound}")
+        local = "" if "local" not in prec else (f"; within ε = {prec['local']['radius']:.3g} of the calibration points:"
+                                                f" median {prec['local']['bound_median']:.3g},"
+                                                f" max {prec['local']['bound_max']:.3g}")
+        lines.append(f"precision {prec['precision']} (compute {prec['compute']}): {bound}{local}")
     if "onnx" in report:
         check = report["onnx"]
         lines.append(
             f"onnxruntime vs torch (float64) on {check['n_probes']} inputs, batch sizes {check['batch_sizes']}:"
-            f" max |Δy| {check['max_abs_diff']:.3g}, relative {check['max_rel_diff']:.3g} ≤ {check['tolerance']:g}"
-            f" (opset {check['opset']}, IR {check['ir_version']}, {check['dtype']})"
+            f" max |Δy| {check['max_abs_diff']:.3g}, relative {check['max_rel_diff']:.3g}"
+            + (f" (≤ the certified rounding bound {check['certified_rounding']:.3g})"
+               if check.get("precision", {}).get("precision") not in (None, "float32", "float64")
+               else f" ≤ {check['tolerance']:g}")
+            + f" (opset {check['opset']}, IR {check['ir_version']}, {check['dtype']})"
         )
     return "\n".join(lines)
 

@@ -62,7 +62,7 @@ class Plan:
     compute_reason: str = ""
 
     @classmethod
-    def from_record(cls, record: dict) -> "Plan":
+    def from_record(cls, record: dict) -> Plan:
         return cls(record["precision"], record["dense_weights"], record["diagonals_biases_psi_o"], record["compute"],
                    record.get("compute_reason", ""))
 

@@ -397,11 +397,12 @@ def write_onnx(model: IsoMLP, path: str | Path, dtype: torch.dtype = torch.float
 
 def export_onnx(model: IsoMLP, path: str | Path, probes: torch.Tensor | None = None, *, rtol: float = 1e-4,
                 dtype: torch.dtype = torch.float32, opset: int = DEFAULT_OPSET,
-                ir_version: int = DEFAULT_IR_VERSION) -> dict:
+                ir_version: int = DEFAULT_IR_VERSION, precision: str | None = None) -> dict:
     """`isocompress export --format onnx` in Python: write `path` and verify it in onnxruntime against the float64
     torch forward on `probes` (default: 1,024 Gaussian inputs at scales 0.01–1000, as the CLI). Returns the
     verification record (max_abs_diff, max_rel_diff, …, as report.json's "onnx"); raises CheckFailed, leaving no
-    file, if max_rel_diff > rtol."""
+    file, if max_rel_diff > rtol. `precision`: float32, float16 or int8-weights (docs/onnx.md, "Precision"): also
+    verified against the certified rounding bound over |x| ≤ the largest probe norm (docs/bounds.md §5b)."""
     if not isinstance(model, IsoMLP):
         raise IsocompressError(f"export_onnx needs an IsoMLP (isocompress.load(path)), got {type(model).__name__}")
     if not (isinstance(rtol, (int, float)) and 0 < rtol < float("inf")):
@@ -410,8 +411,15 @@ def export_onnx(model: IsoMLP, path: str | Path, probes: torch.Tensor | None = N
         from isocompress.core.measure import probe_inputs
 
         probes = probe_inputs(model.input_shape)
+    plan = None
+    if precision is not None:  # float32 | float16 | int8-weights (docs/onnx.md, "Precision")
+        from isocompress.bounds import deployed
+        from isocompress.core.precision import parse_precision
+
+        probes = torch.as_tensor(probes)
+        plan = deployed.choose_plan(model, parse_precision(precision), float(sample_norms(probes).max()))
     return export_and_verify(model, path, torch.as_tensor(probes), rtol=rtol, dtype=dtype, opset=opset,
-                             ir_version=ir_version)
+                             ir_version=ir_version, plan=plan)
 
 
 def ort_session(path: str | Path, threads: int | None = None):
