@@ -1,5 +1,5 @@
 """Deployed precisions side by side: isocompress's certified float16 and int8-weights files against the float32 file
-and onnxruntime's `quantize_dynamic` (QInt8 weights, dynamic activation quantisation) on the same exported graph.
+and onnxruntime's `quantize_dynamic` and `quantize_static` (int8, uncertified) on the same exported graph.
 
     python benchmarks/bench_quant.py            # digits, MNIST-1D, 1024- and 2048-wide random models
     python benchmarks/bench_quant.py --quick    # digits, MNIST-1D and the 1024-wide model, fewer timing calls
@@ -10,7 +10,8 @@ ONNX bytes (and the ratio to the float32 file), test accuracy, top-1 agreement w
 the test data and after an ascent (sign-gradient, in |x| ≤ R, on the float32 reload of the same weights; its points
 are then run in onnxruntime), the certified bound of docs/bounds.md §5b over |x| ≤ R (R: the largest calibration or
 test norm), and onnxruntime latency (median of single-threaded calls) at batch 1 and 64. quantize_dynamic's file has no
-certificate ("—"). quantize_static is not run (its activation scales would need the QDQ path, not implemented).
+certificate ("—"); nor has `quantize_static` (QDQ, per-channel int8 weights and int8 activations with scales from
+the calibration data).
 """
 
 from __future__ import annotations
@@ -117,6 +118,22 @@ def local_check(model, plan, calib, path) -> dict:
     return {"local_med": float(d.median()), "local_ratio": float((measured / d).max())}
 
 
+def quantize_static_file(source: Path, target: Path, calib: torch.Tensor) -> None:
+    """onnxruntime's quantize_static: QDQ, per-channel int8 weights, activation scales from the calibration data."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.rows = iter(calib.numpy().astype(np.float32)[:, None, :])
+
+        def get_next(self):
+            row = next(self.rows, None)
+            return None if row is None else {"x": row}
+
+    quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QInt8)
+
+
 def run_case(name, model, calib, test, labels, tmp: Path, calls: int) -> list[dict]:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -138,8 +155,12 @@ def run_case(name, model, calib, test, labels, tmp: Path, calls: int) -> list[di
     quantize_dynamic(str(tmp / f"{name}.float32.onnx"), str(dynamic), weight_type=QuantType.QInt8)
     rows.append({"model": name, "file": "ORT quantize_dynamic", "compute": "int8 (dynamic)",
                  **measure(dynamic, shrunk, test, labels, y, None), "certified": None})
+    static = tmp / f"{name}.static.onnx"
+    quantize_static_file(tmp / f"{name}.float32.onnx", static, calib)
+    rows.append({"model": name, "file": "ORT quantize_static", "compute": "int8 QDQ (static)",
+                 **measure(static, shrunk, test, labels, y, None), "certified": None})
     for row in rows:
-        path = tmp / f"{name}.{row['file'] if row['file'] in PRECISIONS else 'dynamic'}.onnx"
+        path = tmp / f"{name}.{row['file'] if row['file'] in PRECISIONS else row['file'].split('_')[-1]}.onnx"
         row.update(lat1=latency(path, shrunk.widths[0], 1, calls), lat64=latency(path, shrunk.widths[0], 64, calls))
     int8 = tmp / f"{name}.int8-weights.onnx"
     rows[2].update(lat1_folded=latency(int8, shrunk.widths[0], 1, calls, True),
