@@ -266,6 +266,12 @@ def deployed_plan(model: IsoMLP, precision: str | None, prune_report: dict):
     return deployed.choose_plan(model, precision, None)
 
 
+def stream_plan(precision: str):
+    from isocompress.core.precision import Plan, plan_for
+
+    return Plan("float64", "float64", "float64", "float64") if precision == "float64" else plan_for(precision)
+
+
 def precision_record(model: IsoMLP, plan, prune_report: dict) -> dict:
     """report["precision"]: what each kind of tensor is stored in, what the files compute in, and which network the
     certified numbers speak of."""
@@ -390,6 +396,8 @@ def shrink_streaming(model_path, out_dir, options: ShrinkOptions, calibration, p
             "files": final_paths({"safetensors": stage / "model.safetensors"}, out),
             "streamed": True,
         }
+        precision = resolve_precision(options.precision, saved_dtype)
+        report["precision"] = precision_record(None, None if precision is None else stream_plan(precision), {})
         add_results(report, done["constant_directions"], None, None, None)
         report["seconds"] = round(time.perf_counter() - started, 4)
         write_report(report, stage)
