@@ -25,7 +25,7 @@ _WHERE = {
     "IsoMLP": "core.model", "IsoNet": "core.model", "Layer": "core.model", "random_model": "core.model",
     "random_cnn": "core.model", "Geometry": "core.geometry", "Pool": "core.geometry",
     "from_module": "formats.modules",
-    "Recipe": "api.recipe",
+    "Recipe": "api.recipe", "sweep": "api.sweep", "SweepLimits": "api.sweep",
     "export_onnx": "export.onnx_export",
     "convert_file": "formats.convert",
     "grow": "train.grow", "neuroadapt": "train.grow",

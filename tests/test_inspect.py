@@ -227,7 +227,7 @@ def test_spectra_figure_is_readable():
     (ax,) = fig.axes
     assert ax.get_yscale() == "log"
     assert "singular value" in ax.get_ylabel() and "index" in ax.get_xlabel() and ax.get_title() == "t"
-    lines = ax.get_lines()
+    lines = [line for line in ax.get_lines() if not (line.get_gid() or "").startswith("varying-rank")]
     layer_lines = [line for line in lines if line.get_label().startswith("layer ")]
     assert len(layer_lines) == len(report["layers"]) == len(lines) - 1
     assert len({(line.get_color(), line.get_linestyle()) for line in layer_lines}) == len(layer_lines)
@@ -257,3 +257,27 @@ def test_negative_diagonal_entries_give_positive_singular_values():
     record = inspection.inspect_model(IsoMLP(layers))["layers"][1]
     assert (record["kind"], record["shape"], record["params"]) == ("diag", [3, 4], 7)
     assert record["singular_values"] == [3.0, 1.0, 0.5]
+
+
+def test_the_plot_marks_each_hidden_layers_varying_rank_cut(tmp_path):
+    """A cross on layer i's spectrum at j = the varying rank of hidden space i (the width --exact keeps), at that
+    singular value; none on the output layer. The file is written; a bad path is one line, exit 2, no file."""
+    model = rank_deficient_model()
+    report = inspection.inspect_model(model)
+    floor = 1e-16 * max(layer["sigma_max"] for layer in report["layers"])
+    (ax,) = inspection.spectra_figure(report).axes
+    cuts = {line.get_gid(): line for line in ax.get_lines() if (line.get_gid() or "").startswith("varying-rank-cut")}
+    hidden = report["layers"][:-1]
+    assert sorted(cuts) == sorted(f"varying-rank-cut-{layer['index']}" for layer in hidden)
+    for layer, width in zip(hidden, shrink_exact(model).widths[1:-1]):
+        cut = cuts[f"varying-rank-cut-{layer['index']}"]
+        j = min(width, layer["n_singular_values"])
+        assert list(cut.get_xdata()) == [j] and layer["varying_rank"] == width
+        assert list(cut.get_ydata()) == pytest.approx([max(layer["singular_values"][j - 1], floor)], rel=1e-12)
+    assert any("varying-rank cut" in line.get_label() for line in cuts.values())
+    io.save(model, tmp_path / "m.pt")
+    result = cli(["inspect", tmp_path / "m.pt", "--plot", tmp_path / "s.png"])
+    assert result.exit_code == 0 and (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    result = cli(["inspect", tmp_path / "m.pt", "--plot", tmp_path / "missing" / "s.png"])
+    assert result.exit_code == 2 and "does not exist; create it" in one_error_line(result)
+    assert not (tmp_path / "missing").exists()

@@ -167,7 +167,8 @@ def test_importing_the_cli_does_not_import_torch():
 
 def test_help_and_usage_errors_do_not_import_torch():
     for args, code in [(("--help",), 0), (("shrink", "--help"), 0), (("check", "--help"), 0), (("shrink",), 2),
-                       (("shrink", "m.pt", "--budget"), 2), (("check", "--error-measure", "nope"), 2)]:
+                       (("shrink", "m.pt", "--budget"), 2), (("check", "--error-measure", "nope"), 2),
+                       (("sweep", "--help"), 0), (("sweep",), 2)]:
         out = _cli_in_subprocess(*args)
         assert out.stderr.strip().splitlines()[-1] == f"torch not imported {code}", (args, out.stderr)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from isocompress.api.plotting import check_plot_path, require_matplotlib
 from isocompress.core.errors import IsocompressError
 from isocompress.core.layers import as_float64
 from isocompress.core.model import IsoMLP, Layer
@@ -118,28 +119,6 @@ def _row(layer: dict) -> tuple[str, ...]:
     )
 
 
-LINE_STYLES = ("-", "--", "-.", ":")
-
-
-def check_plot_path(path: str | Path) -> Path:
-    """Refuse a --plot path before any work is done: it must end in .png and its folder must exist."""
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise IsocompressError(f"{path}: --plot writes a PNG; give a file name ending in .png")
-    if not path.parent.is_dir():
-        raise IsocompressError(f"{path}: folder {path.parent} does not exist; create it or choose another --plot path")
-    return path
-
-
-def require_matplotlib():
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise IsocompressError("--plot needs matplotlib; install isocompress[plot] (pip install 'isocompress[plot]')") from None
-    return Figure, FigureCanvasAgg
-
-
 def plot_spectra(report: dict, path: str | Path, title: str = "") -> Path:
     """Draw `spectra_figure` into the PNG file `path` (written atomically)."""
     from isocompress.formats.io import atomic_path
@@ -152,6 +131,24 @@ def plot_spectra(report: dict, path: str | Path, title: str = "") -> Path:
     except OSError as exc:
         raise IsocompressError(f"{path}: cannot write the plot ({exc.strerror}); choose another path") from None
     return path
+
+
+LINE_STYLES = ("-", "--", "-.", ":")
+
+
+def mark_varying_rank(ax, layer: dict, s: torch.Tensor, colour, first: bool) -> None:
+    """The cut `shrink --exact` makes in hidden space i: a cross on layer i's spectrum at j = its varying rank r, and a
+    short vertical tick between j = r and r + 1 (what lies right of it is constant on every input and is removed;
+    r can exceed the spectrum's length, 12→256→256's 13 with the psi direction: then the cross sits at its end)."""
+    r = layer.get("varying_rank")
+    if r is None or s.numel() == 0:
+        return
+    j = min(r, s.numel())
+    ax.plot([j], [float(s[j - 1])], marker="X", markersize=9, color=colour, linestyle="none",
+            markeredgecolor="black", markeredgewidth=0.6, gid=f"varying-rank-cut-{layer['index']}",
+            label="varying-rank cut (the width --exact keeps)" if first else None)
+    ax.axvline(j + 0.5, color=colour, linewidth=0.8, alpha=0.5, linestyle=(0, (2, 2)),
+               gid=f"varying-rank-tick-{layer['index']}")
 
 
 def spectra_figure(report: dict, title: str = ""):
@@ -172,8 +169,10 @@ def spectra_figure(report: dict, title: str = ""):
         if layer.get("varying_rank") is not None:
             label += f", varying rank {layer['varying_rank']}"
         label += f", {zeros} ≤ {floor:.1e} (drawn there)" if zeros else ""
-        ax.plot(range(1, s.numel() + 1), s.clamp_min(floor).tolist(), linestyle=LINE_STYLES[n % len(LINE_STYLES)],
-                linewidth=1.6, marker="o" if s.numel() <= 64 else None, markersize=3, label=label)
+        (line,) = ax.plot(range(1, s.numel() + 1), s.clamp_min(floor).tolist(),
+                          linestyle=LINE_STYLES[n % len(LINE_STYLES)], linewidth=1.6,
+                          marker="o" if s.numel() <= 64 else None, markersize=3, label=label)
+        mark_varying_rank(ax, layer, s.clamp_min(floor), line.get_color(), first=n == 0)
     if report["threshold"] > 0:
         ax.axhline(report["threshold"], color="grey", linestyle=(0, (4, 4)), linewidth=1,
                    label=f"threshold {report['threshold']:g}")

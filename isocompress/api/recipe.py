@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from isocompress.api.shrink import ShrinkOptions
@@ -34,13 +34,16 @@ from isocompress.core.parsing import (  # noqa: F401  (re-exported: recipe.X as 
     fail,
     is_number,
     parse_budget,
+    parse_bytes,
     parse_choice,
+    parse_count,
     parse_formats,
     parse_fraction,
     parse_max_error,
     parse_path,
     parse_percent,
     parse_positive,
+    parse_radii,
     parse_text,
     show,
 )
@@ -50,7 +53,7 @@ DTYPES = ("float32", "float64", "float16", "bfloat16")
 PRECISION_NAMES = ("float32", "float16", "int8-weights", "int8")  # int8 is refused (core.precision.INT8_NOT_YET)
 RECIPE_KEYS = ("name", "version", "description", "exact", "budget", "max-error", "min-certified-top1", "basis",
                "calibration", "labels", "input-radius", "certify-radius", "certify-data", "test-data", "test-labels",
-               "formats", "onnx-tol", "dtype", "ref-intrinsic-length", "precision")
+               "formats", "onnx-tol", "dtype", "ref-intrinsic-length", "sweep", "precision")
 GOAL_KEYS = ("exact", "budget", "max-error", "min-certified-top1")
 DATA_KEYS = ("calibration", "labels", "certify-data", "test-data", "test-labels")  # paths, relative to the recipe
 FIELD_KEYS = {"max_error": "max-error", "max_error_percent": "max-error", "input_radius": "input-radius",
@@ -58,6 +61,10 @@ FIELD_KEYS = {"max_error": "max-error", "max_error_percent": "max-error", "input
               "certify_data": "certify-data", "test_data": "test-data", "test_labels": "test-labels",
               "ref_intrinsic_length": "ref-intrinsic-length"}
 REF_MODES = ("log", "raw")
+SWEEP_KEYS = ("budgets", "max-params", "max-bytes", "min-accuracy", "min-certified-top1")
+DEFAULT_BUDGETS = ("50%", "20%", "10%", "5%", "2%")
+NEEDS_GOAL = ("needs a lossy goal (a budget, a max-error or a min-certified-top1): an exact shrink keeps every output,"
+              " so there is nothing to certify; give a goal or drop it")
 
 
 def parse_version(value, where: str) -> str:
@@ -128,13 +135,14 @@ class Recipe:
     onnx_tol: float = 1e-4
     dtype: str | None = None
     ref_intrinsic_length: str | None = None
-    certify_radius: float | None = None
+    certify_radius: float | str | tuple | None = None  # 0.05, "1%" or several (core.parsing.parse_radii)
     min_certified_top1: float | None = None
     certify_data: str | None = None
     test_data: str | None = None
     test_labels: str | None = None
     precision: str | None = None
-    path: str | None = None
+    sweep: dict | None = None  # a [sweep] table: budgets to try and limits (SweepLimits); the goal is the smallest
+    path: str | None = None    # of those budgets whose model meets every limit (api.sweep)
 
     def __post_init__(self) -> None:
         where = self.where
@@ -149,13 +157,23 @@ class Recipe:
             raise fail(where, "labels", "needs 'calibration' (the inputs the labels belong to)")
         if self.test_labels is not None and self.test_data is None:
             raise fail(where, "test-labels", "needs 'test-data' (the inputs the labels belong to)")
-        for name in ("budget", "max_error", "max_error_percent", "input_radius", "onnx_tol", "certify_radius",
-                     "min_certified_top1"):
+        if self.certify_radius is not None:
+            object.__setattr__(self, "certify_radius", parse_radii(self.certify_radius, where, "certify-radius"))
+        for key in ("certify_data", "certify_radius"):
+            if getattr(self, key) is not None and self.exact:
+                raise fail(where, FIELD_KEYS[key], NEEDS_GOAL)
+        for name in ("budget", "max_error", "max_error_percent", "input_radius", "onnx_tol", "min_certified_top1"):
             value = getattr(self, name)
             if value is not None and not is_number(value):
                 raise fail(where, FIELD_KEYS.get(name, name), f"is {show(value)}; it must be a number")
+        if self.sweep is not None:
+            object.__setattr__(self, "sweep", parse_sweep_table(self.sweep, where))
+            if not all(v is None for v in (self.budget, self.max_error, self.max_error_percent,
+                                           self.min_certified_top1)):
+                raise fail(where, "sweep", "cannot be combined with another goal (budget, max-error,"
+                           " min-certified-top1): the sweep's goal is the smallest of its budgets meeting its limits")
         try:
-            self.to_options()
+            self.to_options(self.sweep["budgets"][0] if self.sweep is not None else None)
         except IsocompressError as exc:
             raise IsocompressError(f"{where}: {exc}") from None
 
@@ -167,11 +185,14 @@ class Recipe:
 
     @property
     def exact(self) -> bool:
-        return all(v is None for v in (self.budget, self.max_error, self.max_error_percent, self.min_certified_top1))
+        return all(v is None for v in (self.budget, self.max_error, self.max_error_percent, self.min_certified_top1,
+                                       self.sweep))
 
-    def to_options(self) -> ShrinkOptions:
+    def to_options(self, budget=None) -> ShrinkOptions:
+        """The ShrinkOptions of this recipe (`budget`: the one a sweep chose, for a recipe whose goal is a sweep)."""
         relative = None if self.max_error_percent is None else self.max_error_percent / 100.0
-        return ShrinkOptions(budget=self.budget, max_error=self.max_error, max_error_relative=relative,
+        budget = self.budget if budget is None else budget
+        return ShrinkOptions(budget=budget, max_error=self.max_error, max_error_relative=relative,
                              basis=self.basis, input_radius=self.input_radius, formats=self.formats,
                              onnx_tol=self.onnx_tol, dtype=self.dtype, certify_radius=self.certify_radius,
                              min_certified_top1=self.min_certified_top1,
@@ -191,11 +212,15 @@ class Recipe:
             data["min-certified-top1"] = self.min_certified_top1
         data["basis"] = self.basis
         optional = {"calibration": self.calibration, "labels": self.labels, "input-radius": self.input_radius,
-                    "dtype": self.dtype, "certify-radius": self.certify_radius, "certify-data": self.certify_data,
+                    "dtype": self.dtype, "certify-data": self.certify_data,
+                    "certify-radius": list(self.certify_radius) if isinstance(self.certify_radius, tuple)
+                    else self.certify_radius,
                     "test-data": self.test_data, "test-labels": self.test_labels,
                     "ref-intrinsic-length": self.ref_intrinsic_length, "precision": self.precision}
         data.update({k: v for k, v in optional.items() if v is not None})
         data.update({"formats": list(self.formats), "onnx-tol": self.onnx_tol})
+        if self.sweep is not None:
+            data["sweep"] = {**self.sweep, "budgets": list(self.sweep["budgets"])}
         return data
 
     @classmethod
@@ -221,7 +246,7 @@ class Recipe:
         if "input-radius" in data:
             kwargs["input_radius"] = parse_positive(data["input-radius"], where, "input-radius")
         if "certify-radius" in data:
-            kwargs["certify_radius"] = parse_positive(data["certify-radius"], where, "certify-radius")
+            kwargs["certify_radius"] = parse_radii(data["certify-radius"], where, "certify-radius")
         if "formats" in data:
             kwargs["formats"] = parse_formats(data["formats"], where)
         if "onnx-tol" in data:
@@ -233,6 +258,8 @@ class Recipe:
         if "ref-intrinsic-length" in data:
             kwargs["ref_intrinsic_length"] = parse_choice(data["ref-intrinsic-length"], REF_MODES, where,
                                                           "ref-intrinsic-length")
+        if "sweep" in data:
+            kwargs["sweep"] = parse_sweep_table(data["sweep"], where)
         return cls(**kwargs)
 
     def with_overrides(self, **flags) -> tuple["Recipe", list[str]]:
@@ -241,7 +268,8 @@ class Recipe:
         given = {k: v for k, v in flags.items() if v is not None and v is not False}
         goal_flags = {"exact", "budget", "max_error", "max_error_percent", "min_certified_top1"}
         if goal_flags & set(given):
-            base = replace(self, budget=None, max_error=None, max_error_percent=None, min_certified_top1=None)
+            base = replace(self, budget=None, max_error=None, max_error_percent=None, min_certified_top1=None,
+                           sweep=None)
         else:
             base = self
         given.pop("exact", None)
@@ -260,6 +288,76 @@ class Recipe:
         """What report.json's "recipe" records beside the options: which recipe, which version, what was overridden."""
         return {"name": self.name, "version": self.version, "description": self.description, "path": self.path,
                 "overridden": list(overridden or [])}
+
+
+def parse_budgets(value, where: str, key: str = "budgets") -> tuple[str, ...]:
+    """"50%,20%,5%" or a list ["50%", 0.2, 7500] → the budgets as text, each validated as `--budget` is."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not items:
+        raise fail(where, key, f"is {show(value)}; give budgets such as \"50%,20%,10%,5%,2%\"")
+    out = []
+    for item in items:
+        if isinstance(item, str) and not item.strip():
+            raise fail(where, key, f"has an empty entry in {show(value)}; give budgets such as \"50%,20%,5%\"")
+        parse_budget(item.strip() if isinstance(item, str) else item, where, key)
+        out.append(item.strip() if isinstance(item, str) else f"{item:g}")
+    if len(set(out)) != len(out):
+        raise fail(where, key, f"lists a budget twice: {show(value)}")
+    return tuple(out)
+
+
+def parse_sweep_table(table, where: str) -> dict:
+    """A recipe's [sweep] table: `budgets` (default DEFAULT_BUDGETS) and any of the limits max-params, max-bytes,
+    min-accuracy, min-certified-top1 (at least one: they choose the model), normalised."""
+    if not isinstance(table, dict):
+        raise fail(where, "sweep", f"is {show(table)}; write a [sweep] table with budgets and limits")
+    check_keys(table, SWEEP_KEYS, f"{where}: [sweep]")
+    limits = SweepLimits(**{k.replace("-", "_"): v for k, v in table.items() if k != "budgets"},
+                         where=f"{where}: [sweep]")
+    if not limits.given():
+        raise fail(where, "sweep", f"has no limits; give at least one of {', '.join(SWEEP_KEYS[1:])}")
+    budgets = parse_budgets(table.get("budgets", DEFAULT_BUDGETS), f"{where}: [sweep]")
+    return {"budgets": budgets, **limits.given()}
+
+
+@dataclass(frozen=True)
+class SweepLimits:
+    """What a sweep's chosen model must meet: max-params, max-bytes (of the ONNX file), min-accuracy (on the test data,
+    or the labelled calibration data), min-certified-top1 (at the certify radius). Validates itself."""
+
+    max_params: int | str | None = None
+    max_bytes: int | str | None = None
+    min_accuracy: float | str | None = None
+    min_certified_top1: float | str | None = None
+    where: str = field(default="sweep", compare=False)
+
+    def __post_init__(self) -> None:
+        parsers = {"max_params": parse_count, "max_bytes": parse_bytes, "min_accuracy": parse_fraction,
+                   "min_certified_top1": parse_fraction}
+        for name, parser in parsers.items():
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, parser(getattr(self, name), self.where, name.replace("_", "-")))
+
+    def given(self) -> dict:
+        return {key: getattr(self, key.replace("-", "_")) for key in SWEEP_KEYS[1:]
+                if getattr(self, key.replace("-", "_")) is not None}
+
+    def meets(self, row: dict) -> dict:
+        """{limit: met} for every limit given (a measure that is missing meets nothing)."""
+        measured = {"max-params": row.get("params"), "max-bytes": row.get("onnx_bytes"),
+                    "min-accuracy": row.get("accuracy"), "min-certified-top1": row.get("certified_top1")}
+        out = {}
+        for key, limit in self.given().items():
+            value = measured[key]
+            out[key] = value is not None and (value <= limit if key.startswith("max") else value >= limit)
+        return out
+
+    def describe(self) -> str:
+        parts = []
+        for key, limit in self.given().items():
+            shown = f"{limit:,} B" if key == "max-bytes" else f"{limit:.2%}" if key.startswith("min") else f"{limit:,}"
+            parts.append(f"{key} {'≤' if key.startswith('max') else '≥'} {shown}")
+        return ", ".join(parts)
 
 
 def _goal(data: dict, where: str) -> dict:

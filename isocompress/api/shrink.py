@@ -23,7 +23,7 @@ from isocompress.core.measure import (  # noqa: F401
     probe_inputs,
 )
 from isocompress.core.model import IsoMLP
-from isocompress.core.parsing import is_number, parse_budget, parse_formats, parse_max_error
+from isocompress.core.parsing import is_number, parse_budget, parse_formats, parse_max_error, parse_radii
 from isocompress.core.progress import progress_bar
 from isocompress.exact.shrink import EXACT_PROBE_RTOL, exact_steps, shrink_exact, shrink_exact_accounted  # noqa: F401
 from isocompress.formats import io
@@ -109,7 +109,9 @@ class ShrinkOptions:
     dtype: str | None = None
     max_error_relative: float | None = None
     ref_intrinsic_length: str | None = None  # how to read a reference checkpoint's intrinsic_length: log | raw
-    certify_radius: float | None = None  # issue 10: ε of the local certificates (default: prune.resolve_certify_radius)
+    # ε of the local certificates (default: prune.resolve_certify_radii): 0.05, "1%" (of the median input norm of the
+    # certified points) or several of them, ("0.5%", "1%", 0.1), for a curve against ε (the first is the primary ε)
+    certify_radius: float | str | tuple | None = None
     min_certified_top1: float | None = None  # issue 10: a goal: the smallest model certified for this share of points
     precision: str | None = None  # float32 | float16 | int8-weights (core.precision); None: from dtype (float32)
 
@@ -130,8 +132,12 @@ class ShrinkOptions:
         if not (is_number(self.onnx_tol) and 0 < self.onnx_tol < math.inf):
             raise IsocompressError(f"onnx tolerance {self.onnx_tol!r} must be a positive finite number")
         io.check_ref_mode(self.ref_intrinsic_length, "reference intrinsic length")
-        if self.certify_radius is not None and not (is_number(self.certify_radius) and 0 < self.certify_radius < math.inf):
-            raise IsocompressError(f"certify radius {self.certify_radius!r} must be a positive finite number")
+        if self.certify_radius is not None:  # 0.05, "1%", or several: "0.5%,1%,2%", [0.1, 0.2]
+            object.__setattr__(self, "certify_radius", parse_radii(self.certify_radius, "ShrinkOptions",
+                                                                   "certify_radius"))
+        if self.certify_radius is not None and not self.lossy:
+            raise IsocompressError("certify radius: needs a lossy goal (a budget, a max-error or a min-certified-top1):"
+                                   " an exact shrink keeps every output, so there is nothing to certify")
         if self.dtype not in (None, "float32", "float64", "float16", "bfloat16"):
             raise IsocompressError(f"dtype {self.dtype!r}: choose from float32, float64, float16, bfloat16")
         if self.precision not in (None, "float64"):  # float64: what a --dtype float64 run resolves to
@@ -175,6 +181,8 @@ class ShrinkOptions:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["formats"] = list(self.formats)
+        if isinstance(self.certify_radius, tuple):
+            data["certify_radius"] = list(self.certify_radius)
         return data
 
 
@@ -194,12 +202,14 @@ def shrink_file(
     """`isocompress shrink`: load, shrink, write DIR/model.safetensors (+ DIR/model.onnx) and DIR/report.json; returns
     the report. `recipe`: provenance (name, version, path of a recipe file, overriding flags) for report["recipe"]."""
     options, started = options or ShrinkOptions(), time.perf_counter()
+    if certify_data is not None and not options.lossy:
+        raise IsocompressError("--certify-data needs a lossy goal (--budget, --max-error or --min-certified-top1): an"
+                               " exact shrink keeps every output, so there is nothing to certify; give a goal or drop it")
     labelled = any(p is not None for p in (labels, certify_data, test_data, test_labels))  # checked in memory
     if not labelled and (streamed := shrink_streaming(model_path, out_dir, options, calibration, progress, recipe)):
         return streamed  # issue 12: exact, safetensors only: one layer in memory at a time
     model_path = Path(model_path)
     original, saved_dtype, notes = load_model(model_path, options)
-    saved_dtype = torch.float32 if options.precision is not None else saved_dtype  # the rest is stored in float32
     calib = load_inputs(calibration, original.input_shape) if calibration is not None else None
     label_data = load_labels(labels) if labels is not None else None
     extra = load_extra_data(original.input_shape, calibration, calib, labels, label_data, certify_data, test_data,
@@ -208,8 +218,8 @@ def shrink_file(
     probes = calib if calib is not None else probe_inputs(original.input_shape)
     inputs = [model_path] + [Path(p) for p in (calibration, labels, certify_data, test_data, test_labels) if p]
     check_ranges(original, calib, saved_dtype, options, model_path, calibration)
-    effective, resolved = resolve_relative_error(options, original, probes)
-    effective = replace(effective, precision=resolve_precision(options.precision, saved_dtype))
+    precise = replace(options, precision=resolve_precision(options.precision, saved_dtype))
+    effective, resolved = resolve_relative_error(precise, original, probes)
     with output_dir(out, inputs) as stage:
         shrunk, prune_report = compress(original, effective, calib, label_data, progress,
                                         probes=exact_rule_inputs(original.input_shape, calib), extra=extra)
@@ -229,10 +239,9 @@ def shrink_file(
                 "saved_file": output_difference(original, reloaded, probes),
             },
             "files": final_paths(files, out),
+            **({"notes": notes} if notes else {}),
+            "precision": precision_record(shrunk, plan, prune_report),
         }
-        if notes:
-            report["notes"] = notes
-        report["precision"] = precision_record(shrunk, plan, prune_report)
         add_results(report, constant, prune_report, resolved, onnx_report)
         report["seconds"] = round(time.perf_counter() - started, 4)
         write_report(report, stage)
@@ -342,10 +351,12 @@ def recipe_record(options: ShrinkOptions, recipe: dict | None, **data_files) -> 
 
 
 def load_model(model_path: Path, options: ShrinkOptions) -> tuple[IsoMLP, torch.dtype, list[str]]:
-    """The model in float64, the dtype to save in, and the notes its loading printed (e.g. how a reference
-    checkpoint's intrinsic length was read). A lossy run refuses o < 0 here, before anything else is read."""
+    """The model in float64, the dtype to save in (float32 with --precision: what the files store beside the dense
+    weights), and the notes its loading printed (e.g. how a reference checkpoint's intrinsic length was read). A lossy
+    run refuses o < 0 here, before anything else is read."""
     tensors, config_json = io.read_tensors(model_path)
     saved_dtype = parse_dtype(options.dtype, _first_float_dtype(tensors))
+    saved_dtype = torch.float32 if options.precision is not None else saved_dtype  # --precision: the rest in float32
     notes: list[str] = []
     original = io.model_from_tensors(io.consume_as_float64(tensors), config_json, where=str(model_path),
                                      ref_intrinsic_length=options.ref_intrinsic_length,
@@ -426,6 +437,9 @@ def refuse_negative_o(model: IsoMLP, where: str) -> None:
         )
 
 
+CERTIFY_DATA = "certify data (--certify-data)"
+
+
 def load_extra_data(n_in: int | tuple[int, ...], calibration, calib, labels, label_data, certify_data, test_data, test_labels) -> dict:
     """Issue 10: certify points, test data and labels, with label counts checked (a wrong count is an input error,
     never silently dropped)."""
@@ -437,8 +451,10 @@ def load_extra_data(n_in: int | tuple[int, ...], calibration, calib, labels, lab
         data.check_label_count(label_data, calib, labels, calibration)
     if test_labels is not None and test_data is None:
         raise IsocompressError(f"{test_labels}: test labels need their inputs; give --test-data FILE")
-    out = {"certify_data": None if certify_data is None else load_inputs(certify_data, n_in),
-           "test_data": None if test_data is None else load_inputs(test_data, n_in),
+    test_labels = test_labels if test_labels is not None or test_data is None or not data.has_labels(test_data) \
+        else test_data  # a T.npz holding x and y: y labels x
+    out = {"certify_data": None if certify_data is None else load_inputs(certify_data, n_in, CERTIFY_DATA),
+           "test_data": None if test_data is None else load_inputs(test_data, n_in, "test data (--test-data)"),
            "test_labels": None if test_labels is None else load_labels(test_labels)}
     if out["test_labels"] is not None:
         data.check_label_count(out["test_labels"], out["test_data"], test_labels, test_data)
@@ -482,14 +498,14 @@ def write_outputs(model: IsoMLP, out: Path, options: ShrinkOptions, dtype: torch
     return files, onnx_report
 
 
-def load_inputs(path: str | Path, shape: int | tuple[int, ...]) -> torch.Tensor:
+def load_inputs(path: str | Path, shape: int | tuple[int, ...], what: str = "calibration data") -> torch.Tensor:
     """Calibration inputs from .npy, .npz, .safetensors or .pt: n × n_in for an MLP (`shape` = n_in or (n_in,)); for a
     CNN, n × input_shape, given as such or flattened (n × C·L, n × C·H·W, e.g. MNIST-1D's n × 40 for a (1, 40)
     model). float64."""
     from isocompress.formats import data  # a small module: reading arrays safely
 
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    return data.load_array(path, expect_columns=math.prod(shape)).reshape(-1, *shape)
+    return data.load_array(path, expect_columns=math.prod(shape), what=what).reshape(-1, *shape)
 
 
 def load_labels(path: str | Path) -> torch.Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from isocompress.api.recipe import (
 )
 from isocompress.core import parsing
 from isocompress.core.errors import IsocompressError
+from isocompress.core.parsing import BYTE_UNITS, parse_bytes, parse_count  # noqa: F401  (re-exported)
 
 CONFIG_NAME = "isocompress.toml"
 CHECK_KEYS = ("name", "model", "recipe", "calibration", "labels", "test-data", "test-labels", "max-params",
@@ -29,37 +29,10 @@ CHECK_KEYS = ("name", "model", "recipe", "calibration", "labels", "test-data", "
 PRECISIONS = ("float32", "float16", "int8-weights", "int8")  # core.precision (int8 is refused: not available yet)
 LIMIT_KEYS = ("max-params", "max-bytes", "max-error", "min-accuracy", "min-certified-top1")
 MEASURES = ("certified", "empirical")
-BYTE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
-BYTES_RE = re.compile(r"^\s*([0-9][0-9_,]*(?:\.[0-9]+)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
 PERCENT_OF_Y = "% of max |y|"
 
 
-# --- value parsers -----------------------------------------------------------------------------------------------
-def parse_bytes(value, where: str, key: str = "max-bytes") -> int:
-    """60000, "60000", "60 kB" (1000), "1.5 MiB" (1024²) → bytes."""
-    if is_number(value):
-        number, unit = float(value), "b"
-    elif isinstance(value, str) and (match := BYTES_RE.match(value)):
-        number, unit = float(match.group(1).replace("_", "").replace(",", "")), match.group(2) or "B"
-    else:
-        raise fail(where, key, f"is {show(value)}; write a size like 60000, \"60 kB\" or \"1.5 MiB\"")
-    if unit.lower() not in BYTE_UNITS:
-        raise fail(where, key, f"has unit {show(unit)}; use B, kB, MB, GB (powers of 1000) or KiB, MiB, GiB (1024)")
-    unit = unit.lower()
-    total = number * BYTE_UNITS[unit]
-    if not (0 < total < 2**63) or total != math.floor(total) and unit == "b":
-        raise fail(where, key, f"is {show(value)}; it must be a positive whole number of bytes")
-    return int(round(total))
-
-
-def parse_count(value, where: str, key: str = "max-params") -> int:
-    if isinstance(value, str) and re.fullmatch(r"\s*[0-9][0-9_,]*\s*", value):
-        value = int(value.replace("_", "").replace(",", ""))
-    if not isinstance(value, int) or isinstance(value, bool) or not (0 < value < 2**63):
-        raise fail(where, key, f"is {show(value)}; it must be a positive whole number of parameters")
-    return value
-
-
+# --- value parsers (parse_bytes and parse_count live in core.parsing: sweep limits use them too) ----------------
 def parse_fraction(value, where: str, key: str = "min-accuracy") -> float:
     """0.95 or "95%" → 0.95 (a fraction in [0, 1]); parsing.parse_fraction with the check key as its default."""
     return parsing.parse_fraction(value, where, key)
@@ -132,8 +105,9 @@ class CheckSpec:
             raise fail(where, "labels", "needs 'calibration' (the inputs the labels belong to)")
         if self.test_labels is not None and self.test_data is None:
             raise fail(where, "test-labels", "needs 'test-data' (the inputs the labels belong to)")
-        if self.min_accuracy is not None and self.labels is None and self.test_labels is None:
-            raise fail(where, "min-accuracy", "needs 'calibration' and 'labels' (or 'test-data' and 'test-labels') to"
+        if self.min_accuracy is not None and self.labels is None and self.test_data is None:
+            raise fail(where, "min-accuracy", "needs 'calibration' and 'labels' (or 'test-data': an .npz holding x and"
+                       " y, or with 'test-labels') to"
                        " measure accuracy on")
         if self.min_certified_top1 is not None and self.recipe is None:
             raise fail(where, "min-certified-top1", "needs a 'recipe': the certificates are those of its compression")

@@ -133,8 +133,9 @@ def measure_model(spec: CheckSpec) -> Measurement:
     """No recipe: the model file as it is."""
     model = io.load(spec.model, ref_intrinsic_length=spec.ref_intrinsic_length)
     m = Measurement(params=model.num_params(), bytes=Path(spec.model).stat().st_size, bytes_measure="file")
-    if spec.test_labels is not None:
-        x, labels = load_labelled(spec.test_data, spec.test_labels, model.input_shape)
+    test_labels = labels_of_test_data(spec.test_data, spec.test_labels)
+    if test_labels is not None:
+        x, labels = load_labelled(spec.test_data, test_labels, model.input_shape)
         with torch.no_grad():
             m.accuracy = accuracy(model(x), labels)
         m.accuracy_note = f"the model on {len(labels)} test inputs"
@@ -150,6 +151,13 @@ def measure_recipe(spec: CheckSpec, recipe: Recipe) -> Measurement:
     """Shrink with the recipe into a temporary directory (never into the repository), then measure the result."""
     calibration = spec.calibration or recipe.calibration
     labels = spec.labels or (recipe.labels if spec.calibration is None else None)
+    if recipe.sweep is not None:  # its goal: the smallest of its budgets meeting its limits, on the check's data
+        from isocompress.api.sweep import resolve_recipe
+
+        test_data = spec.test_data or recipe.test_data
+        test_labels = spec.test_labels or (recipe.test_labels if spec.test_data is None else None)
+        recipe, _ = resolve_recipe(spec.model, replace(recipe, calibration=calibration, labels=labels,
+                                                       test_data=test_data, test_labels=test_labels))
     with tempfile.TemporaryDirectory(prefix="isocompress-check-") as tmp:
         options = recipe.to_options()
         if spec.ref_intrinsic_length is not None:
@@ -162,7 +170,8 @@ def measure_recipe(spec: CheckSpec, recipe: Recipe) -> Measurement:
                                  test_labels=recipe.test_labels)
         m = measurement_of_report(report)
         test_data = spec.test_data or recipe.test_data
-        test_labels = spec.test_labels or (recipe.test_labels if spec.test_data is None else None)
+        test_labels = labels_of_test_data(test_data, spec.test_labels or (recipe.test_labels if spec.test_data is None
+                                                                          else None))
         if test_labels is not None:
             x, y = load_labelled(test_data, test_labels, tuple(report["input_shape"]))
             m.accuracy = accuracy(saved_outputs(report, x), y)
@@ -202,6 +211,15 @@ def measurement_of_report(report: dict) -> Measurement:
                                                                    "empirical": (saved, empirical_note)},
                        output_scale=probe["float64"].get("max_norm_reference"), certified_top1=top1,
                        certified_top1_note=top1_note)
+
+
+def labels_of_test_data(test_data, test_labels):
+    """The test labels' file: test-labels, else the test data itself where it holds x and y (models/M.test.npz)."""
+    from isocompress.formats import data
+
+    if test_labels is None and test_data is not None and data.has_labels(test_data):
+        return test_data
+    return test_labels
 
 
 def load_labelled(calibration: str, labels: str, n_in: int | tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from isocompress.api.recipe import COMMAND_LINE, Recipe, load_recipe
+from isocompress.api.recipe import COMMAND_LINE, Recipe, fail, load_recipe
 from isocompress.check.baseline import attach_baseline, load_baseline
 from isocompress.check.config import (  # noqa: F401  (the config API, re-exported)
     CONFIG_NAME,
@@ -61,12 +61,25 @@ def prepare(spec: CheckSpec) -> Recipe | None:
     if suffix not in io.SUFFIXES:
         raise IsocompressError(f"{_prefix(spec)}model {spec.model}: unsupported file type {suffix or '(none)'!r};"
                                " use .pt, .pth or .safetensors")
-    if spec.recipe is None:
-        return None
     try:
-        return load_recipe(spec.recipe)
+        recipe = load_recipe(spec.recipe) if spec.recipe is not None else None
     except IsocompressError as exc:
         raise IsocompressError(f"{_prefix(spec)}recipe {exc}") from None
+    check_accuracy_labels(spec, recipe)
+    return recipe
+
+
+def check_accuracy_labels(spec: CheckSpec, recipe: Recipe | None) -> None:
+    """min-accuracy measured on test data needs its labels: test-labels, or a test file holding x and y."""
+    from isocompress.check.measure import labels_of_test_data
+
+    if spec.min_accuracy is None or spec.test_data is None or spec.labels is not None:
+        return
+    if not Path(spec.test_data).is_file():
+        raise IsocompressError(f"{_prefix(spec)}test-data {spec.test_data}: no such file; check the path")
+    if labels_of_test_data(spec.test_data, spec.test_labels) is None:
+        raise fail(spec.where, "min-accuracy", f"needs labels: {spec.test_data} holds none (an .npz holding x and y"
+                   " has them); give test-labels, or calibration with labels")
 
 
 def run_checks(config: str | os.PathLike | CheckConfig | None = None, *, checks: list | None = None,

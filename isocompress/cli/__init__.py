@@ -6,7 +6,7 @@ The group and its error handling are in `cli.base`; each command lives in its ow
 
 from __future__ import annotations
 
-from isocompress.cli import check, convert, export, grow, shrink  # noqa: F401  (imported for registration)
+from isocompress.cli import check, convert, export, grow, shrink, sweep  # noqa: F401  (imported for registration)
 from isocompress.cli.base import main
 
 __all__ = ["main"]

@@ -41,9 +41,9 @@ def use_color() -> bool:
 @click.option("--error-measure", default=None, type=click.Choice(ERROR_MEASURES),
               help="Which error --max-error limits [default: certified].")
 @click.option("--min-accuracy", default=None, metavar="A",
-              help="With MODEL, --calibration and --labels (or --test-data and --test-labels): accuracy ≥ A.")
-@click.option("--test-data", default=None, metavar="FILE", help="With MODEL: held-out inputs for --min-accuracy.")
-@click.option("--test-labels", default=None, metavar="FILE", help="With MODEL: labels of --test-data.")
+              help="With MODEL, --calibration and --labels (or --test-data, with its y or --test-labels): accuracy ≥ A.")
+@click.option("--test-data", default=None, metavar="FILE", help="With MODEL: held-out inputs for --min-accuracy (an .npz holding x and y: y are the labels).")
+@click.option("--test-labels", default=None, metavar="FILE", help="With MODEL: labels of --test-data [default: its y, if it holds one].")
 @click.option("--min-certified-top1", default=None, metavar="F",
               help="With MODEL and --recipe: top-1 certified unchanged for ≥ F of the recipe's points (95%).")
 @click.option("--ref-intrinsic-length", "ref_intrinsic_length", type=click.Choice(["log", "raw"]), default=None, help=REF_HELP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -27,17 +28,18 @@ from isocompress.core.errors import IsocompressError
               help="Labels for the calibration inputs (accuracy before/after).")
 @click.option("--input-radius", type=float, default=None,
               help="Certify for all inputs with |x| ≤ R [default: the largest calibration-input norm].")
-@click.option("--certify-radius", type=float, default=None,
-              help="Local certificates within |x − x_i| ≤ EPS of each calibration (or --certify-data) point"
-                   " [default: 1% of their median norm].")
+@click.option("--certify-radius", default=None, metavar="EPS",
+              help="Local certificates within |x − x_i| ≤ EPS of each calibration (or --certify-data) point: an"
+                   " absolute radius (0.05) or a share of their median norm (2%); several (0.5%,1%,2%,3%,7%) give a"
+                   " curve against ε in report.json, the first is the primary ε [default: 1%].")
 @click.option("--certify-data", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Points to certify around instead of the calibration inputs.")
 @click.option("--min-certified-top1", default=None,
               help="Prune as far as the certified top-1 agreement at the certify radius stays ≥ this (95%, 0.95).")
 @click.option("--test-data", type=click.Path(dir_okay=False, path_type=str), default=None,
-              help="Held-out inputs: accuracy and max |Δy| on them too.")
+              help="Held-out inputs: accuracy and max |Δy| on them too (an .npz holding x and y: y are the labels).")
 @click.option("--test-labels", type=click.Path(dir_okay=False, path_type=str), default=None,
-              help="Labels for --test-data.")
+              help="Labels for --test-data [default: its y, if it holds one].")
 @click.option("--format", "formats", default=None, help="Comma-separated output formats: safetensors,onnx.")
 @click.option("--onnx-tol", type=float, default=None, help="Relative tolerance of the ONNX check [default 1e-4].")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=str), default=None,
@@ -47,15 +49,19 @@ from isocompress.core.errors import IsocompressError
 @click.option("--precision", type=click.Choice(["float32", "float16", "int8-weights", "int8"]), default=None,
               help="Deployed precision of the files, inside the certificates (docs/bounds.md §5b) [default: float32,"
                    " or --dtype].")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Draw the local certificates' certified / refuted / undecided shares against ε (--certify-radius"
+                   " 0.5%,1%,2%,...) into this PNG (needs isocompress[plot]).")
 @click.option("--quiet", is_flag=True, help="No progress bar and no table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--ref-intrinsic-length", "ref_mode", type=click.Choice(["log", "raw"]), default=None,
               help=REF_HELP)
 @threads_option
 def shrink(model, recipe_path, exact, budget, max_error, basis, calibration, labels, input_radius, certify_radius,
-           certify_data, min_certified_top1, test_data, test_labels, formats, onnx_tol, out_dir, dtype, precision, quiet,
-           as_json, ref_mode, n_threads):
+           certify_data, min_certified_top1, test_data, test_labels, formats, onnx_tol, out_dir, dtype, precision,
+           plot_path, quiet, as_json, ref_mode, n_threads):
     """Shrink MODEL (.pt, .pth or .safetensors); write model.safetensors, model.onnx and report.json."""
+    from isocompress.api import plotting
     from isocompress.api import recipe as recipes
     from isocompress.api import shrink as api  # here, not at the top: --help and usage errors skip torch
 
@@ -76,7 +82,7 @@ def shrink(model, recipe_path, exact, budget, max_error, basis, calibration, lab
         "dtype": dtype,
         "precision": precision,
         "ref_intrinsic_length": ref_mode,
-        "certify_radius": recipes.parse_positive(certify_radius, recipes.COMMAND_LINE, "certify-radius")
+        "certify_radius": recipes.parse_radii(certify_radius, recipes.COMMAND_LINE, "certify-radius")
         if certify_radius is not None else None,
         "certify_data": certify_data,
         "min_certified_top1": recipes.parse_fraction(min_certified_top1, recipes.COMMAND_LINE, "min-certified-top1")
@@ -89,18 +95,40 @@ def shrink(model, recipe_path, exact, budget, max_error, basis, calibration, lab
         raise IsocompressError("--exact cannot be combined with --budget, --max-error or --min-certified-top1")
     if sum(goals) > 1:
         raise IsocompressError("give one goal: --budget, --max-error or --min-certified-top1")
-    base = recipes.load_recipe(recipe_path) if recipe_path is not None else recipes.Recipe(name=recipes.FLAGS_ONLY)
-    effective, overridden = base.with_overrides(**flags)
-    provenance = effective.provenance(overridden if recipe_path is not None else None)
+    plot_path = plotting.prepare_plot(plot_path)  # before the work: a bad path or no matplotlib fails at once
+    effective, provenance = effective_recipe(model, recipe_path, flags, plot_path, progress=not (quiet or as_json))
     start_threads(n_threads)
     report = api.shrink_file(model, out_dir, effective.to_options(), calibration=effective.calibration,
                              labels=effective.labels, progress=not (quiet or as_json), recipe=provenance,
                              certify_data=effective.certify_data, test_data=effective.test_data,
                              test_labels=effective.test_labels)
+    if plot_path is not None:
+        plotting.plot_certify_curve(report, plot_path, title=f"{Path(model).name}: local certificates against ε")
     if as_json:
         click.echo(json.dumps(report, indent=2))
     elif not quiet:
-        click.echo(format_shrink_table(report))
+        click.echo(format_shrink_table(report) + (f"\nwrote {plot_path}" if plot_path is not None else ""))
+
+
+def effective_recipe(model, recipe_path, flags: dict, plot_path, progress: bool):
+    """The recipe (or the flags alone) with the flags over it, and its provenance; a recipe whose goal is a [sweep]
+    table resolved to the budget the sweep chose (api.sweep.resolve_recipe)."""
+    from isocompress.api import recipe as recipes
+
+    base = recipes.load_recipe(recipe_path) if recipe_path is not None else recipes.Recipe(name=recipes.FLAGS_ONLY)
+    effective, overridden = base.with_overrides(**flags)
+    if plot_path is not None and (effective.exact or effective.calibration is None and effective.certify_data is None):
+        raise IsocompressError("--plot draws the local certificates against ε; they need a lossy goal (--budget,"
+                               " --max-error or --min-certified-top1) and --calibration or --certify-data")
+    swept = None
+    if effective.sweep is not None:  # the recipe's goal: the smallest of its budgets meeting its limits
+        from isocompress.api import sweep as sweeping
+
+        effective, swept = sweeping.resolve_recipe(model, effective, progress=progress)
+    provenance = effective.provenance(overridden if recipe_path is not None else None)
+    if swept is not None:
+        provenance["sweep"] = swept
+    return effective, provenance
 
 
 def parse_budget(text: str) -> float:
@@ -172,6 +200,18 @@ def format_pruning_lines(pruning: dict) -> list[str]:
     return lines
 
 
+def curve_lines(curve: list[dict] | None) -> list[str]:
+    """The verdicts against ε (--certify-radius with several values), one compact line per ε."""
+    if not curve or curve[0].get("n_certified") is None:
+        return []
+    lines = [f"  against ε ({curve[0]['n_points']} points): certified / refuted (verified) / undecided"]
+    for e in curve:
+        given = f" ({e['radius_given']})" if isinstance(e.get("radius_given"), str) else ""
+        lines.append(f"    ε = {e['radius']:<9.4g}{given:<8} {100 * e['certified_fraction']:5.1f}% /"
+                     f" {100 * e['refuted_fraction']:5.1f}% / {100 * e['undecided_fraction']:5.1f}%")
+    return lines
+
+
 def local_lines(local: dict | None, test: dict | None) -> list[str]:
     lines = []
     if local is not None and local.get("computed", True):
@@ -182,6 +222,7 @@ def local_lines(local: dict | None, test: dict | None) -> list[str]:
             lines.append(f"  top-1 certified unchanged within ε = {local['radius']:.3g} for {local['n_certified']} of"
                          f" {local['n_points']} points{verdict} ({local['points']}; ε: {local['radius_source']})")
         lines.append(f"  local certified max |Δy| within ε: median {s['bound_median']:.3g}, max {s['bound_max']:.3g}")
+        lines += curve_lines(local.get("curve"))
     elif local is not None:
         lines.append(f"  {local['note']}")
     if test is not None:

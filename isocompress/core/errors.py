@@ -20,6 +20,10 @@ class CheckFailed(IsocompressError):
     exit_code = 1
 
 
+class BudgetUnreachable(IsocompressError):
+    """A budget below the smallest size pruning can reach (exit code 2); a sweep records it as that row's result."""
+
+
 class Terminated(BaseException):
     """Raised by the CLI's SIGTERM/SIGHUP handler so that cleanup (removing a stage) runs before the exit."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+import re
 from pathlib import Path
 
 from isocompress.core.errors import IsocompressError
@@ -154,3 +155,74 @@ def parse_fraction(value, where: str, key: str) -> float:
     if not is_number(value) or not (0 <= value <= 1):
         raise fail(where, key, f"is {show(value)}; use a fraction between 0 and 1 (0.95) or a percentage (\"95%\")")
     return float(value)
+
+
+def parse_radii(value, where: str, key: str = "certify-radius"):
+    """The local certificates' ε: an absolute radius (0.05), a share of the median input norm of the certified points
+    ("1%"), or several of either ("0.5%,1%,2%" on the command line, a list in a recipe) for a curve against ε.
+    Returns one value (a float, or a normalised "1%" string) or, for several, a tuple of them in the order given."""
+    items = value.split(",") if isinstance(value, str) else value
+    if isinstance(items, (list, tuple)):
+        if isinstance(value, (list, tuple)) and any(isinstance(v, (list, tuple, dict)) for v in items):
+            raise fail(where, key, f"is {show(value)}; give numbers or percentages, not nested lists")
+        parsed = [_one_radius(v, where, key) for v in items]
+    else:
+        parsed = [_one_radius(value, where, key)]
+    if not parsed:
+        raise fail(where, key, f"is {show(value)}; give at least one radius (0.05, \"1%\" or \"0.5%,1%,2%\")")
+    if len(set(parsed)) != len(parsed):
+        raise fail(where, key, f"lists a radius twice: {show(value)}")
+    return parsed[0] if len(parsed) == 1 else tuple(parsed)
+
+
+def _one_radius(value, where: str, key: str):
+    hint = "; use an absolute radius (0.05), a percentage of the median input norm (\"1%\") or a list of them"
+    if isinstance(value, str) and value.strip().endswith("%"):
+        fraction = parse_percent(value, where, key)
+        if not 0 < fraction < math.inf:
+            raise fail(where, key, f"has {show(value.strip())}; a percentage radius must be above 0%{hint}")
+        return f"{100.0 * fraction:.12g}%"
+    if isinstance(value, str) and not value.strip():
+        raise fail(where, key, f"has an empty entry{hint}")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise fail(where, key, f"has {show(value.strip())}, which is not a number{hint}") from None
+    if not is_number(value) or not (0 < value < math.inf):
+        raise fail(where, key, f"has {show(value)}; a radius must be a positive finite number{hint}")
+    return float(value)
+
+
+def radius_fraction(radius) -> float | None:
+    """The share of the median norm a "1%" radius stands for (0.01); None for an absolute radius."""
+    return float(radius[:-1]) / 100.0 if isinstance(radius, str) else None
+
+
+BYTE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+BYTES_RE = re.compile(r"^\s*([0-9][0-9_,]*(?:\.[0-9]+)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
+
+
+def parse_bytes(value, where: str, key: str = "max-bytes") -> int:
+    """60000, "60000", "60 kB" (1000), "1.5 MiB" (1024²) → bytes."""
+    if is_number(value):
+        number, unit = float(value), "b"
+    elif isinstance(value, str) and (match := BYTES_RE.match(value)):
+        number, unit = float(match.group(1).replace("_", "").replace(",", "")), match.group(2) or "B"
+    else:
+        raise fail(where, key, f"is {show(value)}; write a size like 60000, \"60 kB\" or \"1.5 MiB\"")
+    if unit.lower() not in BYTE_UNITS:
+        raise fail(where, key, f"has unit {show(unit)}; use B, kB, MB, GB (powers of 1000) or KiB, MiB, GiB (1024)")
+    unit = unit.lower()
+    total = number * BYTE_UNITS[unit]
+    if not (0 < total < 2**63) or total != math.floor(total) and unit == "b":
+        raise fail(where, key, f"is {show(value)}; it must be a positive whole number of bytes")
+    return int(round(total))
+
+
+def parse_count(value, where: str, key: str = "max-params") -> int:
+    if isinstance(value, str) and re.fullmatch(r"\s*[0-9][0-9_,]*\s*", value):
+        value = int(value.replace("_", "").replace(",", ""))
+    if not isinstance(value, int) or isinstance(value, bool) or not (0 < value < 2**63):
+        raise fail(where, key, f"is {show(value)}; it must be a positive whole number of parameters")
+    return value

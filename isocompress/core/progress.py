@@ -40,18 +40,24 @@ def progress_bar(total: int | None, label: str, enabled: bool, unit: str = "step
     try:
         def step(name: str, position: int | None = None) -> None:
             bar.set_postfix_str(name, refresh=False)
-            bar.update(1 if position is None else position - bar.n)
+            bar.update(capped(bar.n + 1 if position is None else position, total) - bar.n)
 
         yield step
     finally:
         bar.close()
 
 
+def capped(done: int, total: int | None) -> int:
+    """How far, never past the total: the last step of a budget may remove a few units more than the total promised
+    (pruning lands at or just below its target; the step's name says where it landed)."""
+    return done if not total else max(0, min(done, total))
+
+
 def _plain_steps(total: int | None, label: str, unit: str, stream: TextIO) -> Callable[..., None]:
     started, done = time.perf_counter(), [0]
 
     def step(name: str, position: int | None = None) -> None:
-        done[0] = done[0] + 1 if position is None else position
+        done[0] = capped(done[0] + 1 if position is None else position, total)
         print(plain_line(label, done[0], total, unit, name, time.perf_counter() - started), file=stream, flush=True)
 
     return step

@@ -14,8 +14,10 @@ from isocompress.formats.io import first_line
 ARRAY_SUFFIXES = (".npy", ".npz", ".safetensors", ".pt", ".pth")
 
 
-def load_array(path: str | Path, expect_columns: int | None = None, labels: bool = False) -> torch.Tensor:
-    """One array from a file: inputs as float64 (n × expect_columns), or labels as int64 (n,)."""
+def load_array(path: str | Path, expect_columns: int | None = None, labels: bool = False,
+               what: str = "calibration data") -> torch.Tensor:
+    """One array from a file: inputs as float64 (n × expect_columns), or labels as int64 (n,). `what` names the data
+    in messages ("calibration data", "certify data (--certify-data)", ...)."""
     path = Path(path)
     if not io.input_exists(path) or not path.is_file():
         raise IsocompressError(f"{path}: no such file; check the path")
@@ -23,7 +25,37 @@ def load_array(path: str | Path, expect_columns: int | None = None, labels: bool
     if suffix not in ARRAY_SUFFIXES:
         raise IsocompressError(f"{path}: unsupported array file {suffix or '(none)'!r}; use .npy, .npz, .safetensors or .pt")
     array = _read(path, suffix, labels)
-    return _as_labels(path, array) if labels else _as_inputs(path, array, expect_columns)
+    return _as_labels(path, array) if labels else _as_inputs(path, array, expect_columns, what)
+
+
+INPUT_NAMES = ("x", "X", "inputs", "data", "calibration")
+LABEL_NAMES = ("y", "Y", "labels", "targets")
+
+
+def has_labels(path: str | Path) -> bool:
+    """Whether an input file also holds its labels: an .npz, .safetensors or .pt dict with both an inputs array
+    (x, X, inputs, …) and a labels array (y, Y, labels, targets), as the shipped models/M.test.npz (x and y)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if not path.is_file() or suffix not in (".npz", ".safetensors", ".pt", ".pth"):
+        return False
+    try:
+        if suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                names = set(archive.files)
+        elif suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                names = set(f.keys())
+        else:
+            obj = io.safe_torch_load(path, "tensor file", "save the arrays with numpy.savez (.npz) or safetensors")
+            names = set(obj) if isinstance(obj, dict) else set()
+    except IsocompressError:
+        raise
+    except Exception:  # noqa: BLE001  (unreadable: the inputs' own loader names the problem)
+        return False
+    return bool(names & set(INPUT_NAMES)) and bool(names & set(LABEL_NAMES))
 
 
 def _read(path: Path, suffix: str, labels: bool = False) -> torch.Tensor:
@@ -53,7 +85,7 @@ def _single(path: Path, arrays: dict, labels: bool = False):
     """The one array in a container; with several, the one named x/X/inputs/data (or y/labels for labels)."""
     if len(arrays) == 1:
         return next(iter(arrays.values()))
-    for name in ("y", "Y", "labels", "targets") if labels else ("x", "X", "inputs", "data", "calibration"):
+    for name in LABEL_NAMES if labels else INPUT_NAMES:
         if name in arrays:
             return arrays[name]
     names = ", ".join(sorted(arrays)) or "none"
@@ -61,12 +93,13 @@ def _single(path: Path, arrays: dict, labels: bool = False):
     raise IsocompressError(f"{path}: holds several arrays ({names}); keep one, or name {what}")
 
 
-def _as_inputs(path: Path, array: torch.Tensor, expect_columns: int | None) -> torch.Tensor:
+def _as_inputs(path: Path, array: torch.Tensor, expect_columns: int | None, what: str) -> torch.Tensor:
     if array.dtype.is_complex or array.dtype == torch.bool:
         raise IsocompressError(f"{path}: has dtype {array.dtype}; expected real numbers")
     array = array.to(torch.float64)
-    if array.dim() == 1 and expect_columns is not None and array.numel() == expect_columns:
-        array = array[None, :]
+    if array.dim() == 1:  # one point or n scalars? never guessed: every input file is samples × features
+        raise IsocompressError(f"{path}: has shape {tuple(array.shape)}, a 1-D array; {what} must be 2-D (samples ×"
+                               " features, or samples × the model's input shape); for one point save x[None, :]")
     if array.dim() > 2:
         array = array.reshape(array.shape[0], -1)
     if array.dim() != 2 or array.shape[0] == 0:
@@ -74,7 +107,7 @@ def _as_inputs(path: Path, array: torch.Tensor, expect_columns: int | None) -> t
     if expect_columns is not None and array.shape[1] != expect_columns:
         raise IsocompressError(f"{path}: has {array.shape[1]} features per sample; the model takes {expect_columns}")
     if not bool(torch.isfinite(array).all()):
-        raise IsocompressError(f"{path}: contains NaN or Inf; clean the calibration data")
+        raise IsocompressError(f"{path}: contains NaN or Inf; clean the {what}")
     return array
 
 

@@ -21,11 +21,12 @@ import torch
 from isocompress.bounds import certified as bounds
 from isocompress.bounds import local as local_bounds
 from isocompress.core import threads
-from isocompress.core.errors import CheckFailed, IsocompressError
+from isocompress.core.errors import BudgetUnreachable, CheckFailed, IsocompressError
 from isocompress.core.layers import as_float64
 from isocompress.core.measure import output_scale, probe_inputs, sample_norms
 from isocompress.core.geometry import Geometry
 from isocompress.core.model import DENSE, IsoMLP, Layer, channel_axis, positions_of
+from isocompress.core.parsing import radius_fraction
 from isocompress.core.primitives import contract_channels, rotate_columns, rotate_rows
 from isocompress.core.progress import progress_bar
 from isocompress.exact.constants import remove_constant_directions_accounted
@@ -308,8 +309,14 @@ def prune_to_target(state: State, target: int, basis: str, x, radius: float, ste
         # near the target one direction per round, rescored each time: a round's estimated savings drift as widths
         # shrink, and a batch overshot the budget by up to 20% on small models (issue 10)
         goal = 1 if excess <= FINAL_ROUND_SHARE * total else max(int(ROUND_FRACTION * excess), 1)
-        if prune_round(state, basis, x, radius, goal) == 0:
+        trial = state.copy()
+        while prune_round(trial, basis, x, radius, goal) and current_params(trial) < target and goal > 1:
+            # the round's per-direction savings are estimated one direction at a time; where removing many at once
+            # saves far more (a layer turning diagonal), it lands below the budget: retry it smaller
+            trial, goal = state.copy(), goal // 2
+        if current_params(trial) == current_params(state):
             break
+        state = trial
         if step is not None:
             step(f"{current_params(state):,} parameters", current_params(state))
     return state
@@ -409,21 +416,42 @@ def resolve_radius(options, calibration) -> tuple[float | None, str]:
     return None, "none"
 
 
-def resolve_certify_radius(options, centres) -> tuple[float | None, str]:
-    """ε of the local certificates: --certify-radius, else DEFAULT_RADIUS_FRACTION of the centres' median norm."""
+def resolve_certify_radius(options, centres, points: str = "certified points") -> tuple[float | None, str]:
+    """The primary ε of the local certificates (the first of `resolve_certify_radii`) and where it came from."""
+    radii = resolve_certify_radii(options, centres, points)
+    return (radii[0][0], radii[0][1]) if radii else (None, "none")
+
+
+def resolve_certify_radii(options, centres, points: str = "certified points") -> list[tuple[float, str, object]]:
+    """(ε, where it came from, the value as given) for each radius of --certify-radius, in the order given (default
+    DEFAULT_RADIUS_FRACTION): an absolute radius as it is, a percentage of the centres' median norm. A median norm of
+    0 (all-zero points) makes every percentage 0: an input error naming the fix, never a made-up ε."""
     if centres is None:
-        return None, "none"
-    if options.certify_radius is not None:
-        return float(options.certify_radius), "--certify-radius"
+        return []
+    spec = options.certify_radius
+    default = f"{100 * local_bounds.DEFAULT_RADIUS_FRACTION:g}%"
+    specs = spec if isinstance(spec, tuple) else (default if spec is None else spec,)
     median = float(sample_norms(centres).median())
-    fraction = local_bounds.DEFAULT_RADIUS_FRACTION
-    return max(fraction * median, 1e-12), f"{fraction:.0%} of the median input norm of the certified points ({median:.4g})"
+    out = []
+    for given in specs:
+        fraction = radius_fraction(given)
+        if fraction is None:
+            out.append((float(given), "--certify-radius", given))
+            continue
+        if not median > 0:
+            raise IsocompressError(
+                f"--certify-radius {given}{' (the default)' if spec is None else ''} is a share of the median input"
+                f" norm of the {points}, which is 0 (all-zero or mostly zero points): no ball to certify; give"
+                " --certify-radius EPS as an absolute radius (e.g. 0.1)")
+        source = f"{given} of the median input norm of the certified points ({median:.4g})"
+        out.append((fraction * median, source, given))
+    return out
 
 
 def resolve_target(budget: float, original_params: int, smallest: int) -> int:
     target = int(math.floor(budget * original_params)) if budget <= 1 else int(budget)
     if target < smallest:
-        raise IsocompressError(
+        raise BudgetUnreachable(
             f"--budget {budget:g} ({target:,} parameters) is unreachable: the smallest reachable size is {smallest:,}"
             f" parameters ({smallest / original_params:.4%}); use --budget {smallest} or more")
     return target
@@ -459,9 +487,12 @@ def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, pr
     radius, radius_source = resolve_radius(options, x) if certifiable(original) else (None, TANH_ONLY)
     centres = certify_data.to(F64) if certify_data is not None and locally_certifiable(original) else x
     centres = centres if locally_certifiable(original) else None
-    eps, eps_source = resolve_certify_radius(options, centres)
+    points = "certify data" if certify_data is not None else "calibration data"
+    radii = resolve_certify_radii(options, centres, points)
+    eps, eps_source = (radii[0][0], radii[0][1]) if radii else (None, "none")
     goal_check(options, radius, centres, original)
-    exact, constant = exact_step(original, x, radius, centres, eps)
+    # D is proven over the largest ball of the curve, so it covers every ε (each entry's allowance uses it)
+    exact, constant = exact_step(original, x, radius, centres, max((r[0] for r in radii), default=None))
     state = State.of(exact, constant_bound=constant["bound"] or 0.0)
     if options.min_certified_top1 is not None:
         start = certified_fraction(state, centres, eps)
@@ -495,10 +526,8 @@ def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, pr
     report = build_report(original, pruned, state, basis, radius, radius_source, probes, labels,
                           search_restarts, search_steps, calibrated=x is not None)
     account_constant_directions(report, constant)
-    report["deployed"] = deployed_term(pruned, getattr(options, "precision", None), radius, centres, eps)
-    report["local"] = add_deployed(report, local_section(state, centres, eps, eps_source, certify_data is not None,
-                                                         (original, pruned), extra=local_extra(report, pruned,
-                                                                                              centres, eps)))
+    local_sections(report, state, (original, pruned), options, (radius, centres, radii), eps_source,
+                   certify_data is not None)
     if test_data is not None:
         report["test"] = test_report(original, pruned, test_data, test_labels)
         report["empirical"]["inputs"] = report["empirical"]["inputs"].replace("; give --test-data", "")
@@ -536,6 +565,20 @@ def account_constant_directions(report: dict, constant: dict) -> None:
         raise CheckFailed(f"the adversarial search found |Δy| = {adversarial:.6g} above the certified bound"
                           f" {cert['max_abs']:.6g}; the certificate is not sound for this model — nothing was written;"
                           " please report this model")
+
+
+def local_sections(report: dict, state: State, networks, options, domain, eps_source: str, certify_data: bool) -> None:
+    """report["deployed"] (the files' rounding term, docs/bounds.md §5b), the global certificate covering it, and
+    report["local"] with the curve over every ε, each β_i including the files' term on its ball."""
+    (radius, centres, radii), pruned = domain, networks[1]
+    eps = radii[0][0] if radii else None
+    report["deployed"] = deployed_term(pruned, getattr(options, "precision", None), radius, centres,
+                                       max((r[0] for r in radii), default=None))
+    report["local"] = add_deployed(report, local_section(state, centres, eps, eps_source, certify_data, networks,
+                                                         extra=local_extra(report, pruned, centres, eps)))
+    if len(radii) > 1 and report["local"].get("computed", True):
+        report["local"]["curve"] = local_curve(state, centres, radii, report["local"], networks,
+                                               lambda e: local_extra(report, pruned, centres, e))
 
 
 def deployed_term(pruned: IsoMLP, precision: str | None, radius, centres, eps) -> dict:
@@ -648,6 +691,35 @@ def local_report(state: State, centres: torch.Tensor, eps: float, eps_source: st
         report.update(refutation_report(state, centres, eps, out["top1"], *networks))
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report
+
+
+def local_curve(state: State, centres: torch.Tensor, radii: list, primary: dict, networks,
+                extra_of=None) -> list[dict]:
+    """report["pruning"]["local"]["curve"]: for each ε of --certify-radius, in the order given, the verdict counts
+    and shares of `local_report` at that ε alone (the first entry is `primary`, the report at the first ε).
+    `extra_of(ε)`: the deployed files' term on the balls of radius ε (docs/bounds.md §5b)."""
+    median = float(sample_norms(centres).median())
+    curve = []
+    for k, (eps, source, given) in enumerate(radii):
+        one = primary if k == 0 else local_report(state, centres, eps, source, primary["points"], networks=networks,
+                                                  extra=0.0 if extra_of is None else extra_of(eps))
+        curve.append(curve_entry(one, given, median))
+    return curve
+
+
+def curve_entry(local: dict, given, median: float) -> dict:
+    """One ε of the curve: the radius (absolute, relative to the median norm, as given), the counts and shares."""
+    n = local["n_points"]
+    entry = {"radius": local["radius"], "radius_given": given,
+             "radius_relative": local["radius"] / median if median > 0 else None,
+             "radius_source": local["radius_source"], "n_points": n}
+    for verdict, count in (("certified", "n_certified"), ("refuted", "n_refuted"), ("undecided", "n_undecided")):
+        value = local.get(count)
+        entry[count] = value
+        entry[f"{verdict}_fraction"] = None if value is None else value / n
+    entry.update(bound_median=local["summary"]["bound_median"], bound_max=local["summary"]["bound_max"],
+                 seconds=local["seconds"])
+    return entry
 
 
 COUNTEREXAMPLES_SHOWN = 16  # report.json keeps the inputs of this many counterexamples (all are verified)
