@@ -305,3 +305,10 @@ def test_check_limits_per_precision(tmp_path):
     assert by[2, "error"].measured > by[1, "error"].measured  # the int8 rounding is inside the certified error
     with pytest.raises(IsocompressError, match="not available yet"):
         run_checks(checks=[{**checks[0], "precision": "int8"}], cwd=tmp_path)
+
+
+def test_precision_on_a_cnn_is_refused_before_any_work(tmp_path):
+    with pytest.raises(IsocompressError, match="tanh MLPs"):
+        api.shrink_file(MODELS / "digits_cnn.safetensors", tmp_path / "o",
+                        api.ShrinkOptions(budget="50%", precision="int8-weights"), progress=False)
+    assert not (tmp_path / "o").exists()

@@ -363,6 +363,12 @@ def load_model(model_path: Path, options: ShrinkOptions) -> tuple[IsoMLP, torch.
                                      notify=lambda text: (notes.append(text), io.print_note(text)))
     if options.lossy:
         refuse_negative_o(original, str(model_path))
+    if options.precision not in (None, "float32", "float64"):
+        from isocompress.bounds import deployed
+
+        if not deployed.supported(original):
+            raise IsocompressError(f"{model_path}: --precision {options.precision} is available for tanh MLPs with o ≥ 0"
+                                   " only yet (its rounding bound is derived for them); use --precision float32")
     return original, saved_dtype, notes
 
 
