@@ -51,7 +51,8 @@ def test_streamed_report_matches_the_in_memory_report(tmp_path):
     path, report, _ = _streamed(tmp_path, model, ".pt", torch.float32)
     in_memory = api.shrink_file(path, tmp_path / "mem", api.ShrinkOptions(formats=("safetensors",)),
                                 progress=False, stream=False)
-    assert "streamed" not in in_memory
+    assert report["streamed"] is True and "in_memory_because" not in report
+    assert in_memory["streamed"] is False and in_memory["in_memory_because"] == "stream=False"
     for key in ("params_before", "params_after", "widths_before", "widths_after", "layers_before", "layers",
                 "dtype_saved", "bytes_before", "exact"):
         assert report[key] == in_memory[key], key
@@ -96,7 +97,7 @@ def test_every_layout_streams_with_the_default_outputs_and_matches_the_in_memory
     assert stream.open_source(path) is not None
     streamed = api.shrink_file(path, tmp_path / "s", progress=False)
     in_memory = api.shrink_file(path, tmp_path / "m", progress=False, stream=False)
-    assert streamed["streamed"] is True and "streamed" not in in_memory
+    assert streamed["streamed"] is True and in_memory["streamed"] is False
     for key in ("params_before", "params_after", "widths_before", "widths_after", "layers_before", "layers",
                 "dtype_saved", "bytes_before", "bytes_after", "flops_before", "flops_after", "input_shape", "notes"):
         assert streamed.get(key) == in_memory.get(key), key
@@ -134,7 +135,7 @@ def test_a_cnn_uses_the_in_memory_path(tmp_path):
     io.save(cnn, tmp_path / "cnn.safetensors")
     assert stream.open_source(tmp_path / "cnn.safetensors") is None
     report = api.shrink_file(tmp_path / "cnn.safetensors", tmp_path / "o", progress=False)
-    assert "streamed" not in report
+    assert report["streamed"] is False and "a CNN" in report["in_memory_because"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, F64])
@@ -261,3 +262,13 @@ def test_small_onnx_files_stay_self_contained(tmp_path):
     io.save(model, tmp_path / "m.safetensors")
     report = api.shrink_file(tmp_path / "m.safetensors", tmp_path / "out", progress=False)
     assert "external_data" not in report["onnx"] and not (tmp_path / "out" / "model.onnx.data").exists()
+
+
+def test_a_lossy_run_says_in_its_report_why_it_holds_the_whole_model(tmp_path):
+    model = random_model([5, 12, 12, 3], psi=True, o=(0.0, 1.0), seed=3)
+    path = tmp_path / "m.pt"
+    io.save(model, path)
+    report = api.shrink_file(path, tmp_path / "out", api.ShrinkOptions(budget=0.5, formats=("safetensors",)),
+                             progress=False)
+    assert report["streamed"] is False
+    assert report["in_memory_because"].startswith("a lossy goal") and "original network" in report["in_memory_because"]

@@ -10,6 +10,7 @@
     formats = ["safetensors", "onnx"]
     onnx-tol = 1e-4
     dtype = "float32"
+    precision = "float32"            # float32 | float16 | int8-weights (certified deployed files; docs/bounds.md §5b)
 
 Neither budget nor max-error means exact (lossless). Unknown keys and bad values are `IsocompressError`s naming the
 file and the key. `Recipe` validates itself, round-trips through `to_dict`/`from_dict` (the TOML keys) and converts to
@@ -49,9 +50,10 @@ from isocompress.core.parsing import (  # noqa: F401  (re-exported: recipe.X as 
 
 BASES = ("auto", "data-free", "data-aware")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
+PRECISION_NAMES = ("float32", "float16", "int8-weights", "int8")  # int8 is refused (core.precision.INT8_NOT_YET)
 RECIPE_KEYS = ("name", "version", "description", "exact", "budget", "max-error", "min-certified-top1", "basis",
                "calibration", "labels", "input-radius", "certify-radius", "certify-data", "test-data", "test-labels",
-               "formats", "onnx-tol", "dtype", "ref-intrinsic-length", "sweep")
+               "formats", "onnx-tol", "dtype", "ref-intrinsic-length", "sweep", "precision")
 GOAL_KEYS = ("exact", "budget", "max-error", "min-certified-top1")
 DATA_KEYS = ("calibration", "labels", "certify-data", "test-data", "test-labels")  # paths, relative to the recipe
 FIELD_KEYS = {"max_error": "max-error", "max_error_percent": "max-error", "input_radius": "input-radius",
@@ -138,6 +140,7 @@ class Recipe:
     certify_data: str | None = None
     test_data: str | None = None
     test_labels: str | None = None
+    precision: str | None = None
     sweep: dict | None = None  # a [sweep] table: budgets to try and limits (SweepLimits); the goal is the smallest
     path: str | None = None    # of those budgets whose model meets every limit (api.sweep)
 
@@ -193,7 +196,7 @@ class Recipe:
                              basis=self.basis, input_radius=self.input_radius, formats=self.formats,
                              onnx_tol=self.onnx_tol, dtype=self.dtype, certify_radius=self.certify_radius,
                              min_certified_top1=self.min_certified_top1,
-                             ref_intrinsic_length=self.ref_intrinsic_length)
+                             ref_intrinsic_length=self.ref_intrinsic_length, precision=self.precision)
 
     def to_dict(self) -> dict:
         """The recipe as its TOML keys (what `from_dict` reads back); `exact` always, the goal key if lossy."""
@@ -213,7 +216,7 @@ class Recipe:
                     "certify-radius": list(self.certify_radius) if isinstance(self.certify_radius, tuple)
                     else self.certify_radius,
                     "test-data": self.test_data, "test-labels": self.test_labels,
-                    "ref-intrinsic-length": self.ref_intrinsic_length}
+                    "ref-intrinsic-length": self.ref_intrinsic_length, "precision": self.precision}
         data.update({k: v for k, v in optional.items() if v is not None})
         data.update({"formats": list(self.formats), "onnx-tol": self.onnx_tol})
         if self.sweep is not None:
@@ -250,6 +253,8 @@ class Recipe:
             kwargs["onnx_tol"] = parse_positive(data["onnx-tol"], where, "onnx-tol")
         if "dtype" in data:
             kwargs["dtype"] = parse_choice(data["dtype"], DTYPES, where, "dtype")
+        if "precision" in data:
+            kwargs["precision"] = parse_choice(data["precision"], PRECISION_NAMES, where, "precision")
         if "ref-intrinsic-length" in data:
             kwargs["ref_intrinsic_length"] = parse_choice(data["ref-intrinsic-length"], REF_MODES, where,
                                                           "ref-intrinsic-length")

@@ -113,6 +113,7 @@ class ShrinkOptions:
     # certified points) or several of them, ("0.5%", "1%", 0.1), for a curve against ε (the first is the primary ε)
     certify_radius: float | str | tuple | None = None
     min_certified_top1: float | None = None  # issue 10: a goal: the smallest model certified for this share of points
+    precision: str | None = None  # float32 | float16 | int8-weights (core.precision); None: from dtype (float32)
 
     def __post_init__(self) -> None:
         if isinstance(self.formats, str):  # "safetensors,onnx", as the CLI takes it
@@ -139,6 +140,13 @@ class ShrinkOptions:
                                    " an exact shrink keeps every output, so there is nothing to certify")
         if self.dtype not in (None, "float32", "float64", "float16", "bfloat16"):
             raise IsocompressError(f"dtype {self.dtype!r}: choose from float32, float64, float16, bfloat16")
+        if self.precision not in (None, "float64"):  # float64: what a --dtype float64 run resolves to
+            from isocompress.core.precision import parse_precision
+
+            parse_precision(self.precision, "precision")
+            if self.dtype is not None and self.dtype != "float32":
+                raise IsocompressError(f"precision {self.precision!r} and dtype {self.dtype!r}: give one of them"
+                                       " (--precision stores the weights as it says and the rest in float32)")
 
     def _validate_goal(self) -> None:
         """budget and max_error as the CLI and recipes take them (5%, 0.05, 7500; 0.01 or "1%"), by the same parsers
@@ -196,11 +204,10 @@ def shrink_file(
     the report. `recipe`: provenance (name, version, path of a recipe file, overriding flags) for report["recipe"].
     `stream=False`: load the whole model even where the streamed exact path applies (it is tested against that)."""
     options, started = options or ShrinkOptions(), time.perf_counter()
-    if certify_data is not None and not options.lossy:
-        raise IsocompressError("--certify-data needs a lossy goal (--budget, --max-error or --min-certified-top1): an"
-                               " exact shrink keeps every output, so there is nothing to certify; give a goal or drop it")
+    require_goal(options, certify_data)
     labelled = any(p is not None for p in (labels, certify_data, test_data, test_labels))  # checked in memory
-    if stream and not labelled and (done := shrink_streaming(model_path, out_dir, options, calibration, progress, recipe)):
+    in_memory = in_memory_reason(options, labelled, stream)
+    if in_memory is None and (done := shrink_streaming(model_path, out_dir, options, calibration, progress, recipe)):
         return done  # every exact run of a dense tanh MLP: one original layer in memory at a time (exact/stream.py)
     model_path = Path(model_path)
     original, saved_dtype, notes = load_model(model_path, options)
@@ -212,12 +219,14 @@ def shrink_file(
     probes = calib if calib is not None else probe_inputs(original.input_shape)
     inputs = [model_path] + [Path(p) for p in (calibration, labels, certify_data, test_data, test_labels) if p]
     check_ranges(original, calib, saved_dtype, options, model_path, calibration)
-    effective, resolved = resolve_relative_error(options, original, probes)
+    precise = replace(options, precision=resolve_precision(options.precision, saved_dtype))
+    effective, resolved = resolve_relative_error(precise, original, probes)
     with output_dir(out, inputs) as stage:
         shrunk, prune_report = compress(original, effective, calib, label_data, progress,
                                         probes=exact_rule_inputs(original.input_shape, calib), extra=extra)
         constant = prune_report.pop("constant_directions") if not options.lossy else None
-        files, onnx_report = write_outputs(shrunk, stage, options, saved_dtype, probes)
+        plan = deployed_plan(shrunk, effective.precision, prune_report)
+        files, onnx_report = write_outputs(shrunk, stage, options, saved_dtype, probes, plan=plan)
         reloaded = io.load(files["safetensors"]) if "safetensors" in files else shrunk.cast(saved_dtype)
         report = {
             "model": str(model_path),
@@ -225,19 +234,96 @@ def shrink_file(
             "recipe": recipe_record(options, recipe, calibration=calibration, labels=labels, certify_data=certify_data,
                                     test_data=test_data, test_labels=test_labels),
             **shape_record(original, shrunk, model_path, files, saved_dtype),
-            "probe": {
-                "inputs": probe_description(calib, probes),
-                "float64": output_difference(original, shrunk, probes),
-                "saved_file": output_difference(original, reloaded, probes),
-            },
+            "probe": probe_record(original, shrunk, reloaded, calib, probes),
             "files": final_paths(files, out),
+            **({"notes": notes} if notes else {}),
+            "precision": precision_record(shrunk, plan, prune_report),
+            "streamed": False,
+            "in_memory_because": in_memory or STREAMED_KINDS,
         }
-        if notes:
-            report["notes"] = notes
         add_results(report, constant, prune_report, resolved, onnx_report)
         report["seconds"] = round(time.perf_counter() - started, 4)
         write_report(report, stage)
     return report
+
+
+STREAMED_KINDS = ("the streamed path reads dense tanh MLPs in isocompress's own layouts and the reference state_dict;"
+                  " this file was read whole (a CNN, a log1p network or another container)")
+
+
+def require_goal(options: ShrinkOptions, certify_data) -> None:
+    if certify_data is not None and not options.lossy:
+        raise IsocompressError("--certify-data needs a lossy goal (--budget, --max-error or --min-certified-top1): an"
+                               " exact shrink keeps every output, so there is nothing to certify; give a goal or drop it")
+
+
+def in_memory_reason(options: ShrinkOptions, labelled: bool, stream: bool) -> str | None:
+    """Why a run holds the whole original model (report["in_memory_because"]), or None where the streamed exact path
+    may apply (exact/stream.py)."""
+    if options.lossy:
+        return ("a lossy goal: the pruning search, its adversarial search, the certificates and the error report"
+                " evaluate the original network on many inputs, so it is held whole (streamed pruning is not built)")
+    if labelled:
+        return "labelled, certify or test data: their reports evaluate the original network, so it is held whole"
+    if options.precision not in (None, "float32"):
+        return f"--precision {options.precision}: its rounding plan is chosen on the whole model"
+    return None if stream else "stream=False"
+
+
+def probe_record(original: IsoMLP, shrunk: IsoMLP, reloaded: IsoMLP, calib, probes: torch.Tensor) -> dict:
+    """report["probe"]: the shrunk network's and the saved file's output differences on the probe inputs."""
+    return {"inputs": probe_description(calib, probes), "float64": output_difference(original, shrunk, probes),
+            "saved_file": output_difference(original, reloaded, probes)}
+
+
+def resolve_precision(precision: str | None, saved_dtype: torch.dtype) -> str | None:
+    """The precision the files are deployed in: --precision, else that of --dtype (float32 or float64); None where no
+    rounding term is derived (float16/bfloat16 files written with --dtype: the certificates then cover the float64
+    network only, and report.json says so)."""
+    if precision is not None:
+        return precision
+    return {torch.float32: "float32", torch.float64: "float64"}.get(saved_dtype)
+
+
+def deployed_plan(model: IsoMLP, precision: str | None, prune_report: dict):
+    """The storage/compute plan (core.precision.Plan) the files are written with: the one pruning certified, else
+    (an exact run, no domain) the precision's plan without a range proof (float16 then computes in float32)."""
+    from isocompress.bounds import deployed
+
+    record = prune_report.get("deployed") if isinstance(prune_report, dict) else None
+    if precision is None:
+        return None
+    if record is not None and record.get("plan") is not None:
+        from isocompress.core.precision import Plan
+
+        return Plan.from_record(record["plan"])
+    if precision not in ("float32", "float64") and not deployed.supported(model):
+        raise IsocompressError(f"--precision {precision} is available for tanh MLPs only yet; use --precision"
+                               " float32 for this network")
+    return deployed.choose_plan(model, precision, None)
+
+
+def stream_plan(precision: str):
+    from isocompress.core.precision import Plan, plan_for
+
+    return Plan("float64", "float64", "float64", "float64") if precision == "float64" else plan_for(precision)
+
+
+def precision_record(model: IsoMLP, plan, prune_report: dict) -> dict:
+    """report["precision"]: what each kind of tensor is stored in, what the files compute in, and which network the
+    certified numbers speak of."""
+    from isocompress.bounds import deployed
+
+    if plan is None:
+        return {"precision": None, "covers": "the float64 pruned network only: no rounding term is derived for"
+                " float16/bfloat16 files written with --dtype; use --precision float16"}
+    record = prune_report.get("deployed") if isinstance(prune_report, dict) else None
+    certified = record is not None and record.get("bound") is not None
+    covers = deployed.COVERS[plan.precision] if certified else (
+        "no certificate was computed for this run (no input domain, or an exact run): the files were verified in"
+        " onnxruntime against the float64 model")
+    return {**plan.describe(), "covers": covers,
+            "rounding_bound": record.get("bound") if record else None}
 
 
 def add_results(report: dict, constant, prune_report, resolved, onnx_report) -> None:
@@ -293,16 +379,24 @@ def recipe_record(options: ShrinkOptions, recipe: dict | None, **data_files) -> 
 
 
 def load_model(model_path: Path, options: ShrinkOptions) -> tuple[IsoMLP, torch.dtype, list[str]]:
-    """The model in float64, the dtype to save in, and the notes its loading printed (e.g. how a reference
-    checkpoint's intrinsic length was read). A lossy run refuses o < 0 here, before anything else is read."""
+    """The model in float64, the dtype to save in (float32 with --precision: what the files store beside the dense
+    weights), and the notes its loading printed (e.g. how a reference checkpoint's intrinsic length was read). A lossy
+    run refuses o < 0 here, before anything else is read."""
     tensors, config_json = io.read_tensors(model_path)
     saved_dtype = parse_dtype(options.dtype, _first_float_dtype(tensors))
+    saved_dtype = torch.float32 if options.precision is not None else saved_dtype  # --precision: the rest in float32
     notes: list[str] = []
     original = io.model_from_tensors(io.consume_as_float64(tensors), config_json, where=str(model_path),
                                      ref_intrinsic_length=options.ref_intrinsic_length,
                                      notify=lambda text: (notes.append(text), io.print_note(text)))
     if options.lossy:
         refuse_negative_o(original, str(model_path))
+    if options.precision not in (None, "float32", "float64"):
+        from isocompress.bounds import deployed
+
+        if not deployed.supported(original):
+            raise IsocompressError(f"{model_path}: --precision {options.precision} is available for tanh MLPs with o ≥ 0"
+                                   " only yet (its rounding bound is derived for them); use --precision float32")
     return original, saved_dtype, notes
 
 
@@ -313,7 +407,7 @@ def shrink_streaming(model_path, out_dir, options: ShrinkOptions, calibration, p
     path (a CNN, a log1p network, an unusual container)."""
     from isocompress.exact import stream
 
-    if options.lossy:
+    if in_memory_reason(options, False, True) is not None:
         return None
     started, model_path = time.perf_counter(), Path(model_path)
     source = stream.open_source(model_path, options.ref_intrinsic_length)
@@ -332,9 +426,11 @@ def shrink_streaming(model_path, out_dir, options: ShrinkOptions, calibration, p
             target = stage / "model.safetensors" if "safetensors" in options.formats else None
             done = stream.shrink_exact_to_file(source, target, saved_dtype, probes, step,
                                                exact_rule_inputs(source.input_shape, calib), check, Path(stage))
-        files, onnx_report = streamed_outputs(done["model"], stage, options, saved_dtype, probes)
+        plan = deployed_plan(done["model"], resolve_precision(options.precision, saved_dtype), {})
+        files, onnx_report = streamed_outputs(done["model"], stage, options, saved_dtype, probes, plan)
         report = streamed_report(source, done, model_path, options, recipe, calibration, calib, probes, files,
                                  saved_dtype, out)
+        report["precision"] = precision_record(done["model"], plan, {})
         add_results(report, done["constant_directions"], None, None, onnx_report)
         report["seconds"] = round(time.perf_counter() - started, 4)
         write_report(report, stage)
@@ -361,13 +457,14 @@ def streamed_checks(source, calib, saved_dtype, options: ShrinkOptions, model_pa
 
 
 def streamed_outputs(shrunk: IsoMLP, stage: Path, options: ShrinkOptions, saved_dtype: torch.dtype,
-                     probes: torch.Tensor):
+                     probes: torch.Tensor, plan=None):
     """The ONNX file of a streamed run, written and verified from the shrunk model (small once shrunk), as
     write_outputs writes it; ({format: path} in the order asked for, the ONNX record or None)."""
     files: dict[str, Path] = {}
     onnx_report = None
     if "onnx" in options.formats:
-        files, onnx_report = write_outputs(shrunk, stage, replace(options, formats=("onnx",)), saved_dtype, probes)
+        files, onnx_report = write_outputs(shrunk, stage, replace(options, formats=("onnx",)), saved_dtype, probes,
+                                           plan=plan)
     if "safetensors" in options.formats:
         files["safetensors"] = stage / "model.safetensors"
     return {name: files[name] for name in options.formats}, onnx_report
@@ -461,8 +558,10 @@ def compress(original: IsoMLP, options: ShrinkOptions, calibration, labels, prog
                                  **(extra or {}))
 
 
-def write_outputs(model: IsoMLP, out: Path, options: ShrinkOptions, dtype: torch.dtype, probes: torch.Tensor):
-    """Writes the chosen formats atomically; returns ({format: path}, onnx verification report or None)."""
+def write_outputs(model: IsoMLP, out: Path, options: ShrinkOptions, dtype: torch.dtype, probes: torch.Tensor,
+                  plan=None):
+    """Writes the chosen formats atomically; returns ({format: path}, onnx verification report or None). `plan`
+    (core.precision.Plan): the precision to write in (None: `dtype`, as before precisions existed)."""
     files: dict[str, Path] = {}
     onnx_report = None
     # ONNX first: if its onnxruntime check fails, nothing else of this run has been written.
@@ -472,11 +571,12 @@ def write_outputs(model: IsoMLP, out: Path, options: ShrinkOptions, dtype: torch
         # float32 unless the weights are saved in float64 (onnxruntime's CPU kernels for float16/bfloat16 are partial;
         # it has no float64 Conv or AveragePool, so a CNN's file is float32).
         onnx_dtype = torch.float64 if dtype == torch.float64 and model.is_mlp else torch.float32
+        onnx_plan = plan if plan is None or plan.precision != "float64" or model.is_mlp else None  # float32 CNN file
         onnx_report = onnx_export.export_and_verify(model, out / "model.onnx", probes=probes, rtol=options.onnx_tol,
-                                                    dtype=onnx_dtype)
+                                                    dtype=onnx_dtype, plan=onnx_plan)
         files["onnx"] = out / "model.onnx"
     if "safetensors" in options.formats:
-        files["safetensors"] = io.save_safetensors(model, out / "model.safetensors", dtype=dtype)
+        files["safetensors"] = io.save_safetensors(model, out / "model.safetensors", dtype=dtype, plan=plan)
     files = {name: files[name] for name in options.formats}  # in the order the user asked for
     return files, onnx_report
 

@@ -25,7 +25,8 @@ from isocompress.core.parsing import BYTE_UNITS, parse_bytes, parse_count  # noq
 
 CONFIG_NAME = "isocompress.toml"
 CHECK_KEYS = ("name", "model", "recipe", "calibration", "labels", "test-data", "test-labels", "max-params",
-              "max-bytes", "max-error", "error-measure", "min-accuracy", "min-certified-top1", "ref-intrinsic-length")
+              "max-bytes", "max-error", "error-measure", "min-accuracy", "min-certified-top1", "ref-intrinsic-length", "precision")
+PRECISIONS = ("float32", "float16", "int8-weights", "int8")  # core.precision (int8 is refused: not available yet)
 LIMIT_KEYS = ("max-params", "max-bytes", "max-error", "min-accuracy", "min-certified-top1")
 MEASURES = ("certified", "empirical")
 PERCENT_OF_Y = "% of max |y|"
@@ -57,6 +58,7 @@ class CheckSpec:
     min_certified_top1: float | None = None  # issue 10: report.pruning.local.certified_top1 of the recipe's output
     name: str | None = None
     ref_intrinsic_length: str | None = None  # how a reference checkpoint's intrinsic_length is read: log | raw
+    precision: str | None = None  # the recipe's output in this precision: its limits (bytes, certified error) per precision
     where: str = field(default="check", compare=False)
 
     def __post_init__(self) -> None:
@@ -109,6 +111,16 @@ class CheckSpec:
                        " measure accuracy on")
         if self.min_certified_top1 is not None and self.recipe is None:
             raise fail(where, "min-certified-top1", "needs a 'recipe': the certificates are those of its compression")
+        if self.precision is not None:
+            parse_choice(self.precision, PRECISIONS, where, "precision")
+            if self.recipe is None:
+                raise fail(where, "precision", "needs a 'recipe': it sets the precision the recipe's files are written in")
+            from isocompress.core.precision import parse_precision
+
+            try:
+                parse_precision(self.precision, "precision")
+            except IsocompressError as exc:
+                raise IsocompressError(f"{where}: {exc}") from None
 
     def limits(self) -> list[str]:
         values = {"max-params": self.max_params, "max-bytes": self.max_bytes, "min-accuracy": self.min_accuracy,
@@ -122,7 +134,8 @@ class CheckSpec:
                 "labels": self.labels, "max-params": self.max_params, "max-bytes": self.max_bytes,
                 "max-error": self.max_error, "error-measure": self.error_measure, "min-accuracy": self.min_accuracy,
                 "test-data": self.test_data, "test-labels": self.test_labels,
-                "min-certified-top1": self.min_certified_top1, "ref-intrinsic-length": self.ref_intrinsic_length}
+                "min-certified-top1": self.min_certified_top1, "ref-intrinsic-length": self.ref_intrinsic_length,
+                "precision": self.precision}
         if self.max_error_percent is not None:
             percent = self.max_error_percent
             data["max-error"] = f"{int(percent) if percent == int(percent) and percent < 1e15 else percent!r}%"
@@ -155,6 +168,8 @@ class CheckSpec:
                                                           "ref-intrinsic-length")
         if "min-certified-top1" in data:
             kwargs["min_certified_top1"] = parse_fraction(data["min-certified-top1"], where, "min-certified-top1")
+        if "precision" in data:
+            kwargs["precision"] = parse_choice(data["precision"], PRECISIONS, where, "precision")
         return cls(**kwargs)
 
 

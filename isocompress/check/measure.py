@@ -162,6 +162,8 @@ def measure_recipe(spec: CheckSpec, recipe: Recipe) -> Measurement:
         options = recipe.to_options()
         if spec.ref_intrinsic_length is not None:
             options = replace(options, ref_intrinsic_length=spec.ref_intrinsic_length)
+        if spec.precision is not None:  # the check's precision overrides the recipe's (and its dtype)
+            options = replace(options, precision=spec.precision, dtype=None)
         report = api.shrink_file(spec.model, Path(tmp) / "out", options, calibration=calibration,
                                  labels=labels, progress=False, recipe=recipe.provenance(),
                                  certify_data=recipe.certify_data, test_data=recipe.test_data,
@@ -196,8 +198,11 @@ def measurement_of_report(report: dict) -> Measurement:
     if "pruning" in report and report["pruning"]["certified"]["max_abs"] is None:
         certified = (None, report["pruning"]["certified"].get("note"))
     elif "pruning" in report:
-        certified = (float(report["pruning"]["certified"]["max_abs"]),
-                     f"certified for |x| ≤ {report['pruning']['radius']:.4g} ({report['pruning']['radius_source']})")
+        cert = report["pruning"]["certified"]
+        covers = f"; covers {cert['covers']}" if cert.get("covers") else ""
+        certified = (float(cert["max_abs"]),
+                     f"certified for |x| ≤ {report['pruning']['radius']:.4g} ({report['pruning']['radius_source']})"
+                     + covers)
     else:
         certified = (saved, f"exact recipe: no bound needed; measured {empirical_note}")
     bytes_after = report["bytes_after"]

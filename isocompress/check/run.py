@@ -115,7 +115,7 @@ def resolve_specs(config, checks, cwd: Path) -> list[CheckSpec]:
 
 
 def run_one(index: int, spec: CheckSpec, recipe: Recipe | None, cache: dict, progress, total: int, cwd: Path) -> list:
-    key = (spec.model, spec.recipe, spec.calibration, spec.labels)
+    key = (spec.model, spec.recipe, spec.calibration, spec.labels, spec.precision)
     try:
         if key not in cache:
             if progress is not None:

@@ -28,9 +28,12 @@ def parse_formats(text: str) -> tuple[str, ...]:
 
 
 def export_file(model_path: str | Path, out_dir: str | Path | None, formats=("onnx",), onnx_tol: float = 1e-4,
-                calibration: str | Path | None = None, ref_intrinsic_length: str | None = None) -> dict:
+                calibration: str | Path | None = None, ref_intrinsic_length: str | None = None,
+                precision: str | None = None) -> dict:
     """`isocompress export`: the model unchanged, as DIR/model.onnx (verified in onnxruntime) and/or
-    DIR/model.safetensors, plus DIR/report.json. Everything is read and validated before anything is written."""
+    DIR/model.safetensors, plus DIR/report.json. Everything is read and validated before anything is written.
+    `precision` (float32 | float16 | int8-weights): the deployed files' precision; report["precision"] holds the
+    certified bound on |y_file − y_model| over |x| ≤ the largest calibration norm (docs/bounds.md §5b)."""
     from isocompress.api import shrink as api  # here, not at the top: --help and usage errors skip torch
     from isocompress.formats import io
 
@@ -38,7 +41,10 @@ def export_file(model_path: str | Path, out_dir: str | Path | None, formats=("on
     if not 0 < onnx_tol < math.inf:
         raise IsocompressError(f"--onnx-tol {onnx_tol!r} must be a positive finite number")
     model_path = Path(model_path)
-    saved_dtype = io.stored_dtype(model_path)
+    from isocompress.core.precision import parse_precision
+
+    precision = None if precision is None else parse_precision(precision)
+    saved_dtype = io.stored_dtype(model_path) if precision is None else torch_float32()
     notes: list[str] = []
     model = io.load(model_path, ref_intrinsic_length=ref_intrinsic_length,
                     notify=lambda text: (notes.append(text), io.print_note(text)))
@@ -52,7 +58,8 @@ def export_file(model_path: str | Path, out_dir: str | Path | None, formats=("on
     inputs = [model_path] + ([Path(calibration)] if calibration is not None else [])
     with api.output_dir(out, inputs) as stage:
         options = api.ShrinkOptions(formats=formats, onnx_tol=onnx_tol)
-        files, onnx_report = api.write_outputs(model, stage, options, saved_dtype, probes)
+        plan, record = export_plan(model, precision, calib)
+        files, onnx_report = api.write_outputs(model, stage, options, saved_dtype, probes, plan=plan)
         report = {
             "model": str(model_path),
             "widths": list(model.widths),
@@ -66,6 +73,8 @@ def export_file(model_path: str | Path, out_dir: str | Path | None, formats=("on
         }
         if notes:
             report["notes"] = notes
+        if record is not None:
+            report["precision"] = record
         if onnx_report is not None:
             report["onnx"] = onnx_report
         report["seconds"] = round(time.perf_counter() - started, 4)
@@ -73,16 +82,59 @@ def export_file(model_path: str | Path, out_dir: str | Path | None, formats=("on
     return report
 
 
+def torch_float32():
+    import torch
+
+    return torch.float32
+
+
+def export_plan(model, precision: str | None, calib):
+    """(plan, report["precision"]) of an export: None, None without --precision (the file's own dtype, as before)."""
+    if precision is None:
+        return None, None
+    from isocompress.bounds import deployed
+    from isocompress.core.measure import sample_norms
+
+    if precision != "float32" and not deployed.supported(model):
+        raise IsocompressError(f"--precision {precision} is available for tanh MLPs only yet; use --precision"
+                               " float32 for this network")
+    norm = None if calib is None else float(sample_norms(calib).max())
+    plan = deployed.choose_plan(model, precision, norm)
+    record = {**plan.describe(), "covers": deployed.COVERS[precision], "rounding_bound": None,
+              "input_norm": norm}
+    if norm is not None and deployed.supported(model):
+        record["rounding_bound"] = deployed.deployed_bound(model, plan, norm)["bound"]
+        eps = 0.01 * float(sample_norms(calib).median())
+        local = deployed.local_deployed_bound(model, plan, calib, eps)
+        record["local"] = {"radius": eps, "n_points": len(calib), "bound_median": float(local.median()),
+                           "bound_max": float(local.max()), "bounds": [float(b) for b in local]}
+        record["note"] = ("certified |y_file − y_model| for every |x| ≤ input_norm (the largest calibration norm);"
+                          " local: for every x within radius (1% of the median norm) of each calibration point")
+    else:
+        record["note"] = "no certified rounding bound: give --calibration (its largest norm is the domain)"
+    return plan, record
+
+
 def format_export(report: dict) -> str:
     lines = [f"{report['model']}: widths {'→'.join(map(str, report['widths']))}, {report['params']:,} parameters"]
     for name, path in report["files"].items():
         lines.append(f"  {name:<12} {report['bytes_after'][name]:>12,} bytes  {path}")
+    if "precision" in report:
+        prec = report["precision"]
+        bound = "not certified" if prec["rounding_bound"] is None else f"certified |Δy| ≤ {prec['rounding_bound']:.3g}"
+        local = "" if "local" not in prec else (f"; within ε = {prec['local']['radius']:.3g} of the calibration points:"
+                                                f" median {prec['local']['bound_median']:.3g},"
+                                                f" max {prec['local']['bound_max']:.3g}")
+        lines.append(f"precision {prec['precision']} (compute {prec['compute']}): {bound}{local}")
     if "onnx" in report:
         check = report["onnx"]
         lines.append(
             f"onnxruntime vs torch (float64) on {check['n_probes']} inputs, batch sizes {check['batch_sizes']}:"
-            f" max |Δy| {check['max_abs_diff']:.3g}, relative {check['max_rel_diff']:.3g} ≤ {check['tolerance']:g}"
-            f" (opset {check['opset']}, IR {check['ir_version']}, {check['dtype']})"
+            f" max |Δy| {check['max_abs_diff']:.3g}, relative {check['max_rel_diff']:.3g}"
+            + (f" (≤ the certified rounding bound {check['certified_rounding']:.3g})"
+               if check.get("precision", {}).get("precision") not in (None, "float32", "float64")
+               else f" ≤ {check['tolerance']:g}")
+            + f" (opset {check['opset']}, IR {check['ir_version']}, {check['dtype']})"
         )
     return "\n".join(lines)
 
@@ -97,12 +149,15 @@ def format_export(report: dict) -> str:
               help="Relative tolerance of the onnxruntime-vs-torch check.")
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Inputs to check the ONNX file on (.npy, .npz, .safetensors, .pt) [default: random probes].")
+@click.option("--precision", type=click.Choice(["float32", "float16", "int8-weights", "int8"]), default=None,
+              help="Deployed precision, with a certified rounding bound over the calibration domain [default: the"
+                   " file's dtype].")
 @click.option("--quiet", is_flag=True, help="Print nothing on success.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--ref-intrinsic-length", "ref_mode", type=click.Choice(["log", "raw"]), default=None, help=REF_HELP)
-def export(model, formats, out_dir, onnx_tol, calibration, quiet, as_json, ref_mode):
+def export(model, formats, out_dir, onnx_tol, calibration, precision, quiet, as_json, ref_mode):
     """Export MODEL unchanged (e.g. the "before" side of a comparison); write model.onnx and report.json."""
-    report = export_file(model, out_dir, parse_formats(formats), onnx_tol, calibration, ref_mode)
+    report = export_file(model, out_dir, parse_formats(formats), onnx_tol, calibration, ref_mode, precision)
     if as_json:
         click.echo(json.dumps(report, indent=2))
     elif not quiet:

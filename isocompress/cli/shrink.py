@@ -46,6 +46,9 @@ from isocompress.core.errors import IsocompressError
               help="Output directory [default: <model stem>.shrunk/ in the working directory].")
 @click.option("--dtype", type=click.Choice(["float32", "float64", "float16", "bfloat16"]), default=None,
               help="dtype of the written weights [default: the input's].")
+@click.option("--precision", type=click.Choice(["float32", "float16", "int8-weights", "int8"]), default=None,
+              help="Deployed precision of the files, inside the certificates (docs/bounds.md §5b) [default: float32,"
+                   " or --dtype].")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Draw the local certificates' certified / refuted / undecided shares against ε (--certify-radius"
                    " 0.5%,1%,2%,...) into this PNG (needs isocompress[plot]).")
@@ -55,8 +58,8 @@ from isocompress.core.errors import IsocompressError
               help=REF_HELP)
 @threads_option
 def shrink(model, recipe_path, exact, budget, max_error, basis, calibration, labels, input_radius, certify_radius,
-           certify_data, min_certified_top1, test_data, test_labels, formats, onnx_tol, out_dir, dtype, plot_path, quiet,
-           as_json, ref_mode, n_threads):
+           certify_data, min_certified_top1, test_data, test_labels, formats, onnx_tol, out_dir, dtype, precision,
+           plot_path, quiet, as_json, ref_mode, n_threads):
     """Shrink MODEL (.pt, .pth or .safetensors); write model.safetensors, model.onnx and report.json."""
     from isocompress.api import plotting
     from isocompress.api import recipe as recipes
@@ -77,6 +80,7 @@ def shrink(model, recipe_path, exact, budget, max_error, basis, calibration, lab
         "formats": recipes.parse_formats(formats, "--format", None) if formats is not None else None,
         "onnx_tol": recipes.parse_positive(onnx_tol, recipes.COMMAND_LINE, "onnx-tol") if onnx_tol is not None else None,
         "dtype": dtype,
+        "precision": precision,
         "ref_intrinsic_length": ref_mode,
         "certify_radius": recipes.parse_radii(certify_radius, recipes.COMMAND_LINE, "certify-radius")
         if certify_radius is not None else None,
@@ -157,6 +161,11 @@ def format_shrink_table(report: dict) -> str:
         f" {probe['saved_file']['max_abs']:.3g} (saved {report['dtype_saved']} file);"
         f" relative {probe['saved_file']['max_rel']:.3g}"
     )
+    if report.get("precision", {}).get("precision") is not None:
+        prec = report["precision"]
+        lines.append(f"precision {prec['precision']}: dense weights {prec['dense_weights']}, diagonals/biases/psi/o"
+                     f" {prec['diagonals_biases_psi_o']}, compute {prec['compute']}; certificates cover"
+                     f" {prec['covers']}")
     if "pruning" in report:
         lines += format_pruning_lines(report["pruning"])
     written = ", ".join(report["files"].values())
@@ -174,7 +183,9 @@ def format_pruning_lines(pruning: dict) -> list[str]:
     else:
         lines = [
             f"pruning basis {pruning['basis']}; domain |x| ≤ {pruning['radius']:.4g} ({pruning['radius_source']})",
-            f"  certified   max |Δy| ≤ {cert['max_abs']:.3g} for every input in the domain (proven, docs/bounds.md)",
+            f"  certified   max |Δy| ≤ {cert['max_abs']:.3g} for every input in the domain (proven, docs/bounds.md)"
+            + (f"; covers the deployed files (float64 network alone: {cert['float64_network']:.3g})"
+               if "float64_network" in cert else ""),
             f"  adversarial max |Δy| = {adv['max_abs']:.3g} found by search"
             + (f"; bound tightness {tight:.3g}×" if tight is not None else ""),
         ]

@@ -54,6 +54,7 @@ DEFAULT_IR_VERSION = 8
 INPUT_NAME, OUTPUT_NAME, BATCH_DIM = "x", "y", "batch"
 VERIFY_CHUNK = 256
 ONNX_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+NP_OF = {"float32": np.float32, "float64": np.float64, "float16": np.float16, "int8": np.int8}
 # Where m² = |o + |z|²| can reach 0, m = Sqrt(Max(m², M2_FLOOR)): g(m²) and g(M2_FLOOR) differ by < M2_FLOOR/3, far
 # below either dtype's rounding of g ≈ 1, and M2_FLOOR is a normal float32, so Sqrt, Tanh and Div stay exact there.
 M2_FLOOR = 1e-30
@@ -63,8 +64,9 @@ M2_FLOOR = 1e-30
 class GraphBuilder:
     """Collects nodes and initializers; every value gets a readable, unique name."""
 
-    def __init__(self, np_dtype):
+    def __init__(self, np_dtype, m2_floor: float = M2_FLOOR):
         self.np_dtype = np_dtype
+        self.m2_floor = m2_floor
         self.nodes: list = []
         self.initializers: list = []
         self.widths: dict[str, int] = {}  # feature width of the values that diagonal layers read
@@ -76,6 +78,15 @@ class GraphBuilder:
         dtype = np.int64 if array.dtype.kind in "iu" else self.np_dtype
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype=dtype), name))
         return name
+
+    def stored(self, name: str, value: torch.Tensor, storage: str) -> str:
+        """A weight stored in `storage` (export.quantized): the initializer itself, or the node that casts or
+        dequantises it to the compute dtype."""
+        if storage is None or np.dtype(NP_OF[storage]) == np.dtype(self.np_dtype):
+            return self.const(name, value)
+        from isocompress.export import quantized
+
+        return quantized.stored_weight(self, name, value, storage)
 
     def op(self, op_type: str, inputs: list[str], name: str, **attrs) -> str:
         from onnx import helper
@@ -135,7 +146,7 @@ def _embed(vector: torch.Tensor, lead, tail: int) -> torch.Tensor:
     return torch.cat(head + [vector, torch.zeros(tail, dtype=vector.dtype)])
 
 
-def graph_tensors(layer: Layer, before: Hidden | None, after: Hidden | None) -> dict:
+def graph_tensors(layer: Layer, before: Hidden | None, after: Hidden | None, fold_psi: bool = True) -> dict:
     """The layer's tensors laid out for the graph: weight (with the carried/tail coordinates), bias, psi (None when
     folded into the weight or absent)."""
     lead_out = None if after is None else (after.lead if after.lead is not None else None)
@@ -144,11 +155,11 @@ def graph_tensors(layer: Layer, before: Hidden | None, after: Hidden | None) -> 
     bias = _embed(layer.bias, lead_out, tail_out)
     psi = layer.psi
     if layer.weight.dim() > 2:
-        return _kernel_tensors(layer, before, lead_out, bias)
+        return _kernel_tensors(layer, before, lead_out, bias, fold_psi)
     if layer.kind == "dense":
         w = layer.weight
         lead_col = torch.zeros(w.shape[0], lead_in_n, dtype=w.dtype)
-        if psi is not None and before is not None and before.folded:
+        if psi is not None and before is not None and before.folded and fold_psi:
             lead_col, psi = (psi / before.lead)[:, None], None
         w = torch.cat([lead_col, w, torch.zeros(w.shape[0], tail_in, dtype=w.dtype)], dim=1)
         rows = [torch.zeros(1 if lead_out is not None else 0, w.shape[1], dtype=w.dtype), w,
@@ -163,14 +174,14 @@ def graph_tensors(layer: Layer, before: Hidden | None, after: Hidden | None) -> 
     return {"weight": w, "bias": bias, "psi": psi}
 
 
-def _kernel_tensors(layer: Layer, before: Hidden | None, lead_out, bias: torch.Tensor) -> dict:
+def _kernel_tensors(layer: Layer, before: Hidden | None, lead_out, bias: torch.Tensor, fold_psi: bool = True) -> dict:
     """A convolution's kernel laid out for the graph: the carried channel of its input (sqrt(o) g at every position,
     zero-padded like g) takes the psi kernel divided by sqrt(o) as one more input channel; the carried channel of its
     output is a zero kernel with bias sqrt(o). Without a fold, psi stays a kernel of its own (a second Conv on g)."""
     w, psi = layer.weight, layer.psi
     if before is not None and before.n_lead:
         lead = torch.zeros(w.shape[0], 1, *w.shape[2:], dtype=w.dtype)
-        if psi is not None and before.folded:
+        if psi is not None and before.folded and fold_psi:
             lead, psi = (psi / before.lead)[:, None], None
         w = torch.cat([lead, w], dim=1)
     if lead_out is not None:
@@ -181,6 +192,7 @@ def _kernel_tensors(layer: Layer, before: Hidden | None, lead_out, bias: torch.T
 
 def weight_node(b: GraphBuilder, i: int, layer: Layer, t: dict, h: str | None, z_prev: str | None = None,
                 g_prev: str | None = None) -> str:
+    """(t["storage"]: the dtype the layer's weight is stored in, None for the graph's own.)"""
     """z of layer i from its input h (the network input), or from the previous layer's (z, g) with h = g·z."""
     if layer.geometry.in_spatial or layer.geometry.kernel:
         if h is None:
@@ -232,7 +244,7 @@ def _linear_node(b: GraphBuilder, p: str, geometry, x: str, weight: torch.Tensor
 
 def _dense_node(b: GraphBuilder, i: int, t: dict, h, z_prev, g_prev) -> str:
     p = f"layer{i}"
-    weight = b.const(f"{p}.weight", t["weight"])
+    weight = b.stored(f"{p}.weight", t["weight"], t.get("storage"))
     if h is not None:
         return b.op("Gemm", [h, weight, b.const(f"{p}.bias", t["bias"])], f"{p}/gemm", transB=1)
     inner = b.op("Gemm", [z_prev, weight, b.const(f"{p}.psi", t["psi"])], f"{p}/gemm", transB=1)
@@ -249,7 +261,7 @@ def _diag_node(b: GraphBuilder, i: int, t: dict, h, z_prev, g_prev) -> str:
     if n_in > k:
         x = b.op("Slice", [x, b.const(f"{p}.slice_starts", [0]), b.const(f"{p}.slice_ends", [k]),
                            b.const(f"{p}.slice_axes", [1])], f"{p}/slice")
-    z = b.op("Mul", [x, b.const(f"{p}.weight", t["weight"])], f"{p}/diag_mul")
+    z = b.op("Mul", [x, b.stored(f"{p}.weight", t["weight"], t.get("storage"))], f"{p}/diag_mul")
     if n_out > k:
         z = b.op("Pad", [z, b.const(f"{p}.pads", [0, 0, 0, n_out - k])], f"{p}/pad")
     if h is None:
@@ -269,8 +281,8 @@ def activation_nodes(b: GraphBuilder, i: int, hidden: Hidden, z: str) -> str:
             m2 = b.op("Add", [m2, b.const(f"{p}.o", np.array(o))], f"{p}/m2")
         if o < 0:
             m2 = b.op("Abs", [m2], f"{p}/abs")
-        if not o >= M2_FLOOR:
-            m2 = b.op("Max", [m2, b.const(f"{p}.m2_floor", np.array(M2_FLOOR))], f"{p}/m2_floor")
+        if not o >= b.m2_floor:
+            m2 = b.op("Max", [m2, b.const(f"{p}.m2_floor", np.array(b.m2_floor))], f"{p}/m2_floor")
         m = b.op("Sqrt", [m2], f"{p}/m")
     if hidden.sigma == "log1p":  # ONNX has no Log1p: log(1 + m)
         sigma = b.op("Log", [b.op("Add", [m, b.const(f"{p}.one", np.array(1.0))], f"{p}/one_plus_m")], f"{p}/log1p")
@@ -284,6 +296,8 @@ def node_counts(proto) -> list[int]:
     counts: dict[int, int] = {}
     for node in proto.graph.node:
         head = node.name.split("/")[0]
+        if not head.startswith(("layer", "act")):  # the float16 graph's casts of x and y
+            continue
         index = int(head.removeprefix("layer").removeprefix("act"))
         index = index + 1 if node.name.endswith("/h") else index  # h = g·z belongs to the layer that reads it
         counts[index] = counts.get(index, 0) + 1
@@ -303,8 +317,10 @@ def check_representable(model: IsoMLP, dtype: torch.dtype) -> None:
 
 
 def build_onnx(model: IsoMLP, dtype: torch.dtype = torch.float32, opset: int = DEFAULT_OPSET,
-               ir_version: int = DEFAULT_IR_VERSION, check: bool = True):
-    """The model as an `onnx.ModelProto`: input x (batch × n_0, batch dynamic), output y (batch × n_L)."""
+               ir_version: int = DEFAULT_IR_VERSION, check: bool = True, plan=None):
+    """The model as an `onnx.ModelProto`: input x (batch × n_0, batch dynamic), output y (batch × n_L). `plan`
+    (core.precision.Plan, None: everything in `dtype`): the dense weights' storage and the compute dtype; a float16
+    compute graph casts x to float16 and y back to float32 (docs/onnx.md, "Precision")."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -313,23 +329,18 @@ def build_onnx(model: IsoMLP, dtype: torch.dtype = torch.float32, opset: int = D
     if dtype == torch.float64 and not model.is_mlp:
         raise IsocompressError("ONNX export of a convolutional network in float64 is not supported (onnxruntime's CPU"
                                " provider has no float64 Conv or AveragePool); export it in float32")
-    check_representable(model, dtype)
-    model = IsoMLP([small_diagonals_dense(layer) for layer in model.layers])
-    b = GraphBuilder(ONNX_DTYPES[dtype])
-    b.widths[INPUT_NAME] = model.widths[0]
-    input_shape, output_shape = model.input_shape, model.output_shape
-    plan = plan_hidden(model, b.np_dtype)
-    z, g = None, None
-    for i, layer in enumerate(model.layers):
-        before, after = (plan[i - 1] if i > 0 else None), (None if layer.is_output else plan[i])
-        tensors = graph_tensors(layer, before, after)
-        z = weight_node(b, i, layer, tensors, INPUT_NAME if i == 0 else None, z, g)
-        b.widths[z] = int(tensors["bias"].shape[0])
-        if not layer.is_output:
-            g = activation_nodes(b, i, after, z)
-    b.nodes[-1].output[0] = OUTPUT_NAME  # the output layer's last node writes y directly
-    elem = TensorProto.FLOAT if dtype == torch.float32 else TensorProto.DOUBLE
-    widths = model.widths
+    check_representable(model, torch.float16 if plan is not None and "float16" in (plan.weights, plan.compute)
+                        else dtype)
+    compute = NP_OF[plan.compute] if plan is not None else ONNX_DTYPES[dtype]
+    b = GraphBuilder(compute, m2_floor=2.0 ** -24 if compute == np.float16 else M2_FLOOR)
+    first = _graph_nodes(b, model, plan)
+    elem = TensorProto.DOUBLE if compute == np.float64 else TensorProto.FLOAT
+    if compute == np.float16:
+        b.nodes.insert(0, helper.make_node("Cast", [INPUT_NAME], [first], name=first, to=TensorProto.FLOAT16))
+        b.op("Cast", [b.nodes[-1].output[0]], OUTPUT_NAME, to=TensorProto.FLOAT)
+    else:
+        b.nodes[-1].output[0] = OUTPUT_NAME  # the output layer's last node writes y directly
+    widths, input_shape, output_shape = model.widths, model.input_shape, model.output_shape
     kind = "isotropic MLP" if model.is_mlp else f"isotropic CNN, input {list(input_shape)}"
     graph = helper.make_graph(
         b.nodes, "isotropic_mlp" if model.is_mlp else "isotropic_cnn",
@@ -343,6 +354,27 @@ def build_onnx(model: IsoMLP, dtype: torch.dtype = torch.float32, opset: int = D
     if check:
         onnx.checker.check_model(proto, full_check=True)
     return proto
+
+
+def _graph_nodes(b: GraphBuilder, model: IsoMLP, plan) -> str:
+    """Every layer's nodes; returns the name the first layer reads x as (x itself, or its float16 cast)."""
+    storage = [None if plan is None else (plan.weights if layer.kind == "dense" else plan.others)
+               for layer in model.layers]
+    fold_psi = plan is None or plan.weights in ("float32", "float64")  # a folded psi column would share W's dtype
+    if plan is None or plan.weights in ("float32", "float64"):  # float16/int8: a diagonal stays a vector (bytes)
+        model = IsoMLP([small_diagonals_dense(layer) for layer in model.layers])
+    first = INPUT_NAME if b.np_dtype != np.float16 else "x/cast"
+    b.widths[first] = model.widths[0]
+    hidden = plan_hidden(model, b.np_dtype)
+    z, g = None, None
+    for i, layer in enumerate(model.layers):
+        before, after = (hidden[i - 1] if i > 0 else None), (None if layer.is_output else hidden[i])
+        tensors = {**graph_tensors(layer, before, after, fold_psi), "storage": storage[i]}
+        z = weight_node(b, i, layer, tensors, first if i == 0 else None, z, g)
+        b.widths[z] = int(tensors["bias"].shape[0])
+        if not layer.is_output:
+            g = activation_nodes(b, i, after, z)
+    return first
 
 
 def small_diagonals_dense(layer: Layer) -> Layer:
@@ -365,11 +397,12 @@ def write_onnx(model: IsoMLP, path: str | Path, dtype: torch.dtype = torch.float
 
 def export_onnx(model: IsoMLP, path: str | Path, probes: torch.Tensor | None = None, *, rtol: float = 1e-4,
                 dtype: torch.dtype = torch.float32, opset: int = DEFAULT_OPSET,
-                ir_version: int = DEFAULT_IR_VERSION) -> dict:
+                ir_version: int = DEFAULT_IR_VERSION, precision: str | None = None) -> dict:
     """`isocompress export --format onnx` in Python: write `path` and verify it in onnxruntime against the float64
     torch forward on `probes` (default: 1,024 Gaussian inputs at scales 0.01–1000, as the CLI). Returns the
     verification record (max_abs_diff, max_rel_diff, …, as report.json's "onnx"); raises CheckFailed, leaving no
-    file, if max_rel_diff > rtol."""
+    file, if max_rel_diff > rtol. `precision`: float32, float16 or int8-weights (docs/onnx.md, "Precision"): also
+    verified against the certified rounding bound over |x| ≤ the largest probe norm (docs/bounds.md §5b)."""
     if not isinstance(model, IsoMLP):
         raise IsocompressError(f"export_onnx needs an IsoMLP (isocompress.load(path)), got {type(model).__name__}")
     if not (isinstance(rtol, (int, float)) and 0 < rtol < float("inf")):
@@ -378,8 +411,15 @@ def export_onnx(model: IsoMLP, path: str | Path, probes: torch.Tensor | None = N
         from isocompress.core.measure import probe_inputs
 
         probes = probe_inputs(model.input_shape)
+    plan = None
+    if precision is not None:  # float32 | float16 | int8-weights (docs/onnx.md, "Precision")
+        from isocompress.bounds import deployed
+        from isocompress.core.precision import parse_precision
+
+        probes = torch.as_tensor(probes)
+        plan = deployed.choose_plan(model, parse_precision(precision), float(sample_norms(probes).max()))
     return export_and_verify(model, path, torch.as_tensor(probes), rtol=rtol, dtype=dtype, opset=opset,
-                             ir_version=ir_version)
+                             ir_version=ir_version, plan=plan)
 
 
 def ort_session(path: str | Path, threads: int | None = None):
@@ -422,18 +462,20 @@ def torch_reference(model: IsoMLP, x: torch.Tensor) -> torch.Tensor:
 
 def export_and_verify(model: IsoMLP, path: str | Path, probes: torch.Tensor, rtol: float = 1e-4,
                       dtype: torch.dtype = torch.float32, opset: int = DEFAULT_OPSET,
-                      ir_version: int = DEFAULT_IR_VERSION) -> dict:
+                      ir_version: int = DEFAULT_IR_VERSION, plan=None) -> dict:
     """Export, run the file in onnxruntime (CPU) on `probes` and compare with the float64 torch forward.
 
-    The file appears at `path` only if max_rel_diff ≤ rtol; otherwise any file at `path` is removed and CheckFailed
-    is raised. Returns the verification record stored as report["onnx"]."""
+    The file appears at `path` only if max_rel_diff ≤ rtol (float32 and float64 files) and, with a `plan`
+    (core.precision), max |Δy| ≤ the certified rounding term of bounds.deployed over |x| ≤ the largest probe norm (the
+    tolerance of float16 and int8 files); otherwise any file at `path` is removed and CheckFailed is raised. Returns
+    the verification record stored as report["onnx"]."""
     path = Path(path)
     shape = tuple(model.input_shape)
     if probes.dim() != 1 + len(shape) or probes.shape[0] == 0 or tuple(probes.shape[1:]) != shape:
         raise IsocompressError(f"ONNX check needs probe inputs of shape n × {' × '.join(map(str, shape))}, got"
                                f" {tuple(probes.shape)}")
     try:
-        proto = build_onnx(model, dtype, opset, ir_version)
+        proto = build_onnx(model, dtype, opset, ir_version, plan=plan)
     except CheckFailed:
         raise
     except IsocompressError as exc:
@@ -442,17 +484,12 @@ def export_and_verify(model: IsoMLP, path: str | Path, probes: torch.Tensor, rto
     try:
         with io.atomic_path(path) as tmp:
             data = serialize(proto, tmp, path)
-            record = verify_file(model, tmp, probes, ONNX_DTYPES[dtype])
+            record = verify_file(model, tmp, probes, ONNX_DTYPES[dtype] if plan is None else input_dtype(plan))
             record.update(file=str(path), bytes=tmp.stat().st_size, dtype=str(dtype).replace("torch.", ""),
                           opset=opset, ir_version=ir_version, tolerance=rtol)
             if data is not None:
                 record.update(external_data=data.name, external_data_bytes=data.stat().st_size)
-            if not record["max_rel_diff"] <= rtol:
-                raise CheckFailed(
-                    f"{path}: onnxruntime output differs from the torch forward by {record['max_rel_diff']:.3g}"
-                    f" relative (max |Δy| {record['max_abs_diff']:.3g}) > tolerance {rtol:g}; the file was removed."
-                    " Raise --onnx-tol if this is float32 rounding, else report a bug"
-                )
+            check_tolerances(model, path, record, probes, rtol, plan)
     except CheckFailed:
         for stale in (path, data):
             if stale is not None and stale.exists():  # no stale file from an earlier run may stand beside a failed
@@ -479,6 +516,36 @@ def serialize(proto, tmp: Path, final: Path) -> Path | None:
     onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
                     size_threshold=0)
     return data if data.exists() else None
+
+
+def input_dtype(plan):
+    """The graph's input dtype: float32, or float64 for a float64 graph (a float16 graph casts x inside)."""
+    return np.float64 if plan.compute == "float64" else np.float32
+
+
+def check_tolerances(model: IsoMLP, path: Path, record: dict, probes: torch.Tensor, rtol: float, plan) -> None:
+    """The relative tolerance (float32/float64 files) and the certified rounding term (any file with a plan)."""
+    from isocompress.bounds import deployed
+
+    relative = plan is None or plan.precision in ("float32", "float64")
+    if plan is not None and deployed.supported(model):
+        x_norm = float(sample_norms(probes).max())
+        bound = deployed.deployed_bound(model, plan, x_norm)["bound"]
+        record.update(precision=plan.describe(), certified_rounding=bound, certified_rounding_input_norm=x_norm)
+        if not record["max_abs_diff"] <= bound:
+            raise CheckFailed(
+                f"{path}: onnxruntime output differs from the float64 model by {record['max_abs_diff']:.3g}, above"
+                f" the certified rounding bound {bound:.3g} of {plan.precision} (|x| ≤ {x_norm:.4g}); the file was"
+                " removed; please report this model")
+    elif plan is not None and not relative:
+        raise IsocompressError(f"{path}: --precision {plan.precision} is available for tanh MLPs only yet; use"
+                               " --precision float32 for this network")
+    if relative and not record["max_rel_diff"] <= rtol:
+        raise CheckFailed(
+            f"{path}: onnxruntime output differs from the torch forward by {record['max_rel_diff']:.3g}"
+            f" relative (max |Δy| {record['max_abs_diff']:.3g}) > tolerance {rtol:g}; the file was removed."
+            " Raise --onnx-tol if this is float32 rounding, else report a bug"
+        )
 
 
 def verify_file(model: IsoMLP, path: Path, probes: torch.Tensor, np_dtype) -> dict:

@@ -140,7 +140,27 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
         raise IsocompressError(
             f"{path}: not a readable safetensors file ({first_line(exc)}); is it truncated or corrupted?"
         ) from None
-    return tensors, metadata.get(CONFIG_KEY)
+    return dequantize_int8(tensors, path), metadata.get(CONFIG_KEY)
+
+
+def dequantize_int8(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """An int8-weights file (`--precision int8-weights`): each int8 `layers.N.weight` with its float32
+    `layers.N.weight_scale` (one per output channel) becomes the float32 weight fl32(q·s) that onnxruntime's
+    DequantizeLinear computes too (core.precision.dequantize_rows): the deployed network's weights, exactly."""
+    from isocompress.core.precision import dequantize_rows
+
+    for key in [k for k in tensors if k.endswith(".weight_scale")]:
+        weight_key = key.removesuffix("_scale")
+        q, scale = tensors.get(weight_key), tensors.pop(key)
+        if q is None or q.dtype != torch.int8 or scale.dim() != 1 or scale.shape[0] != q.shape[0]:
+            raise IsocompressError(f"{path}: {key!r} needs an int8 {weight_key!r} with one scale per output channel;"
+                                   " re-export the model with isocompress shrink/export --precision int8-weights")
+        tensors[weight_key] = dequantize_rows(q, scale).to(torch.float32)
+    stray = [k for k, t in tensors.items() if t.dtype == torch.int8]
+    if stray:
+        raise IsocompressError(f"{path}: int8 tensor {stray[0]!r} has no {stray[0]}_scale; re-export it with"
+                               " --precision int8-weights")
+    return tensors
 
 
 def safe_torch_load(path: Path, what: str, resave: str):
@@ -527,14 +547,40 @@ def reference_state_dict(model: IsoMLP, dtype: torch.dtype = torch.float32) -> d
     return tensors
 
 
-def save_safetensors(model: IsoMLP, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-    """Tensors + the config JSON in the metadata; diagonal layers stored as vectors. Atomic."""
+def save_safetensors(model: IsoMLP, path: str | os.PathLike, dtype: torch.dtype | None = None, plan=None) -> Path:
+    """Tensors + the config JSON in the metadata; diagonal layers stored as vectors. Atomic. `plan`
+    (core.precision.Plan): dense weights in float16, or int8 + float32 scales (`layers.N.weight_scale`), the rest
+    in float32 (what bounds.deployed certifies)."""
     from safetensors.torch import save_file
 
-    tensors = model_tensors(model, dtype, where=str(path))
+    metadata = {CONFIG_KEY: model.config.to_json()}
+    if plan is not None and plan.weights in ("float16", "int8"):
+        tensors = model_tensors(model, torch.float32, where=str(path))
+        for i, layer in enumerate(model.layers):
+            if layer.kind == "dense":
+                tensors.update(stored_weight(layer.weight, f"layers.{i}.weight", plan.weights, str(path)))
+        metadata[PRECISION_KEY] = plan.precision
+    else:
+        tensors = model_tensors(model, dtype, where=str(path))
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={CONFIG_KEY: model.config.to_json()})
+        save_file(tensors, str(tmp), metadata=metadata)
     return Path(path)
+
+
+PRECISION_KEY = "isocompress_precision"
+
+
+def stored_weight(weight: torch.Tensor, key: str, storage: str, where: str) -> dict[str, torch.Tensor]:
+    from isocompress.core.precision import quantize_rows
+
+    if storage == "int8":
+        q, scale = quantize_rows(weight)
+        return {key: q.contiguous(), f"{key}_scale": scale.contiguous()}
+    cast = weight.to(torch.float16)
+    if not bool(torch.isfinite(cast).all()):
+        raise IsocompressError(f"{where}: {key} has values beyond the float16 range (±65504); use --precision"
+                               " int8-weights or float32")
+    return {key: cast.contiguous()}
 
 
 def save_pt(model: IsoMLP, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:

@@ -327,6 +327,26 @@ def prune_to_error(state: State, limit: float, basis: str, x, radius: float, ste
     return prune_while(state, lambda trial: certify(trial, radius) <= limit, basis, x, radius, step)
 
 
+def prune_to_deployed_error(state: State, options, basis: str, x, domain, step=None) -> State:
+    """--max-error bounds the deployed files (docs/bounds.md §5b): prune to the limit less their rounding term, taken
+    from the exact-shrunk model and, where the pruned model's came out larger, from that one (each retry starts from
+    the same state). `domain`: (radius, centres, eps) of deployed_term."""
+    limit = max(options.max_error - state.constant_bound, 0.0)
+
+    def term(s: State) -> float:
+        model = alternate_diagonalise(materialize(s))
+        return deployed_term(model, getattr(options, "precision", None), *domain).get("bound") or 0.0
+
+    margin = term(state)
+    for _ in range(4):
+        pruned = prune_to_error(state, max(limit - margin, 0.0), basis, x, domain[0], step)
+        final = term(pruned)
+        if final <= margin:  # certified ≤ limit − margin, so certified + final ≤ limit
+            return pruned
+        margin = final
+    return pruned
+
+
 def prune_while(state: State, acceptable, basis: str, x, radius, step=None) -> State:
     """Prune in rounds as long as `acceptable(state)` holds: rounds that overshoot are retried at half the size."""
     goal = max(int(ROUND_FRACTION * current_params(state)), 1)
@@ -437,12 +457,13 @@ def resolve_target(budget: float, original_params: int, smallest: int) -> int:
     return target
 
 
-def local_certificates(state: State, centres: torch.Tensor, eps: float) -> dict:
-    """Proven per-point bounds and top-1 certificates (isocompress.bounds.local, docs/bounds.md §8)."""
+def local_certificates(state: State, centres: torch.Tensor, eps: float, extra: float = 0.0) -> dict:
+    """Proven per-point bounds and top-1 certificates (isocompress.bounds.local, docs/bounds.md §8); `extra` is added
+    to the allowance (the deployed files' rounding term, §5b)."""
     # allowance: rounding, plus D (the exact step's drop, proven over these balls too: exact_step): β grows by it and
     # each margin shrinks by 2D, so the certificates compare with the original network, not the exact-shrunk one.
     return local_bounds.local_bounds(state.layers, state.removed, state.consts, centres, eps,
-                                     allowance=rounding_allowance(state) + state.constant_bound)
+                                     allowance=rounding_allowance(state) + state.constant_bound + extra)
 
 
 def certified_fraction(state: State, centres: torch.Tensor, eps: float) -> float:
@@ -497,7 +518,7 @@ def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, pr
         if options.budget is not None:
             state = prune_to_target(state, target, basis, x, radius, step)
         elif options.max_error is not None:
-            state = prune_to_error(state, max(options.max_error - state.constant_bound, 0.0), basis, x, radius, step)
+            state = prune_to_deployed_error(state, options, basis, x, (radius, centres, eps), step)
         else:
             state = prune_to_certified(state, options.min_certified_top1, basis, x, radius, centres, eps, step)
     pruned = alternate_diagonalise(materialize(state))
@@ -505,9 +526,8 @@ def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, pr
     report = build_report(original, pruned, state, basis, radius, radius_source, probes, labels,
                           search_restarts, search_steps, calibrated=x is not None)
     account_constant_directions(report, constant)
-    report["local"] = local_section(state, centres, eps, eps_source, certify_data is not None, (original, pruned))
-    if len(radii) > 1 and report["local"].get("computed", True):
-        report["local"]["curve"] = local_curve(state, centres, radii, report["local"], (original, pruned))
+    local_sections(report, state, (original, pruned), options, (radius, centres, radii), eps_source,
+                   certify_data is not None)
     if test_data is not None:
         report["test"] = test_report(original, pruned, test_data, test_labels)
         report["empirical"]["inputs"] = report["empirical"]["inputs"].replace("; give --test-data", "")
@@ -547,6 +567,72 @@ def account_constant_directions(report: dict, constant: dict) -> None:
                           " please report this model")
 
 
+def local_sections(report: dict, state: State, networks, options, domain, eps_source: str, certify_data: bool) -> None:
+    """report["deployed"] (the files' rounding term, docs/bounds.md §5b), the global certificate covering it, and
+    report["local"] with the curve over every ε, each β_i including the files' term on its ball."""
+    (radius, centres, radii), pruned = domain, networks[1]
+    eps = radii[0][0] if radii else None
+    report["deployed"] = deployed_term(pruned, getattr(options, "precision", None), radius, centres,
+                                       max((r[0] for r in radii), default=None))
+    report["local"] = add_deployed(report, local_section(state, centres, eps, eps_source, certify_data, networks,
+                                                         extra=local_extra(report, pruned, centres, eps)))
+    if len(radii) > 1 and report["local"].get("computed", True):
+        report["local"]["curve"] = local_curve(state, centres, radii, report["local"], networks,
+                                               lambda e: local_extra(report, pruned, centres, e))
+
+
+def deployed_term(pruned: IsoMLP, precision: str | None, radius, centres, eps) -> dict:
+    """The rounding/quantisation term of the deployed files (bounds.deployed, docs/bounds.md §5b) over every input a
+    certificate here speaks of (|x| ≤ radius and the balls |x − c_i| ≤ ε), and the plan the files are written with."""
+    from isocompress.bounds import deployed
+
+    reach = [] if radius is None else [radius]
+    if centres is not None and eps is not None:
+        reach.append(float(sample_norms(centres).max()) + eps)
+    if precision is None or not deployed.supported(pruned):
+        why = ("no rounding term: it is derived for tanh MLPs" if precision is not None
+               else "no rounding term for files written with --dtype float16/bfloat16")
+        return {"bound": None, "plan": None, "note": why}
+    norm = max(reach) if reach else None
+    plan = deployed.choose_plan(pruned, precision, norm)
+    if norm is None:
+        return {"bound": None, "plan": plan.describe(), "note": "no input domain: no rounding term"}
+    out = deployed.deployed_bound(pruned, plan, norm)
+    return {**out, "covers": deployed.COVERS[precision]}
+
+
+def local_extra(report: dict, pruned: IsoMLP, centres, eps):
+    """The deployed files' term on each local ball: bounds.deployed.local_deployed_bound (≤ the global term)."""
+    from isocompress.bounds import deployed
+    from isocompress.core.precision import Plan
+
+    dep = report["deployed"]
+    if dep.get("bound") is None or centres is None:
+        return dep.get("bound") or 0.0
+    return deployed.local_deployed_bound(pruned, Plan.from_record(dep["plan"]), centres, eps)
+
+
+def add_deployed(report: dict, local: dict) -> dict:
+    """The global certificate covers the deployed files: β of the float64 network plus the rounding term (the
+    triangle inequality; docs/bounds.md §5b). The float64 network's own value stays, named as such. The local
+    certificates (computed with the term in their allowance) say which network they cover. Returns `local`."""
+    dep = report["deployed"]
+    if local.get("bounds") is not None:
+        local.update(covers=dep.get("covers", "the float64 pruned network"), deployed_rounding=local.pop("extra", None))
+    add_deployed_global(report["certified"], dep)
+    return local
+
+
+def add_deployed_global(cert: dict, dep: dict) -> None:
+    if cert.get("max_abs") is None or dep.get("bound") is None:
+        cert["covers"] = "the float64 pruned network" if cert.get("max_abs") is not None else None
+        return
+    cert["float64_network"] = cert["max_abs"]
+    cert["deployed_rounding"] = dep["bound"]
+    cert["max_abs"] = cert["max_abs"] + dep["bound"]
+    cert["covers"] = dep["covers"]
+
+
 def goal_check(options, radius, centres, model: IsoMLP) -> None:
     if options.max_error is not None and not certifiable(model):
         raise IsocompressError(f"--max-error needs a certified bound; {TANH_ONLY.removeprefix('no certified bound computed: ')}:"
@@ -562,11 +648,13 @@ def goal_check(options, radius, centres, model: IsoMLP) -> None:
                                " --certify-data FILE")
 
 
-def local_section(state: State, centres, eps, eps_source: str, certify_data: bool, networks) -> dict:
-    """report["pruning"]["local"]: the certificates, or one line saying why none were computed."""
+def local_section(state: State, centres, eps, eps_source: str, certify_data: bool, networks,
+                  extra: float = 0.0) -> dict:
+    """report["pruning"]["local"]: the certificates, or one line saying why none were computed. `extra`: the deployed
+    files' rounding term, added to every β_i (and taken twice off every top-1 margin)."""
     if centres is not None:
         return local_report(state, centres, eps, eps_source, "certify data" if certify_data else "calibration data",
-                            networks=networks)
+                            networks=networks, extra=extra)
     if not locally_certifiable(networks[0]):
         return {"computed": False, "note": LOCAL_MLP_ONLY}
     return {"computed": False, "note": "no local certificates: give --calibration FILE or --certify-data FILE (points"
@@ -574,11 +662,11 @@ def local_section(state: State, centres, eps, eps_source: str, certify_data: boo
 
 
 def local_report(state: State, centres: torch.Tensor, eps: float, eps_source: str, points: str,
-                 networks=None) -> dict:
+                 networks=None, extra: float = 0.0) -> dict:
     """report.json["pruning"]["local"]: the certificates and, for classifiers with `networks` = (original, pruned),
     the three-way verdict per point: certified, refuted (a verified counterexample) or undecided."""
     started = time.perf_counter()
-    out = local_certificates(state, centres, eps)
+    out = local_certificates(state, centres, eps, extra)
     bound = out["bound"]
     classifier = state.layers[-1].n_out >= 2
     top1 = out["top1"].tolist() if classifier else None
@@ -595,19 +683,26 @@ def local_report(state: State, centres: torch.Tensor, eps: float, eps_source: st
                     "bound_mean": float(bound.mean())},
         "method": "per-point forms c + Aδ + w of both networks and of their difference (docs/bounds.md §8)",
     }
+    if isinstance(extra, torch.Tensor):  # the deployed files' term per point (docs/bounds.md §5b), inside "bounds"
+        report["extra"] = {"max": float(extra.max()), "median": float(extra.median())}
+    elif extra:
+        report["extra"] = {"max": float(extra), "median": float(extra)}
     if classifier and networks is not None:
         report.update(refutation_report(state, centres, eps, out["top1"], *networks))
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report
 
 
-def local_curve(state: State, centres: torch.Tensor, radii: list, primary: dict, networks) -> list[dict]:
+def local_curve(state: State, centres: torch.Tensor, radii: list, primary: dict, networks,
+                extra_of=None) -> list[dict]:
     """report["pruning"]["local"]["curve"]: for each ε of --certify-radius, in the order given, the verdict counts
-    and shares of `local_report` at that ε alone (the first entry is `primary`, the report at the first ε)."""
+    and shares of `local_report` at that ε alone (the first entry is `primary`, the report at the first ε).
+    `extra_of(ε)`: the deployed files' term on the balls of radius ε (docs/bounds.md §5b)."""
     median = float(sample_norms(centres).median())
     curve = []
     for k, (eps, source, given) in enumerate(radii):
-        one = primary if k == 0 else local_report(state, centres, eps, source, primary["points"], networks=networks)
+        one = primary if k == 0 else local_report(state, centres, eps, source, primary["points"], networks=networks,
+                                                  extra=0.0 if extra_of is None else extra_of(eps))
         curve.append(curve_entry(one, given, median))
     return curve
 
