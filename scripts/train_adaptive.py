@@ -350,7 +350,7 @@ def run_ddp(job: Job, nproc: int | None, timeout_s: float) -> int:
             differences = run_local(ddp_worker, nproc, job, backend=backend_for(job.device),
                                     collective_timeout_s=timeout_s)
             difference = max(differences)
-    except (mp.ProcessException, IsocompressError) as exc:
+    except (mp.ProcessRaisedException, mp.ProcessExitedException, IsocompressError) as exc:
         print(f"train_adaptive: the DDP run failed: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 1
     print(f"ranks identical: max |diff| = {difference:g}")

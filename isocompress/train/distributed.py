@@ -180,6 +180,7 @@ def _entry(rank: int, worker, world_size: int, port: int, backend: str, timeout_
     init_local(rank, world_size, port, backend, timeout_s)
     try:
         result = worker(rank, world_size, *args)
+        dist.barrier()  # no rank tears its connections down while another still has a collective in flight
     finally:
         dist.destroy_process_group()
     staged = Path(results) / f".rank{rank}.pt"
