@@ -442,7 +442,8 @@ def local_bounds(layers: list[Layer], removed: list[torch.Tensor], consts: list[
     `allowance`: an absolute float64 rounding allowance added to β and subtracted from every margin.
     `inputs` (P, n0, m), `box`: the set is instead {x_i + E_i η : |η_j| ≤ ε for j < box, |η_{box:}| ≤ ε} (a piece of
     a split ball, docs/bounds.md §8.6). Returns tensors: bound (P,), top1 (P,) bool, margin_original (P,),
-    margin_pruned (P,) (certified lower bounds on the top-1 margins over the set), top_class (P,)."""
+    margin_pruned (P,) (certified lower bounds on the top-1 margins over the set), top_class (P,), linear (P, 2m, ·)
+    (the linear parts of y and y' at the centres: the split directions of `branch.refine`)."""
     x = centres.to(F64)
     p = x.shape[0]
     first = layers[0]
@@ -474,7 +475,7 @@ def local_bounds(layers: list[Layer], removed: list[torch.Tensor], consts: list[
     joint = residue_of(z).added(residue_of(dz), eps)  # w' = w + w_Δ
     m_pruned = margin_lower(pruned, top, eps, joint) - 2.0 * slack
     return {"bound": beta, "top1": (m_orig > 0) & (m_pruned > 0), "margin_original": m_orig,
-            "margin_pruned": m_pruned, "top_class": top}
+            "margin_pruned": m_pruned, "top_class": top, "linear": torch.cat([z.A, pruned.A], dim=1)}
 
 
 def margin_lower(y: Form, top: torch.Tensor, eps: Domain, res: Residue | None = None) -> torch.Tensor:
