@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+from isocompress.bounds.branch import EFFORTS
 from isocompress.core.errors import CheckFailed, IsocompressError
 from isocompress.core.measure import (  # noqa: F401
     PROBE_SCALES,
@@ -111,6 +112,7 @@ class ShrinkOptions:
     ref_intrinsic_length: str | None = None  # how to read a reference checkpoint's intrinsic_length: log | raw
     certify_radius: float | None = None  # issue 10: ε of the local certificates (default: prune.resolve_certify_radius)
     min_certified_top1: float | None = None  # issue 10: a goal: the smallest model certified for this share of points
+    certify_effort: str = "normal"  # local certificates: fast | normal | thorough (bounds.branch.EFFORTS)
 
     def __post_init__(self) -> None:
         if isinstance(self.formats, str):  # "safetensors,onnx", as the CLI takes it
@@ -131,6 +133,8 @@ class ShrinkOptions:
         io.check_ref_mode(self.ref_intrinsic_length, "reference intrinsic length")
         if self.certify_radius is not None and not (is_number(self.certify_radius) and 0 < self.certify_radius < math.inf):
             raise IsocompressError(f"certify radius {self.certify_radius!r} must be a positive finite number")
+        if self.certify_effort not in EFFORTS:
+            raise IsocompressError(f"certify effort {self.certify_effort!r}: choose from {', '.join(EFFORTS)}")
         if self.dtype not in (None, "float32", "float64", "float16", "bfloat16"):
             raise IsocompressError(f"dtype {self.dtype!r}: choose from float32, float64, float16, bfloat16")
 

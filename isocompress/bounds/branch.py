@@ -31,12 +31,13 @@ class Effort:
     pieces_per_point: float  # the budget of piece evaluations, as a multiple of the number of points given
     search_starts: int  # the disagreement search (bounds.local.disagreement_search) per ball
     search_steps: int
+    time_share: float  # all local certificate work within this multiple of the run's time before it (inf: none)
 
 
 EFFORTS = {
-    "fast": Effort("fast", 0, 0.0, 8, 40),
-    "normal": Effort("normal", 1, 2.0, 8, 40),
-    "thorough": Effort("thorough", 2, 48.0, 16, 120),
+    "fast": Effort("fast", 0, 0.0, 8, 40, math.inf),
+    "normal": Effort("normal", 1, 4.0, 8, 40, 1.5),  # ≤ 3× the run without certificates (docs/bounds.md §8.6)
+    "thorough": Effort("thorough", 2, 48.0, 16, 120, math.inf),
 }
 DEFAULT_EFFORT = "normal"
 
@@ -82,11 +83,12 @@ def lipschitz(layers) -> float:
 def bound_pieces(layers, removed, consts, x0, eps, dirs, lo, hi, allowance: float) -> dict:
     """local_bounds on every piece, in chunks: bound, margins and top class per piece (empty pieces: certified)."""
     out = {"bound": [], "margin": [], "top": []}
+    lip = lipschitz(layers)
     for s in range(0, len(lo), CHUNK):
         sl = slice(s, s + CHUNK)
         centres, e, nonempty, slip = piece_sets(x0[sl], eps, dirs[sl], lo[sl], hi[sl])
         # the slip s moves each network's output by at most L|s|: β by 2L|s|, each margin by 2L|s| (≤ 2·allowance)
-        extra = 2.0 * lipschitz(layers) * float(slip.max())
+        extra = 2.0 * lip * float(slip.max())
         got = local_bounds(layers, removed, consts, centres, 1.0, allowance=allowance + extra, inputs=e,
                            box=dirs.shape[-1])
         margin = torch.minimum(got["margin_original"], got["margin_pruned"])
@@ -115,13 +117,18 @@ def refine(layers, removed, consts, x0: torch.Tensor, eps: float, top: torch.Ten
     piece_bound, piece_margin = ball_bound.clone(), ball_margin.clone()
     done_bound = torch.zeros(p, dtype=F64)
     failed, counted = torch.zeros(p, dtype=torch.bool), torch.zeros(p, dtype=torch.long)
-    used = 0
+    used, per_piece = 0, 0.0
     while len(owner) and used < budget and time.perf_counter() < deadline and k > 0:
-        take = _affordable(owner, budget - used)
+        left = budget - used if per_piece == 0 else min(budget - used, int((deadline - time.perf_counter()) / per_piece))
+        if left < 2:
+            break
+        take = _affordable(owner, left)
+        round_started = time.perf_counter()
         j = ((hi[take] - lo[take]) * weight[owner[take]]).argmax(-1)
         c_owner, c_lo, c_hi = _bisect(owner[take], lo[take], hi[take], j)
         got = bound_pieces(layers, removed, consts, x0[c_owner], eps, dirs[c_owner], c_lo, c_hi, allowance)
         used += len(c_owner)
+        per_piece = (time.perf_counter() - round_started) / len(c_owner)
         # a piece lies in its parent: the parent's bounds hold on it too (the better of the two is kept)
         parent_bound, parent_margin = piece_bound[take].repeat(2), piece_margin[take].repeat(2)
         got["bound"] = torch.minimum(got["bound"], parent_bound)

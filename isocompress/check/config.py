@@ -20,14 +20,17 @@ from isocompress.api.recipe import (
     read_toml,
     show,
 )
+from isocompress.bounds.branch import EFFORTS
 from isocompress.core import parsing
 from isocompress.core.errors import IsocompressError
 
 CONFIG_NAME = "isocompress.toml"
 CHECK_KEYS = ("name", "model", "recipe", "calibration", "labels", "test-data", "test-labels", "max-params",
-              "max-bytes", "max-error", "error-measure", "min-accuracy", "min-certified-top1", "ref-intrinsic-length")
+              "max-bytes", "max-error", "error-measure", "min-accuracy", "min-certified-top1", "certify-effort",
+              "ref-intrinsic-length")
 LIMIT_KEYS = ("max-params", "max-bytes", "max-error", "min-accuracy", "min-certified-top1")
 MEASURES = ("certified", "empirical")
+EFFORT_NAMES = tuple(EFFORTS)  # certify-effort: fast | normal | thorough
 BYTE_UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
 BYTES_RE = re.compile(r"^\s*([0-9][0-9_,]*(?:\.[0-9]+)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
 PERCENT_OF_Y = "% of max |y|"
@@ -82,6 +85,7 @@ class CheckSpec:
     test_data: str | None = None  # issue 10: held-out inputs; min-accuracy is then measured on them
     test_labels: str | None = None
     min_certified_top1: float | None = None  # issue 10: report.pruning.local.certified_top1 of the recipe's output
+    certify_effort: str | None = None  # fast | normal | thorough: overrides the recipe's (local certificates)
     name: str | None = None
     ref_intrinsic_length: str | None = None  # how a reference checkpoint's intrinsic_length is read: log | raw
     where: str = field(default="check", compare=False)
@@ -135,6 +139,10 @@ class CheckSpec:
                        " measure accuracy on")
         if self.min_certified_top1 is not None and self.recipe is None:
             raise fail(where, "min-certified-top1", "needs a 'recipe': the certificates are those of its compression")
+        if self.certify_effort is not None:
+            parse_choice(self.certify_effort, EFFORT_NAMES, where, "certify-effort")
+            if self.recipe is None:
+                raise fail(where, "certify-effort", "needs a 'recipe': the certificates are those of its compression")
 
     def limits(self) -> list[str]:
         values = {"max-params": self.max_params, "max-bytes": self.max_bytes, "min-accuracy": self.min_accuracy,
@@ -148,7 +156,8 @@ class CheckSpec:
                 "labels": self.labels, "max-params": self.max_params, "max-bytes": self.max_bytes,
                 "max-error": self.max_error, "error-measure": self.error_measure, "min-accuracy": self.min_accuracy,
                 "test-data": self.test_data, "test-labels": self.test_labels,
-                "min-certified-top1": self.min_certified_top1, "ref-intrinsic-length": self.ref_intrinsic_length}
+                "min-certified-top1": self.min_certified_top1, "certify-effort": self.certify_effort,
+                "ref-intrinsic-length": self.ref_intrinsic_length}
         if self.max_error_percent is not None:
             percent = self.max_error_percent
             data["max-error"] = f"{int(percent) if percent == int(percent) and percent < 1e15 else percent!r}%"
@@ -181,6 +190,8 @@ class CheckSpec:
                                                           "ref-intrinsic-length")
         if "min-certified-top1" in data:
             kwargs["min_certified_top1"] = parse_fraction(data["min-certified-top1"], where, "min-certified-top1")
+        if "certify-effort" in data:
+            kwargs["certify_effort"] = parse_choice(data["certify-effort"], EFFORT_NAMES, where, "certify-effort")
         return cls(**kwargs)
 
 

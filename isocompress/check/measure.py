@@ -154,6 +154,8 @@ def measure_recipe(spec: CheckSpec, recipe: Recipe) -> Measurement:
         options = recipe.to_options()
         if spec.ref_intrinsic_length is not None:
             options = replace(options, ref_intrinsic_length=spec.ref_intrinsic_length)
+        if spec.certify_effort is not None:
+            options = replace(options, certify_effort=spec.certify_effort)
         report = api.shrink_file(spec.model, Path(tmp) / "out", options, calibration=calibration,
                                  labels=labels, progress=False, recipe=recipe.provenance(),
                                  certify_data=recipe.certify_data, test_data=recipe.test_data,

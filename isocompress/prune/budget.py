@@ -18,13 +18,14 @@ from types import SimpleNamespace
 
 import torch
 
+from isocompress.bounds import branch
 from isocompress.bounds import certified as bounds
 from isocompress.bounds import local as local_bounds
 from isocompress.core import threads
 from isocompress.core.errors import CheckFailed, IsocompressError
+from isocompress.core.geometry import Geometry
 from isocompress.core.layers import as_float64
 from isocompress.core.measure import output_scale, probe_inputs, sample_norms
-from isocompress.core.geometry import Geometry
 from isocompress.core.model import DENSE, IsoMLP, Layer, channel_axis, positions_of
 from isocompress.core.primitives import contract_channels, rotate_columns, rotate_rows
 from isocompress.core.progress import progress_bar
@@ -474,7 +475,9 @@ def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, pr
     report = build_report(original, pruned, state, basis, radius, radius_source, probes, labels,
                           search_restarts, search_steps, calibrated=x is not None)
     account_constant_directions(report, constant)
-    report["local"] = local_section(state, centres, eps, eps_source, certify_data is not None, (original, pruned))
+    effort = getattr(options, "certify_effort", branch.DEFAULT_EFFORT)
+    report["local"] = local_section(state, centres, eps, eps_source, certify_data is not None, (original, pruned),
+                                    effort, time_budget=branch.EFFORTS[effort].time_share * (time.perf_counter() - started))
     if test_data is not None:
         report["test"] = test_report(original, pruned, test_data, test_labels)
         report["empirical"]["inputs"] = report["empirical"]["inputs"].replace("; give --test-data", "")
@@ -529,11 +532,12 @@ def goal_check(options, radius, centres, model: IsoMLP) -> None:
                                " --certify-data FILE")
 
 
-def local_section(state: State, centres, eps, eps_source: str, certify_data: bool, networks) -> dict:
+def local_section(state: State, centres, eps, eps_source: str, certify_data: bool, networks,
+                  effort: str = branch.DEFAULT_EFFORT, time_budget: float = math.inf) -> dict:
     """report["pruning"]["local"]: the certificates, or one line saying why none were computed."""
     if centres is not None:
         return local_report(state, centres, eps, eps_source, "certify data" if certify_data else "calibration data",
-                            networks=networks)
+                            networks=networks, effort=effort, time_budget=time_budget)
     if not locally_certifiable(networks[0]):
         return {"computed": False, "note": LOCAL_MLP_ONLY}
     return {"computed": False, "note": "no local certificates: give --calibration FILE or --certify-data FILE (points"
@@ -541,13 +545,20 @@ def local_section(state: State, centres, eps, eps_source: str, certify_data: boo
 
 
 def local_report(state: State, centres: torch.Tensor, eps: float, eps_source: str, points: str,
-                 networks=None) -> dict:
+                 networks=None, effort: str = branch.DEFAULT_EFFORT, time_budget: float = math.inf) -> dict:
     """report.json["pruning"]["local"]: the certificates and, for classifiers with `networks` = (original, pruned),
-    the three-way verdict per point: certified, refuted (a verified counterexample) or undecided."""
+    the three-way verdict per point: certified, refuted (a verified counterexample) or undecided — the undecided
+    refined by branch and bound over the ball at `effort` (docs/bounds.md §8.6), with their remaining gaps."""
     started = time.perf_counter()
     out = local_certificates(state, centres, eps)
-    bound = out["bound"]
     classifier = state.layers[-1].n_out >= 2
+    verdict = {}
+    if classifier and networks is not None:
+        level = branch.EFFORTS[effort]
+        verdict = refutation_report(state, centres, eps, out["top1"], *networks, effort=level)
+        deadline = started + time_budget
+        verdict.update(refinement_report(state, centres, eps, out, verdict, level, deadline))
+    bound = out["bound"]
     top1 = out["top1"].tolist() if classifier else None
     report = {
         "radius": eps,
@@ -555,6 +566,7 @@ def local_report(state: State, centres: torch.Tensor, eps: float, eps_source: st
         "points": points,
         "n_points": int(len(centres)),
         "certified_top1": float(out["top1"].double().mean()) if classifier else None,
+        "certify_effort": effort,
         "n_certified": int(out["top1"].sum()) if classifier else None,
         "bounds": [float(b) for b in bound],
         "top1_certified": top1,
@@ -562,8 +574,7 @@ def local_report(state: State, centres: torch.Tensor, eps: float, eps_source: st
                     "bound_mean": float(bound.mean())},
         "method": "per-point forms c + Aδ + w of both networks and of their difference (docs/bounds.md §8)",
     }
-    if classifier and networks is not None:
-        report.update(refutation_report(state, centres, eps, out["top1"], *networks))
+    report.update(verdict)
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report
 
@@ -572,7 +583,7 @@ COUNTEREXAMPLES_SHOWN = 16  # report.json keeps the inputs of this many countere
 
 
 def refutation_report(state: State, centres: torch.Tensor, eps: float, certified: torch.Tensor, original: IsoMLP,
-                      pruned: IsoMLP) -> dict:
+                      pruned: IsoMLP, effort: branch.Effort = branch.EFFORTS[branch.DEFAULT_EFFORT]) -> dict:
     """The disagreement search on the points that are not certified (docs/bounds.md §8.5): searched on the exact-shrunk
     network (the original to within D, and smaller), every counterexample verified on the original and the pruned."""
     started = time.perf_counter()
@@ -581,6 +592,7 @@ def refutation_report(state: State, centres: torch.Tensor, eps: float, certified
     shown = []
     if len(todo):
         found = local_bounds.disagreement_search(IsoMLP(state.layers), pruned, centres[todo].to(F64), eps,
+                                                 starts=effort.search_starts, steps=effort.search_steps,
                                                  verify=(original, pruned))
         refuted[todo] = found["refuted"]
         for j in found["refuted"].nonzero()[:, 0][:COUNTEREXAMPLES_SHOWN].tolist():
@@ -595,7 +607,7 @@ def refutation_report(state: State, centres: torch.Tensor, eps: float, certified
         "n_undecided": n_undecided, "undecided_fraction": n_undecided / n,
         "counterexamples": shown,
         "refutation": {
-            "starts": local_bounds.DISAGREE_STARTS, "steps": local_bounds.DISAGREE_STEPS,
+            "starts": effort.search_starts, "steps": effort.search_steps,
             "bisection_steps": local_bounds.BISECT_STEPS, "points_searched": int(len(todo)),
             "seconds": round(time.perf_counter() - started, 3),
             "note": "refuted: a point x with |x − x_i| ≤ ε where the pruned network's top-1 differs from the"
@@ -604,6 +616,43 @@ def refutation_report(state: State, centres: torch.Tensor, eps: float, certified
                     " unchanged on that ball, so no sound certificate can claim it; undecided: neither certified nor"
                     f" refuted. The first {COUNTEREXAMPLES_SHOWN} counterexamples are listed (docs/bounds.md §8.5)"},
     }
+
+
+def refinement_report(state: State, centres: torch.Tensor, eps: float, out: dict, verdict: dict,
+                      effort: branch.Effort, deadline: float = math.inf) -> dict:
+    """Branch and bound over the balls left undecided (docs/bounds.md §8.6), at most effort.pieces_per_point × the
+    number of points piece bounds: certified ones join out["top1"], every refined β replaces out["bound"] where smaller
+    (both in place), and the verdict counts are recomputed; the undecided keep their remaining gap."""
+    started = time.perf_counter()
+    refuted = torch.tensor(verdict["refuted"], dtype=torch.bool)
+    todo = (~out["top1"] & ~refuted).nonzero()[:, 0]
+    budget = int(effort.pieces_per_point * len(centres))
+    gap = torch.zeros(len(centres), dtype=F64)
+    pieces, newly = 0, 0
+    if len(todo) and budget > 0 and effort.directions > 0:
+        margin = torch.minimum(out["margin_original"], out["margin_pruned"])[todo]
+        got = branch.refine(state.layers, state.removed, state.consts, centres[todo].to(F64), eps,
+                            out["top_class"][todo], out["linear"][todo], out["bound"][todo], margin, effort, budget,
+                            allowance=rounding_allowance(state) + state.constant_bound, deadline=deadline)
+        out["top1"][todo] = got["certified"]
+        out["bound"][todo] = torch.minimum(out["bound"][todo], got["bound"])
+        gap[todo] = got["gap"]
+        pieces, newly = int(got["pieces"].sum()), int(got["certified"].sum())
+    elif len(todo):
+        gap[todo] = (-torch.minimum(out["margin_original"], out["margin_pruned"])[todo]).clamp_min(0.0)
+    check_verdicts(out["top1"], refuted)
+    n = len(centres)
+    undecided = ~out["top1"] & ~refuted
+    return {"n_undecided": int(undecided.sum()), "undecided_fraction": int(undecided.sum()) / n,
+            "undecided_gaps": [{"point": int(i), "gap": float(gap[i])} for i in undecided.nonzero()[:, 0].tolist()],
+            "refinement": {
+                "effort": effort.name, "directions": effort.directions, "piece_budget": budget, "pieces": pieces,
+                "stopped_by_time": pieces < budget and len(todo) > newly and time.perf_counter() >= deadline,
+                "certified_by_refinement": newly, "seconds": round(time.perf_counter() - started, 3),
+                "note": "branch and bound over the ball (docs/bounds.md §8.6): the undecided balls split along the"
+                        " top singular directions of the two networks' Jacobians at the centre into pieces, each"
+                        " bounded as the ball is; gap: how far the worst piece's certified top-1 margin lower bound"
+                        " is below 0 (inf: a piece's centre has another top-1 class)"}}
 
 
 def check_verdicts(certified: torch.Tensor, refuted: torch.Tensor) -> None:
