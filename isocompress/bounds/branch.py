@@ -119,7 +119,9 @@ def refine(layers, removed, consts, x0: torch.Tensor, eps: float, top: torch.Ten
     failed, counted = torch.zeros(p, dtype=torch.bool), torch.zeros(p, dtype=torch.long)
     used, per_piece = 0, 0.0
     while len(owner) and used < budget and time.perf_counter() < deadline and k > 0:
-        left = budget - used if per_piece == 0 else min(budget - used, int((deadline - time.perf_counter()) / per_piece))
+        left = budget - used
+        if per_piece > 0 and deadline < math.inf:  # what the time left allows at the last round's pace
+            left = min(left, int((deadline - time.perf_counter()) / per_piece))
         if left < 2:
             break
         take = _affordable(owner, left)
