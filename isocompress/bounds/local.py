@@ -174,10 +174,11 @@ def picked_residue(mask: torch.Tensor, first, second, eps: Domain) -> Residue:
                                                                                    zero, eps)
 
 
-def activation_residue(z: Form, gc, slope, alpha, beta, gamma, eps: Domain) -> Residue:
-    """Lemma 9': h − f(c) − J_f(c)Aδ = J_f(c)w_z + (a + e)c + (b + e)Aδ + (b + e)w_z with |a| ≤ α, |b| ≤ β, |e| ≤ γ."""
+def activation_residue(z: Form, gc, slope, on_c, on_u, eps: Domain) -> Residue:
+    """Lemma 9': h − f(c) − J_f(c)Aδ = J_f(c)w_z + A c + B Aδ + B w_z with |A| ≤ on_c (α + γ, or Lemma 12's Ā) and
+    |B| ≤ on_u (β + γ, or Lemma 12's B̄): the coefficients of c and of u in the exact remainder."""
     inner = residue_of(z).through_jacobian(gc, slope, z.c)
-    return inner.plus([(z.c, alpha + gamma)], [(z.A, beta + gamma, z.lin(eps))], (beta + gamma) * z.r, eps)
+    return inner.plus([(z.c, on_c)], [(z.A, on_u, z.lin(eps))], on_u * z.r, eps)
 
 
 def taylor_coefficients(slope: torch.Tensor, sigma: torch.Tensor, rad: torch.Tensor, o: float,
@@ -192,6 +193,47 @@ def taylor_coefficients(slope: torch.Tensor, sigma: torch.Tensor, rad: torch.Ten
     d1 = slope.abs() * (1.0 + 1e-9)
     d2 = gain_sq_curv_sup(o + t_lo * t_lo)
     return d1 * rad * rad, d1 * big_s, 0.5 * d2 * big_s * big_s
+
+
+GRID = 64  # intervals of the grid in c·u on which Lemma 12's coefficients are evaluated
+
+
+def exact_coefficients(o: float, cn: torch.Tensor, sigma: torch.Tensor, rad: torch.Tensor):
+    """Lemma 12 (docs/bounds.md §8.7): for |u| ≤ rad and |c·u| ≤ sigma, exactly
+    f(c+u) − f(c) − J_f(c)u = A c + B u = K c + B u_⊥ and g(c+u) − g(c) − ∇g(c)·u = A, with p = c·u, q = |u|²,
+    μ = μ_c + 2p + q, A = G(μ) − G_c − 2G'_c p, B = G(μ) − G_c, K = A + B p/|c|², u_⊥ = u − (p/|c|²) c.
+    Returns upper bounds (K̄, Ā, B̄) on |K|, |A|, |B| (inf where σ ≥ |c|²/2 or c = 0: not used there). K and A
+    decrease in q, so their extremes lie on q = rad² or q = p²/|c|² (Cauchy–Schwarz); on each, sampled on a grid in p,
+    the sup is at most the largest grid value plus h²/8 · sup|second derivative| (linear interpolation); B is monotone
+    in μ, so exact at the ends of μ's range."""
+    c2 = (cn * cn).clamp_min(1e-300)
+    ok = (sigma < 0.5 * c2) & (cn > 0)
+    sig = torch.where(ok, sigma, torch.zeros_like(sigma))
+    mu_c = o + cn * cn
+    g_c, d_c = gain_of_sq(mu_c), gain_sq_slope_exact(mu_c)
+    mu_lo = o + (cn - sig / cn.clamp_min(1e-300)).clamp_min(0.0) ** 2
+    g1, g2 = gain_sq_slope_sup(mu_lo), gain_sq_curv_sup(mu_lo)
+    pts = torch.linspace(-1.0, 1.0, GRID + 1, dtype=F64)[None, :] * sig[:, None]
+    kappa = 1.0 + pts / c2[:, None]
+    best_k, best_a = torch.zeros_like(cn), torch.zeros_like(cn)
+    for q in (rad[:, None] ** 2 * torch.ones_like(pts), pts * pts / c2[:, None]):
+        mu = (mu_c[:, None] + 2.0 * pts + q).clamp_min(o)  # ≥ o + (|c| + p/|c|)² ≥ o on the region
+        big_a = gain_of_sq(mu) - g_c[:, None] - 2.0 * d_c[:, None] * pts
+        big_k = (gain_of_sq(mu) - g_c[:, None]) * kappa - 2.0 * d_c[:, None] * pts
+        best_k = torch.maximum(best_k, big_k.abs().amax(-1))
+        best_a = torch.maximum(best_a, big_a.abs().amax(-1))
+    km = 1.0 + sig / c2
+    h = 2.0 * sig / GRID
+    k_curv = 4.0 * g2 * km ** 3 + 6.0 * g1 * km / c2  # ≥ |d²K/dp²| on both curves
+    a_curv = 4.0 * g2 * km * km + 2.0 * g1 / c2  # ≥ |d²A/dp²| on both curves
+    slack = 1e-13 * (1.0 + g_c)  # float64 rounding of the differences above
+    k_bar = best_k * (1.0 + 1e-9) + h * h / 8.0 * k_curv + slack
+    a_bar = best_a * (1.0 + 1e-9) + h * h / 8.0 * a_curv + slack
+    s_hi, s_lo = 2.0 * sig + rad * rad, -2.0 * sig + sig * sig / c2
+    b_bar = torch.maximum((gain_of_sq(mu_c + s_lo) - g_c).abs(), (gain_of_sq(mu_c + s_hi) - g_c).abs()) * (1.0 + 1e-9) \
+        + slack
+    inf = torch.full_like(cn, math.inf)
+    return torch.where(ok, k_bar, inf), torch.where(ok, a_bar, inf), torch.where(ok, b_bar, inf)
 
 
 # --- batched norms ------------------------------------------------------------------------------------------------
@@ -293,8 +335,10 @@ def activation(z: Form, dz: Form, o: float, eps: Domain) -> tuple[Form, Scalar, 
     along_c = torch.minimum(residue_of(z).dotted_sup(c, eps), cn * z.r)  # ≥ |c·w_z|
     sigma = eps.vec(torch.einsum("pn,pnk->pk", c, z.A)) + along_c
     alpha, beta, gamma = taylor_coefficients(slope, sigma, rz, o, t_lo)
-    rem_f, rem_g = alpha * cn + beta * rz + gamma * t_hi, alpha + gamma
-    res = activation_residue(z, gc, slope, alpha, beta, gamma, eps)
+    k_bar, a_bar, b_bar = exact_coefficients(o, cn, sigma, rz)  # Lemma 12: the same remainder, exactly in (c·u, |u|²)
+    rem_f = torch.minimum(alpha * cn + beta * rz + gamma * t_hi, torch.hypot(k_bar * cn, b_bar * rz))
+    rem_g = torch.minimum(alpha + gamma, a_bar)
+    res = activation_residue(z, gc, slope, torch.minimum(alpha + gamma, a_bar), torch.minimum(beta + gamma, b_bar), eps)
     h = Form(gc[:, None] * c, jacobian_apply(gc, slope, c, z.A),
              torch.minimum(torch.minimum(gc * z.r + torch.minimum(torch.minimum(lf * rz * rz / 2.0, rem_f),
                                                                    (g_top - spec_lo) * rz),

@@ -624,6 +624,8 @@ def refinement_report(state: State, centres: torch.Tensor, eps: float, out: dict
     number of points piece bounds: certified ones join out["top1"], every refined β replaces out["bound"] where smaller
     (both in place), and the verdict counts are recomputed; the undecided keep their remaining gap."""
     started = time.perf_counter()
+    if "refuted" not in verdict:  # no search ran: no point is known undecided
+        return {}
     refuted = torch.tensor(verdict["refuted"], dtype=torch.bool)
     todo = (~out["top1"] & ~refuted).nonzero()[:, 0]
     budget = int(effort.pieces_per_point * len(centres))
