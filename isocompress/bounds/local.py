@@ -207,6 +207,7 @@ def exact_coefficients(o: float, cn: torch.Tensor, sigma: torch.Tensor, rad: tor
     the sup is at most the largest grid value plus h²/8 · sup|second derivative| (linear interpolation); B is monotone
     in μ, so exact at the ends of μ's range."""
     c2 = (cn * cn).clamp_min(1e-300)
+    sigma = torch.minimum(sigma, cn * rad)  # |c·u| ≤ |c||u|: every grid point of both curves is then feasible
     ok = (sigma < 0.5 * c2) & (cn > 0)
     sig = torch.where(ok, sigma, torch.zeros_like(sigma))
     mu_c = o + cn * cn
@@ -413,7 +414,9 @@ def exact_centre(z: Form, dz: Form, h: Form, grad_a, gc, slope, grad, rem, rz, o
     lf2, lg2 = second_derivative_sup(o, lo2, hi2)
     sigma2 = eps.vec(torch.einsum("pn,pnk->pk", c2, z.A + dz.A)) + n2 * (z.r + dz.r)
     alpha2, beta2, gamma2 = taylor_coefficients(slope2, sigma2, ru2, o, lo2)
-    rem_f2, rem_g2 = alpha2 * n2 + beta2 * ru2 + gamma2 * hi2, alpha2 + gamma2
+    k2, a2, b2 = exact_coefficients(o, n2, sigma2, ru2)  # Lemma 12 at c'
+    rem_f2 = torch.minimum(alpha2 * n2 + beta2 * ru2 + gamma2 * hi2, torch.hypot(k2 * n2, b2 * ru2))
+    rem_g2 = torch.minimum(alpha2 + gamma2, a2)
     # ‖J(c') − J(c)‖ ≤ L_f on the segment [c, c'] × |d| (Lemma 8), and ≤ the spread of their spectra
     cn = torch.linalg.vector_norm(c, dim=-1)
     dn = torch.linalg.vector_norm(dz.c, dim=-1)
