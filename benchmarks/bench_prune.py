@@ -322,10 +322,11 @@ def local_row(name, state, model, pruned, points, median, budget, fraction) -> d
     certified = torch.tensor(rep["top1_certified"])
     n = len(points)
     newly = rep["refinement"]["certified_by_refinement"]
+    seen = found["max_abs"] > 1e-12  # the balls where the networks differ at all (a budget at the exact rank: none)
     return {"model": name, "budget": budget, "fraction": fraction, "eps": eps, "n": n,
             "certified": rep["certified_top1"], "ball": (rep["n_certified"] - newly) / n,
             "refuted": rep["refuted_fraction"], "undecided": rep["undecided_fraction"],
-            "ratio": float((bound / found["max_abs"].clamp_min(1e-300)).median()),
+            "ratio": float((bound / found["max_abs"])[seen].median()) if bool(seen.any()) else math.nan,
             "violations": int((found["max_abs"] > bound).sum()) + int((certified & found["flipped"]).sum()),
             "pieces": rep["refinement"]["pieces"], "seconds": seconds}
 
@@ -361,7 +362,8 @@ def print_local(result: dict, command: str) -> None:
           f" direction(s), ≤ {effort.pieces_per_point:g} piece bounds per point, no time cap here); refuted: a verified"
           f" counterexample (disagreement search {effort.search_starts} starts × {effort.search_steps} steps +"
           f" {local_bounds.BISECT_STEPS} bisections on the points not certified); ceiling = 100 − refuted;"
-          " β/worst: median of β_i / the largest |Δy| an attack (8 starts × 40 steps) finds in the ball;"
+          " β/worst: median of β_i / the largest |Δy| an attack (8 starts × 40 steps) finds in the ball (over the"
+          " balls where it finds |Δy| > 1e-12; nan: the pruned network equals the original there);"
           " violations: a search above β or a certified point flipped")
     print(f"{'model':<12} {'budget':>6}  {'ε/median':>8}  {'points':>6}  {'certified %':>11}  {'(ball only)':>11}  "
           f"{'refuted %':>9}  {'undecided %':>11}  {'of ceiling %':>12}  {'β/worst':>8}  {'pieces':>6}  "
