@@ -228,6 +228,8 @@ def reference_layout_models(out_dir: Path, seeds: int = 1) -> list[Path]:
             path = out_dir / (f"{name}.pt" if seed == 0 else f"{name}-s{seed}.pt")
             torch.save(io.reference_state_dict(model), path)
             np.savez(path.with_suffix(".test.npz"), x=xte, y=yte.astype(np.int64))
+            np.save(path.with_suffix(".calib.npy"), xtr[:256].numpy().astype(np.float64))  # --local certifies around
+            np.save(path.with_suffix(".calib.labels.npy"), ytr[:256].numpy())
             paths.append(path)
     return paths
 
@@ -283,73 +285,101 @@ def print_nodata(rows, command: str) -> None:
     print(f"reproduce: {command}")
 
 
-def run_local(model_path: Path, budgets: list[float], fractions: list[float], n_speed: int = 512) -> dict:
-    """Local certificates with calibration: certified top-1 fraction and tightness (β_i / the largest |Δy| a
-    gradient search finds in the ball) at several radii; and the time of a run with certificates on n_speed points
-    against the same run without them."""
-    from isocompress.bounds import local as local_bounds
+def run_local(model_paths: list[Path], budgets: list[float], fractions: list[float], n_points: int,
+              repeats: int) -> dict:
+    """Local certificates with calibration, per model, budget and ε (a share of the median input norm): the three-way
+    verdict at the default effort (certified by the ball bound, by the refinement, refuted, undecided), β against the
+    largest |Δy| an attack finds, violations; and per effort the speed of a 512-point run with certificates against
+    the same run less its local-certificate time."""
     from isocompress.exact.constants import remove_all_constant_directions
 
-    model, calib, labels, x_test, _ = load(model_path)
-    median = float(calib.norm(dim=-1).median())
-    out = {"median_norm": median, "rows": []}
-    for budget in budgets:
-        state = prune.State.of(remove_all_constant_directions(model.cast(F64)))
-        state = prune.prune_to_target(state, int(budget * model.num_params()), "data-aware", calib,
-                                      float(calib.norm(dim=-1).max()))
-        pruned = prune.materialize(state)
-        for fraction in fractions:
-            eps = fraction * median
-            cert = prune.local_certificates(state, calib, eps)
-            found = local_bounds.local_search(IsoMLP(state.layers), pruned, calib, eps, starts=8, steps=40)
-            ratio = cert["bound"] / found["max_abs"].clamp_min(1e-300)
-            # every point searched (certified ones too: a refuted certified point would be a soundness violation)
-            refuted = local_bounds.disagreement_search(IsoMLP(state.layers), pruned, calib, eps,
-                                                       verify=(model.cast(F64), pruned))["refuted"]
-            out["rows"].append((budget, fraction, eps, float(cert["top1"].double().mean()),
-                                1.0 - float(found["flipped"].double().mean()), float(ratio.median()),
-                                float(ratio.max()), int((found["max_abs"] > cert["bound"]).sum()),
-                                int((cert["top1"] & found["flipped"]).sum()) + int((cert["top1"] & refuted).sum()),
-                                float(refuted.double().mean())))
-    # speed: the shrink call with certificates on n_speed points (calibration + test inputs), against the same run
-    # less its local_report time (certificates and disagreement search). A run "without" cannot be timed: with
-    # calibration data prune_to_budget always certifies around the calibration points.
-    points = torch.cat([calib, x_test])[:n_speed]
-    timings = {"all": math.inf}
-    for _ in range(3):  # best of three (a shared machine's load)
-        started = time.perf_counter()
-        _, report = prune.prune_to_budget(model, ShrinkOptions(budget=0.05), calibration=calib, labels=labels,
-                                          certify_data=points)
-        total = time.perf_counter() - started
-        if total < timings["all"]:
-            local = report["local"]
-            timings = {"all": total, "local": local["seconds"], "search": local["refutation"]["seconds"],
-                       "searched": local["refutation"]["points_searched"]}
-    out["timings"] = timings
-    out["n_speed"] = len(points)
+    out = {"rows": [], "speed": []}
+    for path in model_paths:
+        model, calib, labels, x_test, _ = load(path)
+        points = calib[:n_points]
+        median = float(calib.norm(dim=-1).median())
+        for budget in budgets:
+            state = prune.State.of(remove_all_constant_directions(model.cast(F64)))
+            state = prune.prune_to_target(state, int(budget * model.num_params()), "data-aware", calib,
+                                          float(calib.norm(dim=-1).max()))
+            pruned = prune.materialize(state)
+            for fraction in fractions:
+                out["rows"].append(local_row(path.stem, state, model, pruned, points, median, budget, fraction))
+        out["speed"].extend(local_speed(path, model, calib, labels, x_test, repeats))
     return out
 
 
-def print_local(result: dict, model: str, command: str) -> None:
+def local_row(name, state, model, pruned, points, median, budget, fraction) -> dict:
+    """One line of the table: prune.local_report at the default effort (its piece budget, no time cap)."""
     from isocompress.bounds import local as local_bounds
 
-    print(f"{model}: local certificates with calibration (data-aware basis), median input norm "
-          f"{result['median_norm']:.4g}; the search: Adam in float64, 8 starts × 40 steps per ball, two along the top"
-          " singular vector of the Jacobian of y' − y")
-    print(f"refuted: a verified point of the ball where the pruned top-1 differs from the original's (disagreement"
-          f" search, {local_bounds.DISAGREE_STARTS} starts × {local_bounds.DISAGREE_STEPS} steps + bisection, every"
-          " point); ceiling = 100 − refuted: no sound certificate of pointwise top-1 agreement can exceed it;"
-          " violations: a search above β, or a certified point flipped or refuted")
-    print(f"{'budget':>6}  {'ε/median':>8}  {'ε':>7}  {'certified top-1':>15}  {'search: unflipped':>17}  "
-          f"{'β/search median':>15}  {'max':>8}  {'refuted %':>9}  {'ceiling %':>9}  {'violations':>10}")
-    for budget, fraction, eps, cert, unflipped, med, mx, bad, badflip, refuted in result["rows"]:
-        print(f"{budget:>6.0%}  {fraction:>8.1%}  {eps:>7.4f}  {100 * cert:>14.1f}%  {100 * unflipped:>16.1f}%  "
-              f"{med:>15.3g}  {mx:>8.3g}  {100 * refuted:>9.1f}  {100 * (1 - refuted):>9.1f}  {bad + badflip:>10}")
-    t = result["timings"]
-    print(f"speed (5% budget, calibration, certify data {result['n_speed']} points, best of 3): {t['all']:.2f} s in all,"
-          f" of which {t['local']:.2f} s local certificates ({t['search']:.2f} s the disagreement search on the"
-          f" {t['searched']} points not certified): ratio {t['all'] / (t['all'] - t['local']):.2f} to the run less"
-          " them (goal ≤ 2)")
+    eps = fraction * median
+    started = time.perf_counter()
+    rep = prune.local_report(state, points, eps, "bench", "calibration data", networks=(model.cast(F64), pruned))
+    seconds = time.perf_counter() - started
+    found = local_bounds.local_search(IsoMLP(state.layers), pruned, points, eps, starts=8, steps=40)
+    bound = torch.tensor(rep["bounds"], dtype=F64)
+    certified = torch.tensor(rep["top1_certified"])
+    n = len(points)
+    newly = rep["refinement"]["certified_by_refinement"]
+    seen = found["max_abs"] > 1e-12  # the balls where the networks differ at all (a budget at the exact rank: none)
+    return {"model": name, "budget": budget, "fraction": fraction, "eps": eps, "n": n,
+            "certified": rep["certified_top1"], "ball": (rep["n_certified"] - newly) / n,
+            "refuted": rep["refuted_fraction"], "undecided": rep["undecided_fraction"],
+            "ratio": float((bound / found["max_abs"])[seen].median()) if bool(seen.any()) else math.nan,
+            "violations": int((found["max_abs"] > bound).sum()) + int((certified & found["flipped"]).sum()),
+            "pieces": rep["refinement"]["pieces"], "seconds": seconds}
+
+
+def local_speed(path, model, calib, labels, x_test, repeats: int) -> list[dict]:
+    """Per effort: the shrink call (5% budget, calibration) with certificates on 512 points (calibration + test
+    inputs), best of `repeats`, against the same run less its local-certificate time (prune_to_budget always
+    certifies around calibration data, so a run "without" is timed as the rest of the same run)."""
+    points = torch.cat([calib, x_test])[:512]
+    rows = []
+    for effort in ("fast", "normal", "thorough"):
+        best = None
+        for _ in range(repeats):
+            started = time.perf_counter()
+            _, report = prune.prune_to_budget(model, ShrinkOptions(budget=0.05, certify_effort=effort),
+                                              calibration=calib, labels=labels, certify_data=points)
+            total = time.perf_counter() - started
+            if best is None or total < best["all"]:
+                local = report["local"]
+                best = {"model": path.stem, "effort": effort, "all": total, "local": local["seconds"],
+                        "n": len(points), "certified": local["certified_top1"],
+                        "undecided": local["undecided_fraction"], "pieces": local["refinement"]["pieces"]}
+        rows.append(best)
+    return rows
+
+
+def print_local(result: dict, command: str) -> None:
+    from isocompress.bounds import branch
+    from isocompress.bounds import local as local_bounds
+
+    effort = branch.EFFORTS[branch.DEFAULT_EFFORT]
+    print(f"local certificates with calibration (data-aware basis), effort {effort.name} ({effort.directions} split"
+          f" direction(s), ≤ {effort.pieces_per_point:g} piece bounds per point, no time cap here); refuted: a verified"
+          f" counterexample (disagreement search {effort.search_starts} starts × {effort.search_steps} steps +"
+          f" {local_bounds.BISECT_STEPS} bisections on the points not certified); ceiling = 100 − refuted;"
+          " β/worst: median of β_i / the largest |Δy| an attack (8 starts × 40 steps) finds in the ball (over the"
+          " balls where it finds |Δy| > 1e-12; nan: the pruned network equals the original there);"
+          " violations: a search above β or a certified point flipped")
+    print(f"{'model':<12} {'budget':>6}  {'ε/median':>8}  {'points':>6}  {'certified %':>11}  {'(ball only)':>11}  "
+          f"{'refuted %':>9}  {'undecided %':>11}  {'of ceiling %':>12}  {'β/worst':>8}  {'pieces':>6}  "
+          f"{'s':>6}  {'violations':>10}")
+    for r in result["rows"]:
+        ceiling = 1.0 - r["refuted"]
+        share = 100 * r["certified"] / ceiling if ceiling > 0 else float("nan")
+        print(f"{r['model']:<12} {r['budget']:>6.0%}  {r['fraction']:>8.1%}  {r['n']:>6}  {100 * r['certified']:>11.1f}  "
+              f"{100 * r['ball']:>11.1f}  {100 * r['refuted']:>9.1f}  {100 * r['undecided']:>11.1f}  {share:>12.1f}  "
+              f"{r['ratio']:>8.3g}  {r['pieces']:>6}  {r['seconds']:>6.1f}  {r['violations']:>10}")
+    print("speed (5% budget, calibration, certify data: 512 points): a run with certificates / the same run less its"
+          " local-certificate time (goal for normal: ≤ 3)")
+    for t in result["speed"]:
+        print(f"  {t['model']:<12} {t['effort']:<9} {t['all']:7.2f} s in all, {t['local']:6.2f} s certificates"
+              f" ({t['pieces']} piece bounds): ratio {t['all'] / max(t['all'] - t['local'], 1e-9):5.2f};"
+              f" certified {100 * t['certified']:.1f}%, undecided {100 * t['undecided']:.1f}% at the default ε")
     print(f"reproduce: {command}")
 
 
@@ -362,14 +392,18 @@ def fit_spectral(model, calib, target):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="models/digits.pt")
+    parser.add_argument("--model", default=None, help="[default: models/digits.pt; --local: both shipped MLPs and a"
+                        " reference-layout checkpoint]; --local takes a comma-separated list")
     parser.add_argument("--budgets", default=None)
     parser.add_argument("--nodata", action="store_true", help="issue 10: no-data budgets against the paper's rule")
     parser.add_argument("--local", action="store_true", help="issue 10: local certificates")
     parser.add_argument("--seeds", type=int, default=1, help="--nodata: training seeds of the reference-layout"
                         " checkpoints with psi (> 1 adds seeds 1 … N−1 and a three-hidden-layer one with psi)")
-    parser.add_argument("--radii", default="0.005,0.01,0.02,0.03,0.07", help="--local: ε as fractions of the median norm")
+    parser.add_argument("--radii", default="0.01,0.02,0.03,0.07", help="--local: ε as fractions of the median norm")
+    parser.add_argument("--quick", action="store_true", help="--local: 64 points per table line, speed best of 1")
     args = parser.parse_args(argv)
+    args.model_given = args.model is not None
+    args.model = args.model or "models/digits.pt"
     torch.set_num_threads(2)
     command = "python benchmarks/bench_prune.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.nodata:
@@ -384,8 +418,13 @@ def main(argv=None) -> None:
         return
     if args.local:
         budgets = [float(b) for b in (args.budgets or "0.05,0.02").split(",")]
-        print_local(run_local(Path(args.model), budgets, [float(r) for r in args.radii.split(",")]), args.model,
-                    command)
+        radii = [float(r) for r in args.radii.split(",")]
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = [Path(m) for m in args.model.split(",")] if args.model_given else \
+                [Path("models/digits.pt"), Path("models/mnist1d.pt")] + reference_layout_models(Path(tmp), 1)[:1]
+            print_local(run_local(paths, budgets, radii, 64 if args.quick else 256, 1 if args.quick else 3), command)
         return
     budgets = [float(b) for b in (args.budgets or "0.5,0.2,0.1,0.05").split(",")]
     rows = run(Path(args.model), budgets)

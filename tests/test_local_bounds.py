@@ -170,3 +170,53 @@ def test_digits_certified_points_survive_the_attack():
     eps = 0.01 * float(x.norm(dim=-1).median())
     out, found = assert_sound(state, x[:48], eps, starts=16, steps=60)
     assert int(out["top1"].sum()) > 0  # something is certified, so the flip check has teeth
+
+
+@pytest.mark.parametrize("o", [0.0, 0.01, 0.6, 3.0])
+@pytest.mark.parametrize("scale", [0.2, 1.0, 4.0])
+def test_lemma_12_exact_coefficients_hold(o, scale):
+    """Lemma 12: f(c+u) − f(c) − J_f(c)u = A c + B u = K c + B u_⊥ and the gain's remainder is A, with |K| ≤ K̄,
+    |A| ≤ Ā, |B| ≤ B̄ for every u with |u| ≤ rad and |c·u| ≤ σ. Attacked with the tightest σ and rad a point allows,
+    with steps along ±c (the radial direction, where K's two parts cancel), perpendicular to c, random, and on the
+    boundary of the region; and the bound is not vacuous: within 3× of the remainder found along the worst step."""
+    gen = torch.Generator().manual_seed(int(10 * o + 3 * scale))
+    n, m = 6, 3000
+    c = torch.randn(m, n, dtype=F64, generator=gen) * scale
+    cn = c.norm(dim=-1)
+    rad = cn * torch.logspace(-3, -0.4, m, dtype=F64)  # σ ≤ |c| rad < |c|²/2: Lemma 12 applies
+    u = torch.randn(m, n, dtype=F64, generator=gen)
+    kind = torch.arange(m) % 4
+    u = torch.where((kind == 0)[:, None], c, u)  # radial
+    u = torch.where((kind == 1)[:, None], -c, u)
+    perp = u - (u * c).sum(-1, keepdim=True) / (cn * cn)[:, None] * c
+    u = torch.where((kind == 2)[:, None], perp, u)  # tangential
+    u = u / u.norm(dim=-1, keepdim=True) * rad[:, None] * torch.rand(m, 1, dtype=F64, generator=gen).sqrt()
+    sigma = (c * u).sum(-1).abs()
+    k_bar, a_bar, b_bar = lb.exact_coefficients(o, cn, sigma, u.norm(dim=-1))
+    assert bool(torch.isfinite(k_bar).all())
+
+    def f_and_g(v):
+        g = isotropic_gain(o + (v * v).sum(-1, keepdim=True))
+        return g * v, g[:, 0]
+
+    (fz, gz), (fc, gc) = f_and_g(c + u), f_and_g(c)
+    slope = lb.gain_sq_slope_exact(o + cn * cn)
+    p = (c * u).sum(-1)
+    rem_f = fz - fc - gc[:, None] * u - 2.0 * (slope * p)[:, None] * c
+    rem_g = gz - gc - 2.0 * slope * p
+    big_b = (f_and_g(c + u)[1] - gc)
+    big_k = (rem_g + big_b * p / (cn * cn))
+    u_perp = u - (p / (cn * cn))[:, None] * c
+    slack = 1e-12 * (1.0 + fz.norm(dim=-1))
+    assert bool((rem_g.abs() <= a_bar + slack).all())
+    assert bool((big_b.abs() <= b_bar + slack).all())
+    assert bool((big_k.abs() <= k_bar + slack).all())
+    assert torch.allclose(rem_f, big_k[:, None] * c + big_b[:, None] * u_perp, atol=1e-12, rtol=1e-9)
+    bound = torch.hypot(k_bar * cn, b_bar * u.norm(dim=-1))
+    assert bool((rem_f.norm(dim=-1) <= bound + slack).all())
+    big = rad > 0.1 * cn
+    assert float((rem_f.norm(dim=-1)[big] / bound[big]).max()) > 1 / 3
+    # inside the region (p between grid points, q below rad²): looser σ and rad hold as well
+    loose = lb.exact_coefficients(o, cn, sigma * 1.37 + 1e-3 * cn * rad, u.norm(dim=-1) * 1.2)
+    assert bool((rem_g.abs() <= loose[1] + slack).all() and (big_k.abs() <= loose[0] + slack).all())
+    assert bool((big_b.abs() <= loose[2] + slack).all())

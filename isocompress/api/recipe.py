@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from isocompress.api.shrink import ShrinkOptions
+from isocompress.bounds.branch import DEFAULT_EFFORT, EFFORTS
 from isocompress.core.errors import IsocompressError
 from isocompress.core.parsing import (  # noqa: F401  (re-exported: recipe.X as before)
     COMMAND_LINE,
@@ -52,13 +53,13 @@ BASES = ("auto", "data-free", "data-aware")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 PRECISION_NAMES = ("float32", "float16", "int8-weights", "int8")  # int8 is refused (core.precision.INT8_NOT_YET)
 RECIPE_KEYS = ("name", "version", "description", "exact", "budget", "max-error", "min-certified-top1", "basis",
-               "calibration", "labels", "input-radius", "certify-radius", "certify-data", "test-data", "test-labels",
-               "formats", "onnx-tol", "dtype", "ref-intrinsic-length", "sweep", "precision")
+               "calibration", "labels", "input-radius", "certify-radius", "certify-data", "certify-effort", "test-data",
+               "test-labels", "formats", "onnx-tol", "dtype", "ref-intrinsic-length", "sweep", "precision")
 GOAL_KEYS = ("exact", "budget", "max-error", "min-certified-top1")
 DATA_KEYS = ("calibration", "labels", "certify-data", "test-data", "test-labels")  # paths, relative to the recipe
 FIELD_KEYS = {"max_error": "max-error", "max_error_percent": "max-error", "input_radius": "input-radius",
               "onnx_tol": "onnx-tol", "certify_radius": "certify-radius", "min_certified_top1": "min-certified-top1",
-              "certify_data": "certify-data", "test_data": "test-data", "test_labels": "test-labels",
+              "certify_data": "certify-data", "certify_effort": "certify-effort", "test_data": "test-data", "test_labels": "test-labels",
               "ref_intrinsic_length": "ref-intrinsic-length"}
 REF_MODES = ("log", "raw")
 SWEEP_KEYS = ("budgets", "max-params", "max-bytes", "min-accuracy", "min-certified-top1")
@@ -138,6 +139,7 @@ class Recipe:
     certify_radius: float | str | tuple | None = None  # 0.05, "1%" or several (core.parsing.parse_radii)
     min_certified_top1: float | None = None
     certify_data: str | None = None
+    certify_effort: str | None = None  # fast | normal | thorough (None: normal)
     test_data: str | None = None
     test_labels: str | None = None
     precision: str | None = None
@@ -196,6 +198,7 @@ class Recipe:
                              basis=self.basis, input_radius=self.input_radius, formats=self.formats,
                              onnx_tol=self.onnx_tol, dtype=self.dtype, certify_radius=self.certify_radius,
                              min_certified_top1=self.min_certified_top1,
+                             certify_effort=self.certify_effort or DEFAULT_EFFORT,
                              ref_intrinsic_length=self.ref_intrinsic_length, precision=self.precision)
 
     def to_dict(self) -> dict:
@@ -214,7 +217,7 @@ class Recipe:
         optional = {"calibration": self.calibration, "labels": self.labels, "input-radius": self.input_radius,
                     "dtype": self.dtype, "certify-data": self.certify_data,
                     "certify-radius": list(self.certify_radius) if isinstance(self.certify_radius, tuple)
-                    else self.certify_radius,
+                    else self.certify_radius, "certify-effort": self.certify_effort,
                     "test-data": self.test_data, "test-labels": self.test_labels,
                     "ref-intrinsic-length": self.ref_intrinsic_length, "precision": self.precision}
         data.update({k: v for k, v in optional.items() if v is not None})
@@ -247,6 +250,8 @@ class Recipe:
             kwargs["input_radius"] = parse_positive(data["input-radius"], where, "input-radius")
         if "certify-radius" in data:
             kwargs["certify_radius"] = parse_radii(data["certify-radius"], where, "certify-radius")
+        if "certify-effort" in data:
+            kwargs["certify_effort"] = parse_choice(data["certify-effort"], tuple(EFFORTS), where, "certify-effort")
         if "formats" in data:
             kwargs["formats"] = parse_formats(data["formats"], where)
         if "onnx-tol" in data:

@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+from isocompress.bounds.branch import EFFORTS
 from isocompress.core.errors import CheckFailed, IsocompressError
 from isocompress.core.measure import (  # noqa: F401
     PROBE_SCALES,
@@ -114,6 +115,7 @@ class ShrinkOptions:
     certify_radius: float | str | tuple | None = None
     min_certified_top1: float | None = None  # issue 10: a goal: the smallest model certified for this share of points
     precision: str | None = None  # float32 | float16 | int8-weights (core.precision); None: from dtype (float32)
+    certify_effort: str = "normal"  # local certificates: fast | normal | thorough (bounds.branch.EFFORTS)
 
     def __post_init__(self) -> None:
         if isinstance(self.formats, str):  # "safetensors,onnx", as the CLI takes it
@@ -138,6 +140,8 @@ class ShrinkOptions:
         if self.certify_radius is not None and not self.lossy:
             raise IsocompressError("certify radius: needs a lossy goal (a budget, a max-error or a min-certified-top1):"
                                    " an exact shrink keeps every output, so there is nothing to certify")
+        if self.certify_effort not in EFFORTS:
+            raise IsocompressError(f"certify effort {self.certify_effort!r}: choose from {', '.join(EFFORTS)}")
         if self.dtype not in (None, "float32", "float64", "float16", "bfloat16"):
             raise IsocompressError(f"dtype {self.dtype!r}: choose from float32, float64, float16, bfloat16")
         if self.precision not in (None, "float64"):  # float64: what a --dtype float64 run resolves to

@@ -208,14 +208,15 @@ def _local_chunk(model: IsoMLP, layers, stored, glob: dict, x: torch.Tensor, eps
     from isocompress.bounds import local as L
 
     plan = P.Plan.from_record(glob["plan"])
-    rows, p = glob["layers"], len(x)
+    rows, p, ball = glob["layers"], len(x), eps
+    eps = L.Domain(float(ball))  # the ball |x − x_i| ≤ ε (forms' a_norm: sup |A δ| over it, ε‖A‖)
     w0, dw0 = layers[0].weight, stored[0].weight - layers[0].weight
     z = L.Form(x @ w0.T + layers[0].bias, w0.expand(p, *w0.shape), torch.zeros(p, dtype=F64),
-               torch.full((p,), L.spectral_norm(w0), dtype=F64))
+               torch.full((p,), ball * L.spectral_norm(w0), dtype=F64))
     ball0 = _op_norm(stored[0].weight) * P.UNIT_ROUNDOFF[plan.compute] * norm + rows[0]["arithmetic"] \
         + rows[0]["delta_bias"]
     dz = L.Form(x @ dw0.T, dw0.expand(p, *dw0.shape), torch.full((p,), ball0, dtype=F64),
-                torch.full((p,), spectral_norm_upper(dw0), dtype=F64))
+                torch.full((p,), ball * spectral_norm_upper(dw0), dtype=F64))
     for i in range(1, len(layers)):
         h, g, dh, dg = L.activation(z, dz, float(layers[i - 1].o), eps)
         row = rows[i - 1]

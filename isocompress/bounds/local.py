@@ -79,6 +79,25 @@ def second_derivative_sup(o: float, t_lo: torch.Tensor, t_hi: torch.Tensor) -> t
     return 6.0 * d1 * t_hi + 4.0 * d2 * t_hi ** 3, 2.0 * d1 + 4.0 * d2 * t_hi * t_hi
 
 
+@dataclass(frozen=True)
+class Domain:
+    """The input set Δ of the offsets δ = x − x_i, in the coordinates the first layer's A is written in
+    (docs/bounds.md §8.6): the ball |δ| ≤ scale (k = 0), or, for a piece of a split ball, the product of the box
+    |η_j| ≤ scale (j < k) and the ball |η_{k:}| ≤ scale. `vec` and `mat` bound sup |a·η| and sup |A η| over it."""
+
+    scale: float
+    k: int = 0
+
+    def vec(self, a: torch.Tensor) -> torch.Tensor:
+        """sup over Δ of |a·η| = scale (Σ_{j<k} |a_j| + |a_{k:}|), for rows a (…, m)."""
+        return self.scale * (a[..., : self.k].abs().sum(-1) + torch.linalg.vector_norm(a[..., self.k:], dim=-1))
+
+    def mat(self, a: torch.Tensor) -> torch.Tensor:
+        """An upper bound on sup over Δ of |A η|: scale (Σ_{j<k} |A_{:,j}| + ‖A_{:,k:}‖₂), for A (…, n, m)."""
+        box = torch.linalg.vector_norm(a[..., : self.k], dim=-2).sum(-1)
+        return self.scale * (box + op_norm_upper(a[..., self.k:]))
+
+
 MAX_MATRIX_TERMS = 4  # matrix terms a Residue carries; older ones are folded into its ball (cost stays linear in depth)
 
 
@@ -90,34 +109,34 @@ class Residue:
     are nearly orthogonal to the v_j and to the ranges of the V_j, as the removed rows are to the data's directions."""
 
     vecs: list  # [(v (P, n), kappa (P,))]
-    mats: list  # [(V (P, n, n0), lam (P,), an upper bound on ‖V‖₂ (P,))]
+    mats: list  # [(V (P, n, n0), lam (P,), an upper bound on sup_{δ∈Δ} |V δ| (P,): `Domain.mat`)]
     r0: torch.Tensor  # (P,)
 
-    def sup(self, eps: float) -> torch.Tensor:
+    def sup(self, eps: Domain) -> torch.Tensor:
         total = self.r0.clone()
         for v, k in self.vecs:
             total = total + k * torch.linalg.vector_norm(v, dim=-1)
         for _, lam, norm in self.mats:
-            total = total + lam * eps * norm
+            total = total + lam * norm
         return total
 
-    def dotted_sup(self, a: torch.Tensor, eps: float) -> torch.Tensor:
+    def dotted_sup(self, a: torch.Tensor, eps: Domain) -> torch.Tensor:
         """A bound on |a·w| for a per-point row a (P, n)."""
         total = torch.linalg.vector_norm(a, dim=-1) * self.r0
         for v, k in self.vecs:
             total = total + k * (a * v).sum(-1).abs()
         for v, lam, _ in self.mats:
-            total = total + lam * eps * torch.linalg.vector_norm(torch.einsum("pn,pnk->pk", a, v), dim=-1)
+            total = total + lam * eps.vec(torch.einsum("pn,pnk->pk", a, v))
         return total
 
-    def mapped(self, m: torch.Tensor, tight: torch.Tensor | None = None) -> "Residue":
+    def mapped(self, m: torch.Tensor, eps: Domain, tight: torch.Tensor | None = None) -> "Residue":
         """M w, exactly in the terms (M v_j, M V_j) and ‖M‖ r0. The norms ‖M V_j‖ are bounded by ‖M‖‖V_j‖, or, for
         `tight` (a mask of M's only nonzero rows: few, the removed ones), computed from those rows."""
         norm_m = spectral_norm(m)
         mats = []
         for v, lam, norm in self.mats:
             mv = torch.matmul(m, v)
-            mats.append((mv, lam, norm_m * norm if tight is None else op_norm_upper(mv[:, tight, :])))
+            mats.append((mv, lam, norm_m * norm if tight is None else eps.mat(mv[:, tight, :])))
         return Residue([(v @ m.T, k) for v, k in self.vecs], mats, norm_m * self.r0)
 
     def through_jacobian(self, gc: torch.Tensor, slope: torch.Tensor, c: torch.Tensor) -> "Residue":
@@ -126,16 +145,16 @@ class Residue:
                        [(jacobian_apply(gc, slope, c, v), lam, gc * norm) for v, lam, norm in self.mats],
                        gc * self.r0)
 
-    def added(self, other: "Residue", eps: float) -> "Residue":
+    def added(self, other: "Residue", eps: Domain) -> "Residue":
         """The residue of the sum of the two remainders."""
         return self.plus(other.vecs, other.mats, other.r0, eps)
 
-    def plus(self, vecs: list, mats: list, r0: torch.Tensor, eps: float) -> "Residue":
+    def plus(self, vecs: list, mats: list, r0: torch.Tensor, eps: Domain) -> "Residue":
         """These terms added; beyond MAX_MATRIX_TERMS the oldest matrix terms are folded into the ball."""
         all_mats, extra = self.mats + mats, self.r0 + r0
         while len(all_mats) > MAX_MATRIX_TERMS:
             _, lam, norm = all_mats.pop(0)
-            extra = extra + lam * eps * norm
+            extra = extra + lam * norm
         return Residue(self.vecs + vecs, all_mats, extra)
 
 
@@ -144,7 +163,7 @@ def residue_of(form) -> Residue:
     return form.res if form.res is not None else Residue([], [], form.r)
 
 
-def picked_residue(mask: torch.Tensor, first, second, eps: float) -> Residue:
+def picked_residue(mask: torch.Tensor, first, second, eps: Domain) -> Residue:
     """Per point the residue of `first` where mask, else of `second`: each one's coefficients zeroed where the other
     is chosen (a residue with zero coefficients is still a valid one)."""
     a, b = residue_of(first), residue_of(second)
@@ -155,10 +174,11 @@ def picked_residue(mask: torch.Tensor, first, second, eps: float) -> Residue:
                                                                                    zero, eps)
 
 
-def activation_residue(z: Form, gc, slope, alpha, beta, gamma, eps: float) -> Residue:
-    """Lemma 9': h − f(c) − J_f(c)Aδ = J_f(c)w_z + (a + e)c + (b + e)Aδ + (b + e)w_z with |a| ≤ α, |b| ≤ β, |e| ≤ γ."""
+def activation_residue(z: Form, gc, slope, on_c, on_u, eps: Domain) -> Residue:
+    """Lemma 9': h − f(c) − J_f(c)Aδ = J_f(c)w_z + A c + B Aδ + B w_z with |A| ≤ on_c (α + γ, or Lemma 12's Ā) and
+    |B| ≤ on_u (β + γ, or Lemma 12's B̄): the coefficients of c and of u in the exact remainder."""
     inner = residue_of(z).through_jacobian(gc, slope, z.c)
-    return inner.plus([(z.c, alpha + gamma)], [(z.A, beta + gamma, z.norm())], (beta + gamma) * z.r, eps)
+    return inner.plus([(z.c, on_c)], [(z.A, on_u, z.lin(eps))], on_u * z.r, eps)
 
 
 def taylor_coefficients(slope: torch.Tensor, sigma: torch.Tensor, rad: torch.Tensor, o: float,
@@ -173,6 +193,48 @@ def taylor_coefficients(slope: torch.Tensor, sigma: torch.Tensor, rad: torch.Ten
     d1 = slope.abs() * (1.0 + 1e-9)
     d2 = gain_sq_curv_sup(o + t_lo * t_lo)
     return d1 * rad * rad, d1 * big_s, 0.5 * d2 * big_s * big_s
+
+
+GRID = 64  # intervals of the grid in c·u on which Lemma 12's coefficients are evaluated
+
+
+def exact_coefficients(o: float, cn: torch.Tensor, sigma: torch.Tensor, rad: torch.Tensor):
+    """Lemma 12 (docs/bounds.md §8.7): for |u| ≤ rad and |c·u| ≤ sigma, exactly
+    f(c+u) − f(c) − J_f(c)u = A c + B u = K c + B u_⊥ and g(c+u) − g(c) − ∇g(c)·u = A, with p = c·u, q = |u|²,
+    μ = μ_c + 2p + q, A = G(μ) − G_c − 2G'_c p, B = G(μ) − G_c, K = A + B p/|c|², u_⊥ = u − (p/|c|²) c.
+    Returns upper bounds (K̄, Ā, B̄) on |K|, |A|, |B| (inf where σ ≥ |c|²/2 or c = 0: not used there). K and A
+    decrease in q, so their extremes lie on q = rad² or q = p²/|c|² (Cauchy–Schwarz); on each, sampled on a grid in p,
+    the sup is at most the largest grid value plus h²/8 · sup|second derivative| (linear interpolation); B is monotone
+    in μ, so exact at the ends of μ's range."""
+    c2 = (cn * cn).clamp_min(1e-300)
+    sigma = torch.minimum(sigma, cn * rad)  # |c·u| ≤ |c||u|: every grid point of both curves is then feasible
+    ok = (sigma < 0.5 * c2) & (cn > 0)
+    sig = torch.where(ok, sigma, torch.zeros_like(sigma))
+    mu_c = o + cn * cn
+    g_c, d_c = gain_of_sq(mu_c), gain_sq_slope_exact(mu_c)
+    mu_lo = o + (cn - sig / cn.clamp_min(1e-300)).clamp_min(0.0) ** 2
+    g1, g2 = gain_sq_slope_sup(mu_lo), gain_sq_curv_sup(mu_lo)
+    pts = torch.linspace(-1.0, 1.0, GRID + 1, dtype=F64)[None, :] * sig[:, None]
+    kappa = 1.0 + pts / c2[:, None]
+    best_k, best_a = torch.zeros_like(cn), torch.zeros_like(cn)
+    for q in (rad[:, None] ** 2 * torch.ones_like(pts), pts * pts / c2[:, None]):
+        mu = (mu_c[:, None] + 2.0 * pts + q).clamp_min(o)  # ≥ o + (|c| + p/|c|)² ≥ o on the region
+        big_a = gain_of_sq(mu) - g_c[:, None] - 2.0 * d_c[:, None] * pts
+        big_k = (gain_of_sq(mu) - g_c[:, None]) * kappa - 2.0 * d_c[:, None] * pts
+        best_k = torch.maximum(best_k, big_k.abs().amax(-1))
+        best_a = torch.maximum(best_a, big_a.abs().amax(-1))
+    km = 1.0 + sig / c2
+    h = 2.0 * sig / GRID
+    k_curv = 4.0 * g2 * km ** 3 + 6.0 * g1 * km / c2  # ≥ |d²K/dp²| on both curves
+    a_curv = 4.0 * g2 * km * km + 2.0 * g1 / c2  # ≥ |d²A/dp²| on both curves
+    slack = 1e-13 * (1.0 + g_c)  # float64 rounding of the differences above
+    k_bar = best_k * (1.0 + 1e-9) + h * h / 8.0 * k_curv + slack
+    a_bar = best_a * (1.0 + 1e-9) + h * h / 8.0 * a_curv + slack
+    s_hi, s_lo = 2.0 * sig + rad * rad, -2.0 * sig + sig * sig / c2
+    b_bar = torch.maximum((gain_of_sq(mu_c + s_lo) - g_c).abs(), (gain_of_sq(mu_c + s_hi) - g_c).abs()) * (1.0 + 1e-9) \
+        + slack
+    inf = torch.full_like(cn, math.inf)
+    return torch.where(ok, k_bar, inf), torch.where(ok, a_bar, inf), torch.where(ok, b_bar, inf)
 
 
 # --- batched norms ------------------------------------------------------------------------------------------------
@@ -203,23 +265,24 @@ class Form:
     c: torch.Tensor  # (P, n)
     A: torch.Tensor  # (P, n, n0)
     r: torch.Tensor  # (P,)
-    a_norm: torch.Tensor | None = None  # (P,) an upper bound on ‖A‖₂, filled in by `norm`
+    a_norm: torch.Tensor | None = None  # (P,) an upper bound on sup_{δ∈Δ} |A δ|, filled in by `lin`
     res: "Residue | None" = None  # the structure of w (Lemma 9'), where known
 
-    def norm(self) -> torch.Tensor:
+    def lin(self, eps: Domain) -> torch.Tensor:
+        """sup over δ ∈ Δ of |A δ| (‖A‖ε on a ball)."""
         if self.a_norm is None:
-            self.a_norm = op_norm_upper(self.A)
+            self.a_norm = eps.mat(self.A)
         return self.a_norm
 
-    def spread(self, eps: float) -> torch.Tensor:
+    def spread(self, eps: Domain) -> torch.Tensor:
         """sup |v − c| ≤ ‖A‖ε + r."""
-        return self.norm() * eps + self.r
+        return self.lin(eps) + self.r
 
-    def sup(self, eps: float) -> torch.Tensor:
-        """sup |v| ≤ sqrt(|c|² + 2ε|Aᵀc| + ε²‖A‖²) + r (expand |c + Aδ|²)."""
+    def sup(self, eps: Domain) -> torch.Tensor:
+        """sup |v| ≤ sqrt(|c|² + 2ε|Aᵀc| + ε²‖A‖²) + r (expand |c + Aδ|²; on Δ, sup |cᵀAδ| and sup |Aδ|)."""
         c2 = (self.c * self.c).sum(-1)
-        atc = torch.linalg.vector_norm(torch.einsum("pn,pnk->pk", self.c, self.A), dim=-1)
-        return torch.sqrt(c2 + 2.0 * eps * atc + (eps * self.norm()) ** 2) + self.r
+        atc = eps.vec(torch.einsum("pn,pnk->pk", self.c, self.A))
+        return torch.sqrt(c2 + 2.0 * atc + self.lin(eps) ** 2) + self.r
 
 
 @dataclass
@@ -230,14 +293,14 @@ class Scalar:
     a: torch.Tensor  # (P, n0)
     r: torch.Tensor  # (P,)
 
-    def sup(self, eps: float) -> torch.Tensor:
-        return self.c.abs() + eps * torch.linalg.vector_norm(self.a, dim=-1) + self.r
+    def sup(self, eps: Domain) -> torch.Tensor:
+        return self.c.abs() + eps.vec(self.a) + self.r
 
-    def spread(self, eps: float) -> torch.Tensor:
-        return eps * torch.linalg.vector_norm(self.a, dim=-1) + self.r
+    def spread(self, eps: Domain) -> torch.Tensor:
+        return eps.vec(self.a) + self.r
 
 
-def pick(mask: torch.Tensor, first, second, eps: float):
+def pick(mask: torch.Tensor, first, second, eps: Domain):
     """Per centre, `first` where mask else `second` (both Forms or both Scalars; Forms keep their residues, whose
     folded matrix terms need ε)."""
     m1 = mask.reshape(-1, *([1] * (first.c.dim() - 1)))
@@ -257,7 +320,7 @@ def jacobian_apply(gc: torch.Tensor, slope: torch.Tensor, c: torch.Tensor, m: to
     return gc[:, None, None] * m + (2.0 * slope)[:, None, None] * c[:, :, None] * torch.einsum("pn,pnk->pk", c, m)[:, None, :]
 
 
-def activation(z: Form, dz: Form, o: float, eps: float) -> tuple[Form, Scalar, Form, Scalar]:
+def activation(z: Form, dz: Form, o: float, eps: Domain) -> tuple[Form, Scalar, Form, Scalar]:
     """h = f(z), g = g(z) of the original and Δh = f(z + Δz) − f(z), Δg likewise, as forms (docs/bounds.md, §8.3)."""
     c = z.c
     cn = torch.linalg.vector_norm(c, dim=-1)
@@ -271,17 +334,19 @@ def activation(z: Form, dz: Form, o: float, eps: float) -> tuple[Form, Scalar, F
     spec_lo = sech2(torch.sqrt(o + t_hi * t_hi))  # every eigenvalue of J_f on the ball lies in [spec_lo, g_top]
     # h = f(c) + J_c A δ + w: |w| ≤ the Taylor remainder, or ≤ |h − f(c)| + |J_c A δ| (Lemma 1 on the ball)
     along_c = torch.minimum(residue_of(z).dotted_sup(c, eps), cn * z.r)  # ≥ |c·w_z|
-    sigma = eps * torch.linalg.vector_norm(torch.einsum("pn,pnk->pk", c, z.A), dim=-1) + along_c
+    sigma = eps.vec(torch.einsum("pn,pnk->pk", c, z.A)) + along_c
     alpha, beta, gamma = taylor_coefficients(slope, sigma, rz, o, t_lo)
-    rem_f, rem_g = alpha * cn + beta * rz + gamma * t_hi, alpha + gamma
-    res = activation_residue(z, gc, slope, alpha, beta, gamma, eps)
+    k_bar, a_bar, b_bar = exact_coefficients(o, cn, sigma, rz)  # Lemma 12: the same remainder, exactly in (c·u, |u|²)
+    rem_f = torch.minimum(alpha * cn + beta * rz + gamma * t_hi, torch.hypot(k_bar * cn, b_bar * rz))
+    rem_g = torch.minimum(alpha + gamma, a_bar)
+    res = activation_residue(z, gc, slope, torch.minimum(alpha + gamma, a_bar), torch.minimum(beta + gamma, b_bar), eps)
     h = Form(gc[:, None] * c, jacobian_apply(gc, slope, c, z.A),
              torch.minimum(torch.minimum(gc * z.r + torch.minimum(torch.minimum(lf * rz * rz / 2.0, rem_f),
                                                                    (g_top - spec_lo) * rz),
-                                         g_top * rz + gc * z.norm() * eps), res.sup(eps)), res=res)
+                                         g_top * rz + gc * z.lin(eps)), res.sup(eps)), res=res)
     # g = g_c + ∇g_c·A δ + w: Taylor remainder, or the interval [g_bot, g_top] plus the linear part
     grad_a = torch.einsum("pn,pnk->pk", grad, z.A)
-    lin = eps * torch.linalg.vector_norm(grad_a, dim=-1)
+    lin = eps.vec(grad_a)
     grad_w = torch.minimum(torch.linalg.vector_norm(grad, dim=-1) * z.r, residue_of(z).dotted_sup(grad, eps))  # ≥ |∇g_c·w_z|
     g = Scalar(gc, grad_a, torch.minimum(grad_w + torch.minimum(lg * rz * rz / 2.0, rem_g),
                                          torch.maximum(g_top - gc, gc - g_bot) + lin))
@@ -293,7 +358,7 @@ def activation(z: Form, dz: Form, o: float, eps: float) -> tuple[Form, Scalar, F
     top_w, bot_w = gain_of_sq(o + w_lo * w_lo), gain_of_sq(o + w_hi * w_hi)
     spec_w = sech2(torch.sqrt(o + w_hi * w_hi))
     omega = torch.minimum(lf_w * wide, top_w - spec_w)  # ‖J̄ − J_f(c)‖
-    lin_dz = torch.linalg.vector_norm(dz.c, dim=-1) + dz.norm() * eps  # ≥ |d + B δ|
+    lin_dz = torch.linalg.vector_norm(dz.c, dim=-1) + dz.lin(eps)  # ≥ |d + B δ|
     dres = jacobian_residue(z, dz, gc, slope, sigma, d, w_lo, o, eps)
     dh_t = Form(jacobian_apply(gc, slope, c, dz.c), jacobian_apply(gc, slope, c, dz.A),
                 torch.minimum(torch.minimum(gc * dz.r + omega * d, torch.clamp(top_w * d, max=2.0) + gc * lin_dz),
@@ -302,7 +367,7 @@ def activation(z: Form, dz: Form, o: float, eps: float) -> tuple[Form, Scalar, F
     dh_m = Form(kappa[:, None] * dz.c, kappa[:, None, None] * dz.A, kappa * dz.r + (top_w - spec_w) / 2.0 * d)
     dh = pick(dh_t.r <= dh_m.r, dh_t, dh_m, eps)  # both keep a linear part; the smaller remainder wins
     dgrad_a = torch.einsum("pn,pnk->pk", grad, dz.A)
-    dg_lin = (grad * dz.c).sum(-1).abs() + eps * torch.linalg.vector_norm(dgrad_a, dim=-1)
+    dg_lin = (grad * dz.c).sum(-1).abs() + eps.vec(dgrad_a)
     dg = Scalar((grad * dz.c).sum(-1), dgrad_a,
                 torch.minimum(torch.linalg.vector_norm(grad, dim=-1) * dz.r + lg_w * wide * d,
                               torch.minimum(gain_slope_sup(torch.sqrt(o + w_lo * w_lo)) * d, top_w - bot_w) + dg_lin))
@@ -314,14 +379,14 @@ def activation(z: Form, dz: Form, o: float, eps: float) -> tuple[Form, Scalar, F
     return h, g, dh, dg
 
 
-def jacobian_residue(z: Form, dz: Form, gc, slope, sigma, big_d, w_lo, o: float, eps: float) -> Residue:
+def jacobian_residue(z: Form, dz: Form, gc, slope, sigma, big_d, w_lo, o: float, eps: Domain) -> Residue:
     """Lemma 10: the remainder of Δh = J_f(c)(d + Bδ) + w in the Jacobian-at-c form (§8.4) as a residue. With
     v = Δz and y = z + τv = c + u + τv, (J_f(y) − J_f(c))v = t1 v + t2 c + t3 (u + τv), t1 = G(μ_y) − G(μ_c),
     t3 = 2G'(μ_y)(y·v), t2 = t3 − 2G'(μ_c)(c·v); so w = J_f(c)w_Δ + (t̄1 + t̄4)(d + Bδ + w_Δ) + t̄2 c + t̄3 (Aδ + w)
     with |t̄1| ≤ T1, |t̄2| ≤ T2, |t̄3|, |t̄4| ≤ T3 (the mean over τ of bounded scalars)."""
     c, cn = z.c, torch.linalg.vector_norm(z.c, dim=-1)
     wide = z.spread(eps) + big_d  # ≥ |y − c|
-    cv = (c * dz.c).sum(-1).abs() + eps * torch.linalg.vector_norm(torch.einsum("pn,pnk->pk", c, dz.A), dim=-1) \
+    cv = (c * dz.c).sum(-1).abs() + eps.vec(torch.einsum("pn,pnk->pk", c, dz.A)) \
         + cn * dz.r  # ≥ |c·v|
     shift = 2.0 * (sigma + cv) + wide * wide  # ≥ |μ_y − μ_c| = |2c·(u + τv) + |u + τv|²|
     d1, d2 = gain_sq_slope_sup(o + w_lo * w_lo), gain_sq_curv_sup(o + w_lo * w_lo)
@@ -329,12 +394,12 @@ def jacobian_residue(z: Form, dz: Form, gc, slope, sigma, big_d, w_lo, o: float,
     t1, t3 = d1 * shift, 2.0 * d1 * yv
     t2 = 2.0 * d2 * shift * yv + 2.0 * slope.abs() * (1.0 + 1e-9) * wide * big_d  # slope = G'(μ_c)
     inner = residue_of(dz).through_jacobian(gc, slope, c)
-    return inner.plus([(dz.c, t1 + t3), (c, t2)], [(dz.A, t1 + t3, dz.norm()), (z.A, t3, z.norm())],
+    return inner.plus([(dz.c, t1 + t3), (c, t2)], [(dz.A, t1 + t3, dz.lin(eps)), (z.A, t3, z.lin(eps))],
                       (t1 + t3) * dz.r + t3 * z.r, eps)
 
 
 # --- one affine layer ---------------------------------------------------------------------------------------------
-def exact_centre(z: Form, dz: Form, h: Form, grad_a, gc, slope, grad, rem, rz, o: float, eps: float):
+def exact_centre(z: Form, dz: Form, h: Form, grad_a, gc, slope, grad, rem, rz, o: float, eps: Domain):
     """Δh and Δg as forms centred on their exact values at x_i (docs/bounds.md §8.4): remainders of order ε², not of
     order |Δz(x_i)|·ε, which wins where the centres of the two networks are far apart. `rem`: the bounds on the
     original's Taylor remainders R of f and g at c (§8.3); those of the pruned network at c' are formed here."""
@@ -344,12 +409,14 @@ def exact_centre(z: Form, dz: Form, h: Form, grad_a, gc, slope, grad, rem, rz, o
     mu2 = o + n2 * n2
     g2, slope2 = gain_of_sq(mu2), gain_sq_slope_exact(mu2)
     grad2 = 2.0 * slope2[:, None] * c2
-    ru2 = rz + dz.norm() * eps + dz.r  # sup |z' − c'|
+    ru2 = rz + dz.lin(eps) + dz.r  # sup |z' − c'|
     lo2, hi2 = (n2 - ru2).clamp_min(0.0), n2 + ru2
     lf2, lg2 = second_derivative_sup(o, lo2, hi2)
-    sigma2 = eps * torch.linalg.vector_norm(torch.einsum("pn,pnk->pk", c2, z.A + dz.A), dim=-1) + n2 * (z.r + dz.r)
+    sigma2 = eps.vec(torch.einsum("pn,pnk->pk", c2, z.A + dz.A)) + n2 * (z.r + dz.r)
     alpha2, beta2, gamma2 = taylor_coefficients(slope2, sigma2, ru2, o, lo2)
-    rem_f2, rem_g2 = alpha2 * n2 + beta2 * ru2 + gamma2 * hi2, alpha2 + gamma2
+    k2, a2, b2 = exact_coefficients(o, n2, sigma2, ru2)  # Lemma 12 at c'
+    rem_f2 = torch.minimum(alpha2 * n2 + beta2 * ru2 + gamma2 * hi2, torch.hypot(k2 * n2, b2 * ru2))
+    rem_g2 = torch.minimum(alpha2 + gamma2, a2)
     # ‖J(c') − J(c)‖ ≤ L_f on the segment [c, c'] × |d| (Lemma 8), and ≤ the spread of their spectra
     cn = torch.linalg.vector_norm(c, dim=-1)
     dn = torch.linalg.vector_norm(dz.c, dim=-1)
@@ -368,7 +435,7 @@ def exact_centre(z: Form, dz: Form, h: Form, grad_a, gc, slope, grad, rem, rz, o
 
 
 def affine(layer: Layer, h: Form, g: Scalar | None, dh: Form, dg: Scalar | None, removed: torch.Tensor,
-           consts: torch.Tensor, eps: float) -> tuple[Form, Form]:
+           consts: torch.Tensor, eps: Domain) -> tuple[Form, Form]:
     """z = W h + b + psi g and Δz = P_K(W Δh + psi Δg) − P_S(z − c) (docs/bounds.md, eq. 2)."""
     w, psi = layer.dense_weight(), layer.psi
     zc = h.c @ w.T + layer.bias
@@ -378,8 +445,8 @@ def affine(layer: Layer, h: Form, g: Scalar | None, dh: Form, dg: Scalar | None,
     keep = ~removed
     wk, ws = w[keep], w[removed]
     h_res = residue_of(h)
-    res = h_res.mapped(w)  # Lemma 9': z's remainder keeps h's structure
-    gone = h_res.mapped(-removed.to(F64)[:, None] * w, tight=removed)  # −P_S W w_h: the removed rows' share
+    res = h_res.mapped(w, eps)  # Lemma 9': z's remainder keeps h's structure
+    gone = h_res.mapped(-removed.to(F64)[:, None] * w, eps, tight=removed)  # −P_S W w_h: the removed rows' share
     zr = spectral_norm(w) * h.r
     kept_r = spectral_norm(wk) * dh.r
     gone_r = torch.minimum(spectral_norm(ws) * h.r, gone.sup(eps))  # the removed rows barely see the curvature
@@ -402,12 +469,12 @@ def affine(layer: Layer, h: Form, g: Scalar | None, dh: Form, dg: Scalar | None,
 
 
 def difference_residue(w, psi, g: Scalar, dh: Form, dg: Scalar, removed: torch.Tensor, gone: Residue,
-                       eps: float) -> Residue:
+                       eps: Domain) -> Residue:
     """The residue of Δz's remainder P_K(W w_Δh + psi w_Δg) − P_S(W w_h + psi w_g) (eq. 2, Lemma 9'), given `gone`,
     the residue of −P_S W w_h."""
     keep = (~removed).to(F64)
     p = dh.c.shape[0]
-    out = residue_of(dh).mapped(keep[:, None] * w, tight=~removed).added(gone, eps)
+    out = residue_of(dh).mapped(keep[:, None] * w, eps, tight=~removed).added(gone, eps)
     if psi is not None:
         out = out.plus([((keep * psi).expand(p, -1), dg.r), (((1.0 - keep) * psi).expand(p, -1), g.r)], [],
                        torch.zeros(p, dtype=F64), eps)
@@ -416,22 +483,31 @@ def difference_residue(w, psi, g: Scalar, dh: Form, dg: Scalar, removed: torch.T
 
 # --- the whole network --------------------------------------------------------------------------------------------
 def local_bounds(layers: list[Layer], removed: list[torch.Tensor], consts: list[torch.Tensor], centres: torch.Tensor,
-                 eps: float, allowance: float = 0.0) -> dict:
+                 eps: float, allowance: float = 0.0, inputs: torch.Tensor | None = None, box: int = 0) -> dict:
     """For every centre x_i (rows of `centres`): β_i ≥ sup |y'(x) − y(x)| over |x − x_i| ≤ ε, and whether the top-1
     class of the original at x_i is proven to be the top-1 of both networks everywhere in that ball (Theorem 4).
     `allowance`: an absolute float64 rounding allowance added to β and subtracted from every margin.
-    Returns tensors: bound (P,), top1 (P,) bool, margin_original (P,), margin_pruned (P,) (certified lower bounds on
-    the top-1 margins over the ball), top_class (P,)."""
+    `inputs` (P, n0, m), `box`: the set is instead {x_i + E_i η : |η_j| ≤ ε for j < box, |η_{box:}| ≤ ε} (a piece of
+    a split ball, docs/bounds.md §8.6). Returns tensors: bound (P,), top1 (P,) bool, margin_original (P,),
+    margin_pruned (P,) (certified lower bounds on the top-1 margins over the set), top_class (P,), linear (P, 2m, ·)
+    (the linear parts of y and y' at the centres: the split directions of `branch.refine`)."""
     x = centres.to(F64)
     p = x.shape[0]
     first = layers[0]
     w0 = first.dense_weight()
     n_hidden = len(layers) - 1
-    z = Form(x @ w0.T + first.bias, w0.expand(p, *w0.shape), torch.zeros(p, dtype=F64),
-             torch.full((p,), spectral_norm(w0), dtype=F64))
+    dom = Domain(float(eps), box)
     mask0 = removed[0].to(F64)
-    dz = Form(-mask0 * (z.c - consts[0]), -mask0[None, :, None] * z.A, torch.zeros(p, dtype=F64),
-              torch.full((p,), spectral_norm(w0[removed[0]]), dtype=F64))
+    if inputs is None:  # the ball: A = W_1, its norms by one exact SVD
+        a0 = w0.expand(p, *w0.shape)
+        norms = (torch.full((p,), eps * spectral_norm(w0), dtype=F64),
+                 torch.full((p,), eps * spectral_norm(w0[removed[0]]), dtype=F64))
+    else:
+        a0 = torch.matmul(w0, inputs.to(F64))
+        norms = (dom.mat(a0), dom.mat(a0[:, removed[0], :]))
+    z = Form(x @ w0.T + first.bias, a0, torch.zeros(p, dtype=F64), norms[0])
+    dz = Form(-mask0 * (z.c - consts[0]), -mask0[None, :, None] * z.A, torch.zeros(p, dtype=F64), norms[1])
+    eps = dom
     for i in range(1, n_hidden + 1):
         h, g, dh, dg = activation(z, dz, float(layers[i - 1].o), eps)
         last = i == n_hidden
@@ -446,20 +522,20 @@ def local_bounds(layers: list[Layer], removed: list[torch.Tensor], consts: list[
     joint = residue_of(z).added(residue_of(dz), eps)  # w' = w + w_Δ
     m_pruned = margin_lower(pruned, top, eps, joint) - 2.0 * slack
     return {"bound": beta, "top1": (m_orig > 0) & (m_pruned > 0), "margin_original": m_orig,
-            "margin_pruned": m_pruned, "top_class": top}
+            "margin_pruned": m_pruned, "top_class": top, "linear": torch.cat([z.A, pruned.A], dim=1)}
 
 
-def margin_lower(y: Form, top: torch.Tensor, eps: float, res: Residue | None = None) -> torch.Tensor:
+def margin_lower(y: Form, top: torch.Tensor, eps: Domain, res: Residue | None = None) -> torch.Tensor:
     """min over k ≠ top and |δ| ≤ ε of y_top − y_k ≥ (c_top − c_k) − ε|A_top − A_k| − |w_top − w_k|, with
     |w_top − w_k| ≤ √2 r (Cauchy–Schwarz), or, given the residue of w, by Lemma 9' with the row e_top − e_k."""
     idx = torch.arange(len(top))
     gap = y.c[idx, top][:, None] - y.c
-    slope = torch.linalg.vector_norm(y.A[idx, top][:, None, :] - y.A, dim=-1)
+    slope = eps.vec(y.A[idx, top][:, None, :] - y.A)
     pair = SQRT2 * y.r[:, None].expand_as(gap)
     if res is not None:
         rows = [res.dotted_sup(_class_row(top, k, y.c.shape[1]), eps) for k in range(y.c.shape[1])]
         pair = torch.minimum(pair, torch.stack(rows, dim=1))
-    low = gap - eps * slope - pair
+    low = gap - slope - pair
     low[idx, top] = math.inf
     if low.shape[1] == 1:
         return torch.full((len(top),), math.inf, dtype=F64)

@@ -19,16 +19,19 @@ from isocompress.api.recipe import (
     read_toml,
     show,
 )
+from isocompress.bounds.branch import EFFORTS
 from isocompress.core import parsing
 from isocompress.core.errors import IsocompressError
 from isocompress.core.parsing import BYTE_UNITS, parse_bytes, parse_count  # noqa: F401  (re-exported)
 
 CONFIG_NAME = "isocompress.toml"
 CHECK_KEYS = ("name", "model", "recipe", "calibration", "labels", "test-data", "test-labels", "max-params",
-              "max-bytes", "max-error", "error-measure", "min-accuracy", "min-certified-top1", "ref-intrinsic-length", "precision")
+              "max-bytes", "max-error", "error-measure", "min-accuracy", "min-certified-top1", "certify-effort",
+              "ref-intrinsic-length", "precision")
 PRECISIONS = ("float32", "float16", "int8-weights", "int8")  # core.precision (int8 is refused: not available yet)
 LIMIT_KEYS = ("max-params", "max-bytes", "max-error", "min-accuracy", "min-certified-top1")
 MEASURES = ("certified", "empirical")
+EFFORT_NAMES = tuple(EFFORTS)  # certify-effort: fast | normal | thorough
 PERCENT_OF_Y = "% of max |y|"
 
 
@@ -56,6 +59,7 @@ class CheckSpec:
     test_data: str | None = None  # issue 10: held-out inputs; min-accuracy is then measured on them
     test_labels: str | None = None
     min_certified_top1: float | None = None  # issue 10: report.pruning.local.certified_top1 of the recipe's output
+    certify_effort: str | None = None  # fast | normal | thorough: overrides the recipe's (local certificates)
     name: str | None = None
     ref_intrinsic_length: str | None = None  # how a reference checkpoint's intrinsic_length is read: log | raw
     precision: str | None = None  # the recipe's output in this precision: its limits (bytes, certified error) per precision
@@ -121,6 +125,10 @@ class CheckSpec:
                 parse_precision(self.precision, "precision")
             except IsocompressError as exc:
                 raise IsocompressError(f"{where}: {exc}") from None
+        if self.certify_effort is not None:
+            parse_choice(self.certify_effort, EFFORT_NAMES, where, "certify-effort")
+            if self.recipe is None:
+                raise fail(where, "certify-effort", "needs a 'recipe': the certificates are those of its compression")
 
     def limits(self) -> list[str]:
         values = {"max-params": self.max_params, "max-bytes": self.max_bytes, "min-accuracy": self.min_accuracy,
@@ -134,8 +142,8 @@ class CheckSpec:
                 "labels": self.labels, "max-params": self.max_params, "max-bytes": self.max_bytes,
                 "max-error": self.max_error, "error-measure": self.error_measure, "min-accuracy": self.min_accuracy,
                 "test-data": self.test_data, "test-labels": self.test_labels,
-                "min-certified-top1": self.min_certified_top1, "ref-intrinsic-length": self.ref_intrinsic_length,
-                "precision": self.precision}
+                "min-certified-top1": self.min_certified_top1, "certify-effort": self.certify_effort,
+                "ref-intrinsic-length": self.ref_intrinsic_length, "precision": self.precision}
         if self.max_error_percent is not None:
             percent = self.max_error_percent
             data["max-error"] = f"{int(percent) if percent == int(percent) and percent < 1e15 else percent!r}%"
@@ -170,6 +178,8 @@ class CheckSpec:
             kwargs["min_certified_top1"] = parse_fraction(data["min-certified-top1"], where, "min-certified-top1")
         if "precision" in data:
             kwargs["precision"] = parse_choice(data["precision"], PRECISIONS, where, "precision")
+        if "certify-effort" in data:
+            kwargs["certify_effort"] = parse_choice(data["certify-effort"], EFFORT_NAMES, where, "certify-effort")
         return cls(**kwargs)
 
 

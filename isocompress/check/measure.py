@@ -164,6 +164,8 @@ def measure_recipe(spec: CheckSpec, recipe: Recipe) -> Measurement:
             options = replace(options, ref_intrinsic_length=spec.ref_intrinsic_length)
         if spec.precision is not None:  # the check's precision overrides the recipe's (and its dtype)
             options = replace(options, precision=spec.precision, dtype=None)
+        if spec.certify_effort is not None:
+            options = replace(options, certify_effort=spec.certify_effort)
         report = api.shrink_file(spec.model, Path(tmp) / "out", options, calibration=calibration,
                                  labels=labels, progress=False, recipe=recipe.provenance(),
                                  certify_data=recipe.certify_data, test_data=recipe.test_data,

@@ -34,6 +34,9 @@ from isocompress.core.errors import IsocompressError
                    " curve against ε in report.json, the first is the primary ε [default: 1%].")
 @click.option("--certify-data", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Points to certify around instead of the calibration inputs.")
+@click.option("--certify-effort", type=click.Choice(["fast", "normal", "thorough"]), default=None,
+              help="How hard the local certificates work on undecided points (branch and bound over the ball and"
+                   " the counterexample search) [default: normal].")
 @click.option("--min-certified-top1", default=None,
               help="Prune as far as the certified top-1 agreement at the certify radius stays ≥ this (95%, 0.95).")
 @click.option("--test-data", type=click.Path(dir_okay=False, path_type=str), default=None,
@@ -58,8 +61,8 @@ from isocompress.core.errors import IsocompressError
               help=REF_HELP)
 @threads_option
 def shrink(model, recipe_path, exact, budget, max_error, basis, calibration, labels, input_radius, certify_radius,
-           certify_data, min_certified_top1, test_data, test_labels, formats, onnx_tol, out_dir, dtype, precision,
-           plot_path, quiet, as_json, ref_mode, n_threads):
+           certify_data, certify_effort, min_certified_top1, test_data, test_labels, formats, onnx_tol, out_dir, dtype,
+           precision, plot_path, quiet, as_json, ref_mode, n_threads):
     """Shrink MODEL (.pt, .pth or .safetensors); write model.safetensors, model.onnx and report.json."""
     from isocompress.api import plotting
     from isocompress.api import recipe as recipes
@@ -85,6 +88,7 @@ def shrink(model, recipe_path, exact, budget, max_error, basis, calibration, lab
         "certify_radius": recipes.parse_radii(certify_radius, recipes.COMMAND_LINE, "certify-radius")
         if certify_radius is not None else None,
         "certify_data": certify_data,
+        "certify_effort": certify_effort,
         "min_certified_top1": recipes.parse_fraction(min_certified_top1, recipes.COMMAND_LINE, "min-certified-top1")
         if min_certified_top1 is not None else None,
         "test_data": test_data,

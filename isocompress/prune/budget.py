@@ -18,13 +18,14 @@ from types import SimpleNamespace
 
 import torch
 
+from isocompress.bounds import branch
 from isocompress.bounds import certified as bounds
 from isocompress.bounds import local as local_bounds
 from isocompress.core import threads
 from isocompress.core.errors import BudgetUnreachable, CheckFailed, IsocompressError
+from isocompress.core.geometry import Geometry
 from isocompress.core.layers import as_float64
 from isocompress.core.measure import output_scale, probe_inputs, sample_norms
-from isocompress.core.geometry import Geometry
 from isocompress.core.model import DENSE, IsoMLP, Layer, channel_axis, positions_of
 from isocompress.core.parsing import radius_fraction
 from isocompress.core.primitives import contract_channels, rotate_columns, rotate_rows
@@ -526,8 +527,9 @@ def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, pr
     report = build_report(original, pruned, state, basis, radius, radius_source, probes, labels,
                           search_restarts, search_steps, calibrated=x is not None)
     account_constant_directions(report, constant)
+    effort = getattr(options, "certify_effort", branch.DEFAULT_EFFORT)
     local_sections(report, state, (original, pruned), options, (radius, centres, radii), eps_source,
-                   certify_data is not None)
+                   certify_data is not None, (effort, branch.EFFORTS[effort].time_share * (time.perf_counter() - started)))
     if test_data is not None:
         report["test"] = test_report(original, pruned, test_data, test_labels)
         report["empirical"]["inputs"] = report["empirical"]["inputs"].replace("; give --test-data", "")
@@ -567,18 +569,21 @@ def account_constant_directions(report: dict, constant: dict) -> None:
                           " please report this model")
 
 
-def local_sections(report: dict, state: State, networks, options, domain, eps_source: str, certify_data: bool) -> None:
+def local_sections(report: dict, state: State, networks, options, domain, eps_source: str, certify_data: bool,
+                   work: tuple[str, float] = (branch.DEFAULT_EFFORT, math.inf)) -> None:
     """report["deployed"] (the files' rounding term, docs/bounds.md §5b), the global certificate covering it, and
-    report["local"] with the curve over every ε, each β_i including the files' term on its ball."""
+    report["local"] with the curve over every ε, each β_i including the files' term on its ball. `work`: the
+    certify effort and the seconds its refinement may take (per ε)."""
     (radius, centres, radii), pruned = domain, networks[1]
     eps = radii[0][0] if radii else None
     report["deployed"] = deployed_term(pruned, getattr(options, "precision", None), radius, centres,
                                        max((r[0] for r in radii), default=None))
     report["local"] = add_deployed(report, local_section(state, centres, eps, eps_source, certify_data, networks,
-                                                         extra=local_extra(report, pruned, centres, eps)))
+                                                         extra=local_extra(report, pruned, centres, eps),
+                                                         effort=work[0], time_budget=work[1]))
     if len(radii) > 1 and report["local"].get("computed", True):
         report["local"]["curve"] = local_curve(state, centres, radii, report["local"], networks,
-                                               lambda e: local_extra(report, pruned, centres, e))
+                                               lambda e: local_extra(report, pruned, centres, e), work)
 
 
 def deployed_term(pruned: IsoMLP, precision: str | None, radius, centres, eps) -> dict:
@@ -649,12 +654,12 @@ def goal_check(options, radius, centres, model: IsoMLP) -> None:
 
 
 def local_section(state: State, centres, eps, eps_source: str, certify_data: bool, networks,
-                  extra: float = 0.0) -> dict:
+                  extra: float = 0.0, effort: str = branch.DEFAULT_EFFORT, time_budget: float = math.inf) -> dict:
     """report["pruning"]["local"]: the certificates, or one line saying why none were computed. `extra`: the deployed
     files' rounding term, added to every β_i (and taken twice off every top-1 margin)."""
     if centres is not None:
         return local_report(state, centres, eps, eps_source, "certify data" if certify_data else "calibration data",
-                            networks=networks, extra=extra)
+                            networks=networks, extra=extra, effort=effort, time_budget=time_budget)
     if not locally_certifiable(networks[0]):
         return {"computed": False, "note": LOCAL_MLP_ONLY}
     return {"computed": False, "note": "no local certificates: give --calibration FILE or --certify-data FILE (points"
@@ -662,13 +667,21 @@ def local_section(state: State, centres, eps, eps_source: str, certify_data: boo
 
 
 def local_report(state: State, centres: torch.Tensor, eps: float, eps_source: str, points: str,
-                 networks=None, extra: float = 0.0) -> dict:
+                 networks=None, extra: float = 0.0, effort: str = branch.DEFAULT_EFFORT,
+                 time_budget: float = math.inf) -> dict:
     """report.json["pruning"]["local"]: the certificates and, for classifiers with `networks` = (original, pruned),
-    the three-way verdict per point: certified, refuted (a verified counterexample) or undecided."""
+    the three-way verdict per point: certified, refuted (a verified counterexample) or undecided — the undecided
+    refined by branch and bound over the ball at `effort` (docs/bounds.md §8.6), with their remaining gaps."""
     started = time.perf_counter()
     out = local_certificates(state, centres, eps, extra)
-    bound = out["bound"]
     classifier = state.layers[-1].n_out >= 2
+    verdict = {}
+    if classifier and networks is not None:
+        level = branch.EFFORTS[effort]
+        verdict = refutation_report(state, centres, eps, out["top1"], *networks, effort=level)
+        deadline = started + time_budget
+        verdict.update(refinement_report(state, centres, eps, out, verdict, level, deadline, extra))
+    bound = out["bound"]
     top1 = out["top1"].tolist() if classifier else None
     report = {
         "radius": eps,
@@ -676,6 +689,7 @@ def local_report(state: State, centres: torch.Tensor, eps: float, eps_source: st
         "points": points,
         "n_points": int(len(centres)),
         "certified_top1": float(out["top1"].double().mean()) if classifier else None,
+        "certify_effort": effort,
         "n_certified": int(out["top1"].sum()) if classifier else None,
         "bounds": [float(b) for b in bound],
         "top1_certified": top1,
@@ -687,14 +701,13 @@ def local_report(state: State, centres: torch.Tensor, eps: float, eps_source: st
         report["extra"] = {"max": float(extra.max()), "median": float(extra.median())}
     elif extra:
         report["extra"] = {"max": float(extra), "median": float(extra)}
-    if classifier and networks is not None:
-        report.update(refutation_report(state, centres, eps, out["top1"], *networks))
+    report.update(verdict)
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report
 
 
 def local_curve(state: State, centres: torch.Tensor, radii: list, primary: dict, networks,
-                extra_of=None) -> list[dict]:
+                extra_of=None, work: tuple[str, float] = (branch.DEFAULT_EFFORT, math.inf)) -> list[dict]:
     """report["pruning"]["local"]["curve"]: for each ε of --certify-radius, in the order given, the verdict counts
     and shares of `local_report` at that ε alone (the first entry is `primary`, the report at the first ε).
     `extra_of(ε)`: the deployed files' term on the balls of radius ε (docs/bounds.md §5b)."""
@@ -702,7 +715,8 @@ def local_curve(state: State, centres: torch.Tensor, radii: list, primary: dict,
     curve = []
     for k, (eps, source, given) in enumerate(radii):
         one = primary if k == 0 else local_report(state, centres, eps, source, primary["points"], networks=networks,
-                                                  extra=0.0 if extra_of is None else extra_of(eps))
+                                                  extra=0.0 if extra_of is None else extra_of(eps),
+                                                  effort=work[0], time_budget=work[1])
         curve.append(curve_entry(one, given, median))
     return curve
 
@@ -726,7 +740,7 @@ COUNTEREXAMPLES_SHOWN = 16  # report.json keeps the inputs of this many countere
 
 
 def refutation_report(state: State, centres: torch.Tensor, eps: float, certified: torch.Tensor, original: IsoMLP,
-                      pruned: IsoMLP) -> dict:
+                      pruned: IsoMLP, effort: branch.Effort = branch.EFFORTS[branch.DEFAULT_EFFORT]) -> dict:
     """The disagreement search on the points that are not certified (docs/bounds.md §8.5): searched on the exact-shrunk
     network (the original to within D, and smaller), every counterexample verified on the original and the pruned."""
     started = time.perf_counter()
@@ -735,6 +749,7 @@ def refutation_report(state: State, centres: torch.Tensor, eps: float, certified
     shown = []
     if len(todo):
         found = local_bounds.disagreement_search(IsoMLP(state.layers), pruned, centres[todo].to(F64), eps,
+                                                 starts=effort.search_starts, steps=effort.search_steps,
                                                  verify=(original, pruned))
         refuted[todo] = found["refuted"]
         for j in found["refuted"].nonzero()[:, 0][:COUNTEREXAMPLES_SHOWN].tolist():
@@ -749,7 +764,7 @@ def refutation_report(state: State, centres: torch.Tensor, eps: float, certified
         "n_undecided": n_undecided, "undecided_fraction": n_undecided / n,
         "counterexamples": shown,
         "refutation": {
-            "starts": local_bounds.DISAGREE_STARTS, "steps": local_bounds.DISAGREE_STEPS,
+            "starts": effort.search_starts, "steps": effort.search_steps,
             "bisection_steps": local_bounds.BISECT_STEPS, "points_searched": int(len(todo)),
             "seconds": round(time.perf_counter() - started, 3),
             "note": "refuted: a point x with |x − x_i| ≤ ε where the pruned network's top-1 differs from the"
@@ -758,6 +773,51 @@ def refutation_report(state: State, centres: torch.Tensor, eps: float, certified
                     " unchanged on that ball, so no sound certificate can claim it; undecided: neither certified nor"
                     f" refuted. The first {COUNTEREXAMPLES_SHOWN} counterexamples are listed (docs/bounds.md §8.5)"},
     }
+
+
+def refinement_report(state: State, centres: torch.Tensor, eps: float, out: dict, verdict: dict,
+                      effort: branch.Effort, deadline: float = math.inf, extra=0.0) -> dict:
+    """Branch and bound over the balls left undecided (docs/bounds.md §8.6), at most effort.pieces_per_point × the
+    number of points piece bounds: certified ones join out["top1"], every refined β replaces out["bound"] where smaller
+    (both in place), and the verdict counts are recomputed; the undecided keep their remaining gap."""
+    started = time.perf_counter()
+    if "refuted" not in verdict:  # no search ran: no point is known undecided
+        return {}
+    refuted = torch.tensor(verdict["refuted"], dtype=torch.bool)
+    todo = (~out["top1"] & ~refuted).nonzero()[:, 0]
+    budget = int(effort.pieces_per_point * len(centres))
+    gap = torch.zeros(len(centres), dtype=F64)
+    pieces, newly = 0, 0
+    if len(todo) and budget > 0 and effort.directions > 0:
+        margin = torch.minimum(out["margin_original"], out["margin_pruned"])[todo]
+        got = branch.refine(state.layers, state.removed, state.consts, centres[todo].to(F64), eps,
+                            out["top_class"][todo], out["linear"][todo], out["bound"][todo], margin, effort, budget,
+                            allowance=rounding_allowance(state) + state.constant_bound + largest_term(extra),
+                            deadline=deadline)
+        out["top1"][todo] = got["certified"]
+        out["bound"][todo] = torch.minimum(out["bound"][todo], got["bound"])
+        gap[todo] = got["gap"]
+        pieces, newly = int(got["pieces"].sum()), int(got["certified"].sum())
+    elif len(todo):
+        gap[todo] = (-torch.minimum(out["margin_original"], out["margin_pruned"])[todo]).clamp_min(0.0)
+    check_verdicts(out["top1"], refuted)
+    n = len(centres)
+    undecided = ~out["top1"] & ~refuted
+    return {"n_undecided": int(undecided.sum()), "undecided_fraction": int(undecided.sum()) / n,
+            "undecided_gaps": [{"point": int(i), "gap": float(gap[i])} for i in undecided.nonzero()[:, 0].tolist()],
+            "refinement": {
+                "effort": effort.name, "directions": effort.directions, "piece_budget": budget, "pieces": pieces,
+                "stopped_by_time": pieces < budget and len(todo) > newly and time.perf_counter() >= deadline,
+                "certified_by_refinement": newly, "seconds": round(time.perf_counter() - started, 3),
+                "note": "branch and bound over the ball (docs/bounds.md §8.6): the undecided balls split along the"
+                        " top singular directions of the two networks' Jacobians at the centre into pieces, each"
+                        " bounded as the ball is; gap: how far the worst piece's certified top-1 margin lower bound"
+                        " is below 0 (inf: a piece's centre has another top-1 class)"}}
+
+
+def largest_term(extra) -> float:
+    """The deployed files' term on the refined balls, as one allowance: its largest value over the points."""
+    return float(extra.max()) if isinstance(extra, torch.Tensor) and extra.numel() else float(extra or 0.0)
 
 
 def check_verdicts(certified: torch.Tensor, refuted: torch.Tensor) -> None:
