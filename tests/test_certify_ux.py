@@ -202,20 +202,21 @@ def test_recipes_take_a_radius_string_or_list_and_round_trip():
             parse_recipe_text(f"budget = 0.5\ncertify-radius = {text}\n", where="r.toml")
 
 
-def test_the_curve_is_the_single_radius_run_at_each_radius(small):
+@pytest.mark.parametrize("effort", ["fast", "thorough"])  # the efforts without a time cap: deterministic
+def test_the_curve_is_the_single_radius_run_at_each_radius(small, effort):
     """Every entry of the curve equals what a run with that one radius reports (counts, shares, radius, bounds)."""
     model = random_model([6, 16, 16, 4], psi=True, o=0.5, seed=8, weight_scale=2.0)
     x = torch.randn(48, 6, dtype=F64, generator=torch.Generator().manual_seed(8))
     radii = ("5%", 0.25, "20%", "40%")
-    _, report = prune.prune_to_budget(model, ShrinkOptions(budget=0.2, certify_radius=radii), calibration=x,
-                                      search_restarts=2, search_steps=5)
+    _, report = prune.prune_to_budget(model, ShrinkOptions(budget=0.2, certify_radius=radii, certify_effort=effort),
+                                      calibration=x, search_restarts=2, search_steps=5)
     curve = report["local"]["curve"]
     median = float(torch.linalg.vector_norm(x, dim=-1).median())
     assert [e["radius_given"] for e in curve] == list(radii)
     assert report["local"]["radius"] == curve[0]["radius"] == pytest.approx(0.05 * median, rel=1e-12)
     for entry, spec in zip(curve, radii):
-        _, alone = prune.prune_to_budget(model, ShrinkOptions(budget=0.2, certify_radius=spec), calibration=x,
-                                         search_restarts=2, search_steps=5)
+        _, alone = prune.prune_to_budget(model, ShrinkOptions(budget=0.2, certify_radius=spec, certify_effort=effort),
+                                         calibration=x, search_restarts=2, search_steps=5)
         assert alone["constant_directions"]["bound"] == report["constant_directions"]["bound"]  # the same allowance D
         one = alone["local"]
         assert "curve" not in one and entry["radius"] == one["radius"] and entry["radius_source"] == one["radius_source"]
