@@ -165,11 +165,11 @@ def format_shrink_table(report: dict) -> str:
         f" {probe['saved_file']['max_abs']:.3g} (saved {report['dtype_saved']} file);"
         f" relative {probe['saved_file']['max_rel']:.3g}"
     )
-    if report.get("precision", {}).get("precision") is not None:
-        prec = report["precision"]
+    prec = report.get("precision") or {}
+    if prec.get("precision") is not None and ("pruning" in report or prec["precision"] not in ("float32", "float64")):
+        covers = f"; certificates cover {prec['covers']}" if prec.get("rounding_bound") is not None else ""
         lines.append(f"precision {prec['precision']}: dense weights {prec['dense_weights']}, diagonals/biases/psi/o"
-                     f" {prec['diagonals_biases_psi_o']}, compute {prec['compute']}; certificates cover"
-                     f" {prec['covers']}")
+                     f" {prec['diagonals_biases_psi_o']}, compute {prec['compute']}{covers}")
     if "pruning" in report:
         lines += format_pruning_lines(report["pruning"])
     written = ", ".join(report["files"].values())
