@@ -312,3 +312,18 @@ def test_precision_on_a_cnn_is_refused_before_any_work(tmp_path):
         api.shrink_file(MODELS / "digits_cnn.safetensors", tmp_path / "o",
                         api.ShrinkOptions(budget="50%", precision="int8-weights"), progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_max_error_below_the_files_rounding_term_is_refused_and_float64_files_meet_it(tmp_path):
+    """--max-error promises the certified bound of the files written: a limit below the float32 files' proven
+    rounding term (the exactly shrunk model's least certified error) is an input error naming that term; float64
+    files, whose term is ~1e-10, meet the same limit and are certified within it."""
+    calib = str(MODELS / "digits.calib.npy")
+    options = api.ShrinkOptions(max_error=0.01, formats=("safetensors",))
+    with pytest.raises(IsocompressError, match=r"cannot be met: .*the deployed files' proven rounding term"):
+        api.shrink_file(MODELS / "digits.pt", tmp_path / "f32", options, calibration=calib, progress=False)
+    assert not (tmp_path / "f32").exists()
+    report = api.shrink_file(MODELS / "digits.pt", tmp_path / "f64", api.ShrinkOptions(
+        max_error=0.01, formats=("safetensors",), dtype="float64"), calibration=calib, progress=False)
+    certified = report["pruning"]["certified"]
+    assert certified["max_abs"] <= 0.01 and certified["deployed_rounding"] < 1e-6

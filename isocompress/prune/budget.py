@@ -328,6 +328,37 @@ def prune_to_error(state: State, limit: float, basis: str, x, radius: float, ste
     return prune_while(state, lambda trial: certify(trial, radius) <= limit, basis, x, radius, step)
 
 
+def deployed_rounding(state: State, options, domain) -> float:
+    """The deployed files' proven rounding term (docs/bounds.md §5b) of the model `state` holds; 0 where none is
+    derived. `domain`: (radius, centres, eps) of deployed_term."""
+    model = alternate_diagonalise(materialize(state))
+    return deployed_term(model, getattr(options, "precision", None), *domain).get("bound") or 0.0
+
+
+def check_error_reachable(state: State, options, radius: float, domain) -> None:
+    """A --max-error below the certified error of the exactly shrunk model's files is an input error, before any
+    pruning: that error is the least any pruned model can have."""
+    rounding = deployed_rounding(state, options, domain)
+    reachable = certify(state, radius) + state.constant_bound + rounding
+    if reachable > options.max_error:
+        files = (f", {rounding:.3g} of it the deployed files' proven rounding term (docs/bounds.md §5b; float64 files:"
+                 " --dtype float64)") if rounding else ""
+        raise IsocompressError(
+            f"--max-error {options.max_error:.4g} cannot be met: the smallest certified error reachable is"
+            f" {reachable:.4g} (the exactly shrunk model, |x| ≤ {radius:.4g}{files}); give --max-error"
+            f" {reachable:.3g} or more")
+
+
+def check_max_error(certified: dict, options) -> None:
+    """The promise of --max-error, kept: a pruned model whose certified bound (deployed files included) ends above
+    the limit is an error, not a result (prune_to_deployed_error retries; this is its last word)."""
+    value = certified.get("max_abs")
+    if options.max_error is not None and value is not None and value > options.max_error:
+        raise IsocompressError(f"--max-error {options.max_error:.4g} could not be met: the pruned model is certified"
+                               f" to {value:.4g} (deployed files included); give a larger --max-error or --dtype"
+                               " float64")
+
+
 def prune_to_deployed_error(state: State, options, basis: str, x, domain, step=None) -> State:
     """--max-error bounds the deployed files (docs/bounds.md §5b): prune to the limit less their rounding term, taken
     from the exact-shrunk model and, where the pruned model's came out larger, from that one (each retry starts from
@@ -335,8 +366,7 @@ def prune_to_deployed_error(state: State, options, basis: str, x, domain, step=N
     limit = max(options.max_error - state.constant_bound, 0.0)
 
     def term(s: State) -> float:
-        model = alternate_diagonalise(materialize(s))
-        return deployed_term(model, getattr(options, "precision", None), *domain).get("bound") or 0.0
+        return deployed_rounding(s, options, domain)
 
     margin = term(state)
     for _ in range(4):
@@ -507,12 +537,7 @@ def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, pr
     if options.budget is not None:
         target = resolve_target(options.budget, original.num_params(), smallest_params(state))
     elif options.max_error is not None:
-        reachable = certify(state, radius) + state.constant_bound
-        if reachable > options.max_error:
-            raise IsocompressError(
-                f"--max-error {options.max_error:.4g} cannot be met: the smallest certified error reachable is"
-                f" {reachable:.4g} (the exactly shrunk model, |x| ≤ {radius:.4g}); give --max-error {reachable:.3g}"
-                " or more")
+        check_error_reachable(state, options, radius, (radius, centres, eps))
     floor = target if target is not None else smallest_params(state)  # the bar's total: parameters that can go
     with progress_bar(max(exact_params - floor, 0), "prune", enabled=progress, unit="parameter") as bar:
         step = lambda name, left: bar(name, exact_params - left)  # noqa: E731  (removed so far)
@@ -530,6 +555,7 @@ def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, pr
     effort = getattr(options, "certify_effort", branch.DEFAULT_EFFORT)
     local_sections(report, state, (original, pruned), options, (radius, centres, radii), eps_source,
                    certify_data is not None, (effort, branch.EFFORTS[effort].time_share * (time.perf_counter() - started)))
+    check_max_error(report["certified"], options)
     if test_data is not None:
         report["test"] = test_report(original, pruned, test_data, test_labels)
         report["empirical"]["inputs"] = report["empirical"]["inputs"].replace("; give --test-data", "")
