@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from isocompress.api.plotting import check_plot_path, require_matplotlib
+from isocompress.api.plotting import check_plot_path, require_matplotlib, write_png
 from isocompress.core.errors import IsocompressError
 from isocompress.core.layers import as_float64
 from isocompress.core.model import IsoMLP, Layer
@@ -121,16 +121,8 @@ def _row(layer: dict) -> tuple[str, ...]:
 
 def plot_spectra(report: dict, path: str | Path, title: str = "") -> Path:
     """Draw `spectra_figure` into the PNG file `path` (written atomically)."""
-    from isocompress.formats.io import atomic_path
-
-    path = check_plot_path(path)
-    fig = spectra_figure(report, title)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", bbox_inches="tight")
-    except OSError as exc:
-        raise IsocompressError(f"{path}: cannot write the plot ({exc.strerror}); choose another path") from None
-    return path
+    path = check_plot_path(path)  # before drawing: a bad path fails at once
+    return write_png(spectra_figure(report, title), path)
 
 
 LINE_STYLES = ("-", "--", "-.", ":")
