@@ -86,15 +86,24 @@ def train(recipe: Recipe, x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> Is
                        weight_scale=recipe.weight_scale)
     optimiser = torch.optim.Adam(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=recipe.epochs)
+    fit(net, optimiser, x, y, recipe.epochs, recipe.batch_size, seed, after_epoch=schedule.step)
+    return net
+
+
+def fit(net: nn.Module, optimiser, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, seed: int,
+        after_step=None, after_epoch=None) -> None:
+    """Cross-entropy training, batches in an order seeded by `seed`; the schedule steps per batch or per epoch."""
     order = torch.Generator().manual_seed(seed)
-    for _ in range(recipe.epochs):
-        for batch in torch.randperm(len(x), generator=order).split(recipe.batch_size):
+    for _ in range(epochs):
+        for batch in torch.randperm(len(x), generator=order).split(batch_size):
             loss = torch.nn.functional.cross_entropy(net(x[batch]), y[batch])
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-        schedule.step()
-    return net
+            if after_step is not None:
+                after_step()
+        if after_epoch is not None:
+            after_epoch()
 
 
 @torch.no_grad()
@@ -210,14 +219,7 @@ def train_cnn(recipe: CNNRecipe, x: torch.Tensor, y: torch.Tensor, seed: int = 0
     optimiser = torch.optim.Adam(net.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     steps = recipe.epochs * math.ceil(len(x) / recipe.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=recipe.lr, total_steps=steps)
-    order = torch.Generator().manual_seed(seed)
-    for _ in range(recipe.epochs):
-        for batch in torch.randperm(len(x), generator=order).split(recipe.batch_size):
-            loss = torch.nn.functional.cross_entropy(net(x[batch]), y[batch])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            schedule.step()
+    fit(net, optimiser, x, y, recipe.epochs, recipe.batch_size, seed, after_step=schedule.step)
     return net.eval()
 
 
