@@ -335,9 +335,9 @@ def deployed_rounding(state: State, options, domain) -> float:
     return deployed_term(model, getattr(options, "precision", None), *domain).get("bound") or 0.0
 
 
-def check_error_reachable(state: State, options, radius: float, domain) -> None:
+def check_error_reachable(state: State, options, radius: float, domain) -> float:
     """A --max-error below the certified error of the exactly shrunk model's files is an input error, before any
-    pruning: that error is the least any pruned model can have."""
+    pruning: that error is the least any pruned model can have. Returns the files' rounding term of that model."""
     rounding = deployed_rounding(state, options, domain)
     reachable = certify(state, radius) + state.constant_bound + rounding
     if reachable > options.max_error:
@@ -347,6 +347,7 @@ def check_error_reachable(state: State, options, radius: float, domain) -> None:
             f"--max-error {options.max_error:.4g} cannot be met: the smallest certified error reachable is"
             f" {reachable:.4g} (the exactly shrunk model, |x| ≤ {radius:.4g}{files}); give --max-error"
             f" {reachable:.3g} or more")
+    return rounding
 
 
 def check_max_error(certified: dict, options) -> None:
@@ -359,19 +360,15 @@ def check_max_error(certified: dict, options) -> None:
                                " float64")
 
 
-def prune_to_deployed_error(state: State, options, basis: str, x, domain, step=None) -> State:
+def prune_to_deployed_error(state: State, options, basis: str, x, domain, step=None, margin=None) -> State:
     """--max-error bounds the deployed files (docs/bounds.md §5b): prune to the limit less their rounding term, taken
-    from the exact-shrunk model and, where the pruned model's came out larger, from that one (each retry starts from
-    the same state). `domain`: (radius, centres, eps) of deployed_term."""
+    from the exact-shrunk model (`margin`, if already computed) and, where the pruned model's came out larger, from
+    that one (each retry starts from the same state). `domain`: (radius, centres, eps) of deployed_term."""
     limit = max(options.max_error - state.constant_bound, 0.0)
-
-    def term(s: State) -> float:
-        return deployed_rounding(s, options, domain)
-
-    margin = term(state)
+    margin = deployed_rounding(state, options, domain) if margin is None else margin
     for _ in range(4):
         pruned = prune_to_error(state, max(limit - margin, 0.0), basis, x, domain[0], step)
-        final = term(pruned)
+        final = deployed_rounding(pruned, options, domain)
         if final <= margin:  # certified ≤ limit − margin, so certified + final ≤ limit
             return pruned
         margin = final
@@ -533,18 +530,18 @@ def prune_to_budget(original: IsoMLP, options, calibration=None, labels=None, pr
                 f" (nothing pruned) is certified for only {start:.2%} of the points at ε = {eps:.4g}; lower the limit"
                 " or --certify-radius")
     exact_params = current_params(state)
-    target = None
+    target, rounding = None, None
     if options.budget is not None:
         target = resolve_target(options.budget, original.num_params(), smallest_params(state))
     elif options.max_error is not None:
-        check_error_reachable(state, options, radius, (radius, centres, eps))
+        rounding = check_error_reachable(state, options, radius, (radius, centres, eps))
     floor = target if target is not None else smallest_params(state)  # the bar's total: parameters that can go
     with progress_bar(max(exact_params - floor, 0), "prune", enabled=progress, unit="parameter") as bar:
         step = lambda name, left: bar(name, exact_params - left)  # noqa: E731  (removed so far)
         if options.budget is not None:
             state = prune_to_target(state, target, basis, x, radius, step)
         elif options.max_error is not None:
-            state = prune_to_deployed_error(state, options, basis, x, (radius, centres, eps), step)
+            state = prune_to_deployed_error(state, options, basis, x, (radius, centres, eps), step, rounding)
         else:
             state = prune_to_certified(state, options.min_certified_top1, basis, x, radius, centres, eps, step)
     pruned = alternate_diagonalise(materialize(state))
